@@ -1,0 +1,62 @@
+"""fxcompress: a model-compression compiler for PyTorch.
+
+>>> import torch, torchvision, fxcompress
+>>> from fxcompress.passes import standard_pruning
+>>> model = torchvision.models.resnet18()
+>>> small = fxcompress.compile(model, torch.randn(1, 3, 224, 224), passes=standard_pruning(fxcompress.prune.L1Norm(0.5)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import fx, nn
+
+from fxcompress import prune
+from fxcompress.errors import ConfigError, FxCompressError, PipelineError, TraceError, VerificationError
+from fxcompress.pipeline import Hook, Pass, VerifyOutputs, parse_pipeline, run_pipeline
+from fxcompress.trace import trace
+
+__all__ = [
+    "compile",
+    "trace",
+    "prune",
+    "FxCompressError",
+    "TraceError",
+    "ConfigError",
+    "PipelineError",
+    "VerificationError",
+]
+
+
+def compile(
+    model: nn.Module,
+    example_inputs,
+    passes: Sequence[Pass] | str = (),
+    *,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    hooks: Sequence[Hook] = (),
+) -> fx.GraphModule:
+    """Trace ``model`` and run ``passes`` on it; return a new ``GraphModule``.
+
+    ``model`` is never modified. ``passes`` is a list of pass objects or a
+    textual pipeline (``"insert-masks{pruner=l1,sparsity=0.5},analyze-groups,
+    propagate-channels,shrink"``). With ``verify=True`` every pass that must
+    preserve the model's outputs (``shrink``, ``analyze-groups``) is checked on
+    ``example_inputs`` to within ``rtol`` of the output's largest magnitude.
+    """
+    import fxcompress.passes  # noqa: F401  (registers the passes by name)
+
+    if isinstance(passes, str):
+        passes = parse_pipeline(passes)
+    for p in passes:
+        if not callable(p) or not hasattr(p, "name"):
+            raise ConfigError(f"passes must be fxcompress passes, got {p!r}")
+    gm = trace(model, example_inputs)
+    all_hooks = list(hooks)
+    if verify:
+        from fxcompress.meta import EXAMPLE_INPUTS
+
+        all_hooks.insert(0, VerifyOutputs(gm.meta[EXAMPLE_INPUTS], rtol=rtol))
+    return run_pipeline(gm, list(passes), all_hooks)

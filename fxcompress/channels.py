@@ -1,0 +1,159 @@
+"""The channel space: every index of every prunable tensor dimension, and how they couple.
+
+Each dimension of each tensor in the graph gets one integer id per index (a
+"channel id"). Op rules (``fxcompress.rules``) say which ids must be pruned
+together (``couple``), which may never be pruned (``freeze``), and which
+parameter slices read or write them (``add_slice``). ``solve`` then finds the
+connected components of the coupling graph with scipy in time linear in the
+number of ids and couplings: one component is one *channel* that is either
+kept or removed everywhere at once.
+
+Example: ``y = conv2(relu(bn(conv1(x)))) + x`` couples output channel ``c`` of
+``conv1`` with channel ``c`` of ``bn`` and with input column ``c`` of ``conv2``,
+and the residual add couples ``conv2``'s output channel ``c`` with channel ``c``
+of ``x`` — which is a graph input, so the second component is frozen.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse
+from scipy.sparse.csgraph import connected_components
+
+__all__ = ["Role", "ParamSlice", "ChannelSpace", "Solution"]
+
+Ids = np.ndarray
+
+
+class Role(enum.Enum):
+    """How a parameter slice relates to the channels along its dimension."""
+
+    #: Writes the channel's value (a conv's output rows, with its bias). A channel
+    #: is pruned when all of its producer slices are masked.
+    PRODUCER = "producer"
+    #: Reads the channel (a conv's input columns). Zeroed with the channel.
+    CONSUMER = "consumer"
+    #: A per-channel affine parameter (norm weight and bias, layer scale).
+    AFFINE = "affine"
+    #: Per-channel state that is sliced but never masked (running statistics).
+    BUFFER = "buffer"
+
+
+@dataclass(frozen=True, eq=False)
+class ParamSlice:
+    """One dimension of one parameter or buffer, with the channel id of each index."""
+
+    owner: str  #: module path of the tensor's owner ("" is the root module)
+    name: str  #: attribute name on the owner, e.g. "weight"
+    dim: int
+    ids: Ids = field(repr=False)
+    role: Role
+    maskable: bool = True  #: whether InsertMasks may put a mask on the tensor
+
+    @property
+    def target(self) -> str:
+        """The tensor's fully qualified name, as in ``state_dict``."""
+        return f"{self.owner}.{self.name}" if self.owner else self.name
+
+
+@dataclass
+class Solution:
+    """The channel components: ``labels[id]`` is the component of channel id ``id``."""
+
+    labels: np.ndarray
+    frozen: np.ndarray  #: bool per component
+    reasons: list[str]  #: why a component is frozen, indexed by ``reason_of``
+    reason_of: np.ndarray  #: per component, index into ``reasons`` or -1
+
+    @property
+    def num_components(self) -> int:
+        return len(self.frozen)
+
+    def reason(self, component: int) -> str | None:
+        index = self.reason_of[component]
+        return None if index < 0 else self.reasons[index]
+
+
+class ChannelSpace:
+    """Allocates channel ids and records couplings, freezes and parameter slices."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._frozen_now = np.zeros(1024, dtype=bool)
+        self._edges_a: list[Ids] = []
+        self._edges_b: list[Ids] = []
+        self._freezes: list[tuple[Ids, str]] = []
+        self.slices: list[ParamSlice] = []
+        self._slice_by_key: dict[tuple[str, str, int], ParamSlice] = {}
+
+    def fresh(self, n: int, frozen: str | None = None) -> Ids:
+        """``n`` new ids; frozen from birth (with the reason given) when ``frozen`` is set."""
+        ids = np.arange(self.size, self.size + n, dtype=np.int64)
+        self.size += n
+        if self.size > len(self._frozen_now):
+            grown = np.zeros(max(self.size, 2 * len(self._frozen_now)), dtype=bool)
+            grown[: len(self._frozen_now)] = self._frozen_now
+            self._frozen_now = grown
+        if frozen is not None:
+            self.freeze(ids, frozen)
+        return ids
+
+    def couple(self, a: Ids, b: Ids) -> None:
+        """Index ``i`` of ``a`` and index ``i`` of ``b`` must be pruned together."""
+        if a is b or len(a) == 0:
+            return
+        if a.shape != b.shape:
+            raise ValueError(f"cannot couple {a.shape} ids with {b.shape} ids")
+        self._edges_a.append(np.ascontiguousarray(a).ravel())
+        self._edges_b.append(np.ascontiguousarray(b).ravel())
+
+    def freeze(self, ids: Ids, reason: str) -> None:
+        """These ids (and everything coupled to them) may never be pruned."""
+        if len(ids) == 0:
+            return
+        self._frozen_now[ids] = True
+        self._freezes.append((ids, reason))
+
+    def looks_frozen(self, ids: Ids) -> bool:
+        """Whether all of ``ids`` were frozen directly so far (ignores couplings: a cheap hint)."""
+        return bool(self._frozen_now[ids].all())
+
+    def add_slice(self, owner: str, name: str, dim: int, ids: Ids, role: Role, maskable: bool = True) -> None:
+        """Record that ``owner.name`` indexes channels ``ids`` along ``dim``.
+
+        A tensor used twice (a module called twice, a shared weight) is recorded
+        once, and the ids of its second use are coupled to those of the first.
+        """
+        key = (owner, name, dim)
+        seen = self._slice_by_key.get(key)
+        if seen is not None:
+            self.couple(seen.ids, ids)
+            return
+        piece = ParamSlice(owner, name, dim, ids, role, maskable)
+        self._slice_by_key[key] = piece
+        self.slices.append(piece)
+
+    def solve(self) -> Solution:
+        """Connected components of the coupling graph, with frozen flags and reasons."""
+        n = self.size
+        if self._edges_a:
+            a = np.concatenate(self._edges_a)
+            b = np.concatenate(self._edges_b)
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        adjacency = scipy.sparse.coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
+        count, labels = connected_components(adjacency, directed=False)
+        frozen = np.zeros(count, dtype=bool)
+        reason_of = np.full(count, -1, dtype=np.int64)
+        reasons: list[str] = []
+        for ids, reason in self._freezes:
+            components = labels[ids]
+            new = components[reason_of[components] < 0]
+            if len(new):
+                reason_of[new] = len(reasons)
+                reasons.append(reason)
+            frozen[components] = True
+        return Solution(labels=labels, frozen=frozen, reasons=reasons, reason_of=reason_of)

@@ -1,0 +1,32 @@
+"""The keys under which fxcompress annotates the IR.
+
+The IR is a plain ``torch.fx.GraphModule``. Everything fxcompress knows about a
+node lives in ``node.meta`` and everything it knows about the whole module in
+``graph_module.meta``, always under one of the constants below, so that a
+reader can grep for every producer and consumer of a piece of metadata.
+"""
+
+__all__ = [
+    "TENSOR_META",
+    "CHANNELS",
+    "EXAMPLE_INPUTS",
+    "ANALYSIS",
+    "PASS_HISTORY",
+]
+
+#: Written by ``torch.fx.passes.shape_prop.ShapeProp``: shape and dtype of the node's output.
+TENSOR_META = "tensor_meta"
+
+#: On a node: the channel ids of its output, one ``numpy`` int array per tensor
+#: dimension (a tuple of such tuples for nodes returning several tensors, ``None``
+#: for non-tensor values). Written by the channel analysis.
+CHANNELS = "fxcompress.channels"
+
+#: On the module: the example inputs the model was traced with (a tuple).
+EXAMPLE_INPUTS = "fxcompress.example_inputs"
+
+#: On the module: the :class:`fxcompress.analysis.ChannelAnalysis` of the current graph.
+ANALYSIS = "fxcompress.analysis"
+
+#: On the module: names of the passes that have run on it, in order.
+PASS_HISTORY = "fxcompress.pass_history"

@@ -1,0 +1,207 @@
+"""Passes and the pipeline runner.
+
+A pass is a callable from a ``GraphModule`` to a ``PassResult(graph_module,
+modified)`` (torch.fx's pass contract). Passes with settings are frozen
+dataclasses with a short kebab-case ``name``, so a pipeline can be written as
+text and parsed back::
+
+    >>> parse_pipeline("analyze-groups,propagate-channels,shrink")
+    [AnalyzeGroups(), PropagateChannels(), Shrink()]
+
+The runner calls one hook between passes, ``hook(previous_pass, module,
+next_pass)``; verification, timing and printing are all such hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxcompress import meta
+from fxcompress.analysis import invalidate_analysis
+from fxcompress.errors import ConfigError, PipelineError, VerificationError
+
+__all__ = [
+    "Pass",
+    "PassResult",
+    "Hook",
+    "register_pass",
+    "parse_pipeline",
+    "run_pipeline",
+    "VerifyOutputs",
+    "TimePasses",
+    "PASS_REGISTRY",
+]
+
+PASS_REGISTRY: dict[str, type[Pass]] = {}
+
+
+class Pass:
+    """Base class of fxcompress passes.
+
+    Subclasses set ``name`` (kebab-case), ``requires`` (names of passes that
+    must have run before), ``preserves_outputs`` (whether outputs must be
+    unchanged, which verification then checks) and ``keeps_analysis``
+    (whether the channel analysis of the graph stays valid), and implement
+    ``run(gm) -> bool`` returning whether anything changed.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    preserves_outputs: ClassVar[bool] = True
+    keeps_analysis: ClassVar[bool] = False
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        history = gm.meta.setdefault(meta.PASS_HISTORY, [])
+        missing = [r for r in self.requires if r not in history]
+        if missing:
+            raise PipelineError(
+                f"pass '{self.name}' needs {', '.join(repr(m) for m in missing)} to run before it; "
+                f"passes run so far: {history or 'none'}"
+            )
+        modified = self.run(gm)
+        if modified and not self.keeps_analysis:
+            invalidate_analysis(gm)
+        history.append(self.name)
+        return PassResult(gm, modified)
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by name to :func:`parse_pipeline`."""
+    if not re.fullmatch(r"[a-z][a-z0-9-]*", cls.name):
+        raise ValueError(f"pass name {cls.name!r} must be kebab-case")
+    PASS_REGISTRY[cls.name] = cls
+    return cls
+
+
+def _parse_value(text: str) -> Any:
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+_ITEM = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
+
+
+def parse_pipeline(text: str, option_parsers: dict[str, Callable[[dict], dict]] | None = None) -> list[Pass]:
+    """Parse ``"name{key=value,...},name,..."`` into pass objects.
+
+    ``option_parsers`` may turn raw options of a pass into constructor
+    arguments (``insert-masks`` uses it to build a pruner from ``pruner=l1``).
+    """
+    passes, pos = [], 0
+    text = text.strip()
+    while pos < len(text):
+        match = _ITEM.match(text, pos)
+        if not match or match.end() == pos:
+            raise ConfigError(f"malformed pipeline at character {pos}: {text[pos:pos + 30]!r}")
+        name, body = match.group(1), match.group(2)
+        if name not in PASS_REGISTRY:
+            raise ConfigError(f"unknown pass {name!r}; known passes: {', '.join(sorted(PASS_REGISTRY))}")
+        options = {}
+        for item in filter(None, (body or "").split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"option {item!r} of pass {name!r} must look like key=value")
+            options[key.strip().replace("-", "_")] = _parse_value(value.strip())
+        cls = PASS_REGISTRY[name]
+        parser = getattr(cls, "from_options", None)
+        try:
+            passes.append(parser(options) if parser else cls(**options))
+        except TypeError as exc:
+            raise ConfigError(f"bad options for pass {name!r}: {exc}") from exc
+        pos = match.end()
+    return passes
+
+
+Hook = Callable[[Any, fx.GraphModule, Any], None]
+
+
+def _outputs(gm: fx.GraphModule, example_inputs: tuple) -> list[torch.Tensor]:
+    training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            out = gm(*example_inputs)
+    finally:
+        gm.train(training)
+    flat, _ = torch.utils._pytree.tree_flatten(out)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+@dataclasses.dataclass
+class VerifyOutputs:
+    """Hook: after a pass that must preserve outputs, check them against the previous pass's.
+
+    The tolerance is relative to the largest output magnitude: ``max|a-b| <=
+    rtol * max|a|``, which is the error model of float reassociation.
+    """
+
+    example_inputs: tuple
+    rtol: float = 1e-4
+    reference: list[torch.Tensor] | None = None
+
+    def __call__(self, previous, gm: fx.GraphModule, next_pass) -> None:
+        outputs = _outputs(gm, self.example_inputs)
+        if previous is not None and getattr(previous, "preserves_outputs", False) and self.reference is not None:
+            self.check(previous, outputs)
+        self.reference = outputs
+
+    def check(self, previous, outputs: list[torch.Tensor]) -> None:
+        for i, (a, b) in enumerate(zip(self.reference, outputs)):
+            if a.shape != b.shape:
+                raise VerificationError(
+                    f"pass '{previous.name}' changed output {i}'s shape from {tuple(a.shape)} to {tuple(b.shape)}"
+                )
+            scale = a.abs().max().item() or 1.0
+            error = (a - b).abs().max().item() / scale
+            if not error <= self.rtol:
+                raise VerificationError(
+                    f"pass '{previous.name}' changed output {i} by {error:.2e} relative to its scale "
+                    f"(tolerance {self.rtol:.0e}); please report this with the model"
+                )
+
+
+@dataclasses.dataclass
+class TimePasses:
+    """Hook: wall-clock seconds spent in each pass, in ``self.seconds``."""
+
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    _start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def __call__(self, previous, gm: fx.GraphModule, next_pass) -> None:
+        now = time.perf_counter()
+        if previous is not None:
+            key = previous.name
+            self.seconds[key] = self.seconds.get(key, 0.0) + now - self._start
+        self._start = time.perf_counter()
+
+
+def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], hooks: Sequence[Hook] = ()) -> fx.GraphModule:
+    """Run ``passes`` in order, calling every hook before the first, between passes and after the last."""
+    previous = None
+    for next_pass in [*passes, None]:
+        for hook in hooks:
+            hook(previous, gm, next_pass)
+        if next_pass is None:
+            break
+        result = next_pass(gm)
+        gm = result.graph_module
+        if result.modified:
+            gm.graph.lint()
+            gm.recompile()
+        previous = next_pass
+    return gm

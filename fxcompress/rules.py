@@ -1,0 +1,801 @@
+"""The op-rule table: everything fxcompress knows about how ops treat channels.
+
+For every op it understands — as an ``nn.Module`` type, a ``torch``/``F``
+function, or a tensor method — one :class:`OpRule` says
+
+* ``analyze``: given the channel ids of the op's inputs, what the channel ids of
+  its output are, which ids it couples, which it freezes, and which parameter
+  slices read or write them;
+* ``shrink`` (optional): how to fix the op's module attributes or shape
+  arguments once some channels are removed. Parameters themselves are sliced
+  generically from the recorded slices, so most rules need no shrink step.
+
+An op with no rule is *opaque*: every dimension of every tensor it touches is
+frozen, with one warning naming it. It can only make the model less compressed,
+never wrong. Supporting a new op is one ``@RULES.register(...)`` entry here and
+one test (see CONTRIBUTING.md).
+
+Keys: an ``nn.Module`` subclass (used only when it does not override
+``forward``), a Python callable (``torch.cat``, ``operator.add``), a string
+``".name"`` for the tensor method ``name``, or a string ``"pkg.mod.fn"`` for a
+function looked up by qualified name (so optional packages need not be imported).
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from fxcompress import meta
+from fxcompress.channels import ChannelSpace, Role
+from fxcompress.trace import describe_node
+
+__all__ = ["OpRule", "RuleTable", "RULES", "AnalyzeContext", "ShrinkContext", "Multi", "Opaque"]
+
+Channels = tuple  # one np.ndarray of ids per tensor dimension
+
+
+class Multi(tuple):
+    """The channels of a node that returns several tensors (``split``, ``chunk``): one entry per output."""
+
+
+class Opaque(Exception):
+    """Raised by a rule that cannot handle this particular call; the node is then treated as opaque."""
+
+
+# ---------------------------------------------------------------------------- contexts
+
+
+@dataclass
+class AnalyzeContext:
+    gm: fx.GraphModule
+    space: ChannelSpace
+
+    def channels(self, arg: Any):
+        return arg.meta.get(meta.CHANNELS) if isinstance(arg, fx.Node) else None
+
+    def tensor_channels(self, arg: Any) -> Channels:
+        value = self.channels(arg)
+        if value is None or isinstance(value, Multi):
+            raise Opaque("expected a tensor argument")
+        return value
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        tm = node.meta.get(meta.TENSOR_META)
+        if not isinstance(tm, TensorMetadata):
+            raise Opaque("expected a tensor output")
+        return tuple(tm.shape)
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    def where(self, node: fx.Node) -> str:
+        return describe_node(self.gm, node)
+
+    def fresh_frozen(self, shape, reason: str) -> Channels:
+        return tuple(self.space.fresh(n, frozen=reason) for n in shape)
+
+    def freeze_all(self, value, reason: str) -> None:
+        """Freeze every id in a (possibly nested) channel value."""
+        if value is None:
+            return
+        if isinstance(value, Multi):
+            for item in value:
+                self.freeze_all(item, reason)
+            return
+        for ids in value:
+            self.space.freeze(ids, reason)
+
+
+@dataclass
+class ShrinkContext:
+    gm: fx.GraphModule
+    keep: np.ndarray  #: bool per component
+    labels: np.ndarray  #: component of each channel id
+
+    def kept(self, ids: np.ndarray) -> np.ndarray:
+        """Positions along a dimension with ids ``ids`` that survive shrinking."""
+        return np.flatnonzero(self.keep[self.labels[ids]])
+
+    def new_size(self, ids: np.ndarray) -> int:
+        return int(np.count_nonzero(self.keep[self.labels[ids]]))
+
+    def new_shape(self, channels: Channels) -> tuple[int, ...]:
+        return tuple(self.new_size(ids) for ids in channels)
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+
+AnalyzeFn = Callable[[AnalyzeContext, fx.Node], Any]
+ShrinkFn = Callable[[ShrinkContext, fx.Node], None]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    analyze: AnalyzeFn
+    shrink: ShrinkFn | None = None
+
+
+class RuleTable:
+    """Maps op spellings to rules. One rule may be registered under many spellings."""
+
+    def __init__(self) -> None:
+        self._rules: dict[Any, OpRule] = {}
+
+    def register(self, *keys, shrink: ShrinkFn | None = None) -> Callable[[AnalyzeFn], AnalyzeFn]:
+        def decorate(analyze: AnalyzeFn) -> AnalyzeFn:
+            rule = OpRule(analyze, shrink)
+            for key in keys:
+                self._rules[key] = rule
+            return analyze
+
+        return decorate
+
+    def __contains__(self, key) -> bool:
+        return key in self._rules
+
+    def lookup(self, gm: fx.GraphModule, node: fx.Node) -> OpRule | None:
+        if node.op == "call_module":
+            return self._module_rule(type(gm.get_submodule(node.target)))
+        if node.op == "call_method":
+            return self._rules.get("." + node.target)
+        if node.op == "call_function":
+            rule = self._rules.get(node.target)
+            if rule is None:
+                qualname = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
+                rule = self._rules.get(qualname)
+            return rule
+        return None
+
+    def _module_rule(self, cls: type) -> OpRule | None:
+        for base in cls.__mro__:
+            rule = self._rules.get(base)
+            if rule is not None:
+                # a subclass that overrides forward() may compute anything: not ours to guess
+                return rule if cls.forward is base.forward else None
+        return None
+
+
+RULES = RuleTable()
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Positional-or-keyword argument of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def method_dims(node: fx.Node, start: int) -> tuple:
+    """Varargs-or-sequence dims of calls like ``x.permute(0, 2, 1)`` / ``x.view((a, b))``."""
+    rest = node.args[start:]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+        return tuple(rest[0])
+    return tuple(rest)
+
+
+def norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def same_shape_passthrough(ctx: AnalyzeContext, node: fx.Node, source) -> Channels:
+    channels = ctx.tensor_channels(source)
+    if ctx.shape(node) != ctx.shape(source):
+        raise Opaque("output shape differs from input shape")
+    return channels
+
+
+# ---------------------------------------------------------------------------- channel-wise ops
+
+
+@RULES.register(
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.Mish, nn.SELU, nn.Softplus, nn.Hardtanh,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, torch.sigmoid,
+    torch.tanh, F.tanh, F.leaky_relu, F.elu, F.mish, F.dropout, F.dropout2d, operator.neg, torch.neg,
+    ".relu", ".relu_", ".sigmoid", ".tanh", ".contiguous", ".clone", ".detach", ".float", ".to", ".neg",
+    "torchvision.ops.stochastic_depth.stochastic_depth",
+)
+def channelwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``y[..., c, ...] = f(x[..., c, ...])``: output channel ``c`` is input channel ``c``."""
+    return same_shape_passthrough(ctx, node, node.args[0])
+
+
+def broadcast_into(ctx: AnalyzeContext, out_shape, inputs: list, why: str) -> Channels:
+    """Couple the channels of broadcast-compatible ``inputs`` dimension by dimension.
+
+    Dimensions align from the right. A size-1 dimension broadcast against a
+    larger one is frozen (it cannot lose indices); equal-size ones are coupled.
+    """
+    out_ndim = len(out_shape)
+    out: list = [None] * out_ndim
+    for source in inputs:
+        channels = ctx.channels(source)
+        if channels is None:  # a Python scalar
+            continue
+        if isinstance(channels, Multi):
+            raise Opaque("tuple operand")
+        offset = out_ndim - len(channels)
+        for i, ids in enumerate(channels):
+            j = i + offset
+            if len(ids) != out_shape[j]:
+                ctx.space.freeze(ids, f"broadcast by {why}")
+            elif out[j] is None:
+                out[j] = ids
+            else:
+                ctx.space.couple(out[j], ids)
+    for j, ids in enumerate(out):
+        if ids is None:
+            out[j] = ctx.space.fresh(out_shape[j], frozen=f"created by broadcasting in {why}")
+    return tuple(out)
+
+
+@RULES.register(
+    operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, torch.maximum, torch.minimum,
+    ".add", ".sub", ".mul", ".add_", ".mul_",
+)
+def elementwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Tensor-tensor and tensor-scalar arithmetic with broadcasting (residual adds, SE gates, layer scale)."""
+    return broadcast_into(ctx, ctx.shape(node), list(node.args[:2]), ctx.where(node))
+
+
+@RULES.register(operator.truediv, torch.div, ".div")
+def divide(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Like ``elementwise``, but the divisor is frozen: a masked (zero) divisor channel would give inf/nan."""
+    out = broadcast_into(ctx, ctx.shape(node), list(node.args[:2]), ctx.where(node))
+    ctx.freeze_all(ctx.channels(node.args[1]), f"divisor in {ctx.where(node)}")
+    return out
+
+
+def _norm_channel_dim(ctx: AnalyzeContext, node: fx.Node, module: nn.Module) -> Channels:
+    channels = same_shape_passthrough(ctx, node, node.args[0])
+    if len(channels) < 2:
+        raise Opaque("unbatched input")
+    ids = channels[1]
+    for name in ("weight", "bias"):
+        if getattr(module, name, None) is not None:
+            ctx.space.add_slice(node.target, name, 0, ids, Role.AFFINE)
+    for name in ("running_mean", "running_var"):
+        if getattr(module, name, None) is not None:
+            ctx.space.add_slice(node.target, name, 0, ids, Role.BUFFER)
+    return channels
+
+
+def _shrink_num_features(ctx: ShrinkContext, node: fx.Node) -> None:
+    module = ctx.module(node)
+    module.num_features = ctx.new_size(node.meta[meta.CHANNELS][1])
+
+
+@RULES.register(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    shrink=_shrink_num_features,
+)
+def batch_norm(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Per-channel normalisation: channels pass through; weight, bias and running stats are per channel."""
+    return _norm_channel_dim(ctx, node, ctx.module(node))
+
+
+@RULES.register(nn.LayerNorm)
+def layer_norm_module(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """LayerNorm mixes the normalised dimensions through its mean and variance: they are frozen."""
+    module = ctx.module(node)
+    channels = same_shape_passthrough(ctx, node, node.args[0])
+    k = len(module.normalized_shape)
+    for offset, ids in enumerate(channels[-k:]):
+        ctx.space.freeze(ids, f"normalised over by {ctx.where(node)}")
+        for name in ("weight", "bias"):
+            if getattr(module, name, None) is not None:
+                ctx.space.add_slice(node.target, name, offset, ids, Role.AFFINE)
+    return channels
+
+
+@RULES.register(F.layer_norm)
+def layer_norm_function(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    channels = same_shape_passthrough(ctx, node, node.args[0])
+    k = len(arg(node, 1, "normalized_shape"))
+    for ids in channels[-k:]:
+        ctx.space.freeze(ids, f"normalised over by {ctx.where(node)}")
+    for index, name in ((2, "weight"), (3, "bias")):
+        param = ctx.channels(arg(node, index, name))
+        if param is not None:
+            for p_ids, ids in zip(param, channels[-k:]):
+                ctx.space.couple(p_ids, ids)
+    return channels
+
+
+@RULES.register(nn.GroupNorm)
+def group_norm(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """GroupNorm's statistics mix the channels of a group: the channel dimension is frozen."""
+    channels = same_shape_passthrough(ctx, node, node.args[0])
+    ctx.space.freeze(channels[1], f"normalised over by {ctx.where(node)}")
+    return channels
+
+
+# ---------------------------------------------------------------------------- layers with weights
+
+
+def _conv_spatial(ctx: AnalyzeContext, node: fx.Node, channels: Channels, nspatial: int) -> tuple[list, int]:
+    """Batch dims pass through, input spatial dims freeze, output spatial dims are new and frozen."""
+    out_shape = ctx.shape(node)
+    cdim = len(channels) - nspatial - 1
+    for ids in channels[cdim + 1 :]:
+        ctx.space.freeze(ids, f"spatial dimension of {ctx.where(node)}")
+    out = list(channels[:cdim]) + [None]
+    out += [ctx.space.fresh(n, frozen=f"spatial dimension of {ctx.where(node)}") for n in out_shape[cdim + 1 :]]
+    return out, cdim
+
+
+def _shrink_conv(ctx: ShrinkContext, node: fx.Node) -> None:
+    conv = ctx.module(node)
+    in_ids = node.args[0].meta[meta.CHANNELS][-conv.weight.dim() + 1]
+    new_in = ctx.new_size(in_ids)
+    if conv.in_channels // conv.groups == 1 and conv.groups > 1:  # depthwise-like: one group per input channel
+        conv.groups = new_in
+    conv.in_channels = new_in
+    conv.out_channels = conv.weight.shape[1] * conv.groups if conv.transposed else conv.weight.shape[0]
+
+
+@RULES.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, shrink=_shrink_conv)
+def conv(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Convolution: consumes input channels, produces output channels.
+
+    * ``groups == 1``: output channels are new ids (weight rows, bias), input
+      channels are read by the weight's columns.
+    * depthwise-like (one input channel per group, ``m`` outputs each): output
+      channel ``j`` depends only on input ``j // m`` and is coupled to it.
+    * other grouped convolutions: the same local index is pruned in every
+      group (input and output), so all groups keep equal sizes.
+    """
+    module = ctx.module(node)
+    channels = ctx.tensor_channels(node.args[0])
+    nspatial = module.weight.dim() - 2
+    out, cdim = _conv_spatial(ctx, node, channels, nspatial)
+    in_ids = channels[cdim]
+    groups, c_out = module.groups, module.out_channels
+    if groups == 1:
+        out_ids = ctx.space.fresh(c_out)
+        ctx.space.add_slice(node.target, "weight", 1, in_ids, Role.CONSUMER)
+    elif module.in_channels // groups == 1:
+        out_ids = np.repeat(in_ids, c_out // groups)
+    else:
+        in_local = in_ids.reshape(groups, -1)
+        ctx.space.couple(in_local[1:].ravel(), np.tile(in_local[0], groups - 1))
+        out_ids = np.tile(ctx.space.fresh(c_out // groups), groups)
+        ctx.space.add_slice(node.target, "weight", 1, in_local[0], Role.CONSUMER)
+    ctx.space.add_slice(node.target, "weight", 0, out_ids, Role.PRODUCER)
+    if module.bias is not None:
+        ctx.space.add_slice(node.target, "bias", 0, out_ids, Role.PRODUCER)
+    out[cdim] = out_ids
+    return tuple(out)
+
+
+@RULES.register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, shrink=_shrink_conv)
+def conv_transpose(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Transposed convolution (``groups == 1``): weight is ``[in, out, *k]``."""
+    module = ctx.module(node)
+    if module.groups != 1 or len(node.args) > 1:  # output_size argument depends on spatial sizes only, but be safe
+        raise Opaque("grouped transposed convolution")
+    channels = ctx.tensor_channels(node.args[0])
+    out, cdim = _conv_spatial(ctx, node, channels, module.weight.dim() - 2)
+    out_ids = ctx.space.fresh(module.out_channels)
+    ctx.space.add_slice(node.target, "weight", 0, channels[cdim], Role.CONSUMER)
+    ctx.space.add_slice(node.target, "weight", 1, out_ids, Role.PRODUCER)
+    if module.bias is not None:
+        ctx.space.add_slice(node.target, "bias", 0, out_ids, Role.PRODUCER)
+    out[cdim] = out_ids
+    return tuple(out)
+
+
+def _shrink_linear(ctx: ShrinkContext, node: fx.Node) -> None:
+    module = ctx.module(node)
+    module.out_features, module.in_features = module.weight.shape
+
+
+@RULES.register(nn.Linear, shrink=_shrink_linear)
+def linear(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Linear: consumes the last dimension (weight columns), produces a new one (weight rows, bias)."""
+    module = ctx.module(node)
+    channels = ctx.tensor_channels(node.args[0])
+    out_ids = ctx.space.fresh(module.out_features)
+    ctx.space.add_slice(node.target, "weight", 1, channels[-1], Role.CONSUMER)
+    ctx.space.add_slice(node.target, "weight", 0, out_ids, Role.PRODUCER)
+    if module.bias is not None:
+        ctx.space.add_slice(node.target, "bias", 0, out_ids, Role.PRODUCER)
+    return tuple(channels[:-1]) + (out_ids,)
+
+
+def _shrink_embedding(ctx: ShrinkContext, node: fx.Node) -> None:
+    module = ctx.module(node)
+    module.embedding_dim = module.weight.shape[1]
+
+
+@RULES.register(nn.Embedding, shrink=_shrink_embedding)
+def embedding(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Embedding: index dims pass through; the embedding dimension is produced by the weight's columns."""
+    module = ctx.module(node)
+    channels = ctx.tensor_channels(node.args[0])
+    out_ids = ctx.space.fresh(module.embedding_dim)
+    ctx.space.add_slice(node.target, "weight", 1, out_ids, Role.PRODUCER)
+    return tuple(channels) + (out_ids,)
+
+
+# ---------------------------------------------------------------------------- spatial ops
+
+
+def spatial(nspatial: int) -> AnalyzeFn:
+    """Pooling and resizing over the last ``nspatial`` dims: channel and batch dims pass through."""
+
+    def analyze(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+        channels = ctx.tensor_channels(node.args[0])
+        out, cdim = _conv_spatial(ctx, node, channels, nspatial)
+        out[cdim] = channels[cdim]
+        return tuple(out)
+
+    return analyze
+
+
+for _n, _keys in {
+    1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, F.max_pool1d, F.avg_pool1d,
+        F.adaptive_avg_pool1d),
+    2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, F.max_pool2d, F.avg_pool2d,
+        F.adaptive_avg_pool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
+    3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, F.max_pool3d, F.avg_pool3d,
+        F.adaptive_avg_pool3d),
+}.items():
+    RULES.register(*_keys)(spatial(_n))
+
+
+@RULES.register(F.interpolate)
+def interpolate(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    return spatial(len(ctx.shape(node)) - 2)(ctx, node)
+
+
+# ---------------------------------------------------------------------------- shape ops
+
+
+def _factor_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]] | None:
+    """Match the non-1 dims of two shapes of equal numel into groups of equal product.
+
+    >>> _factor_groups((2, 6, 4), (12, 4))
+    [([0, 1], [0]), ([2], [1])]
+    """
+    ins = [i for i, n in enumerate(in_shape) if n != 1]
+    outs = [j for j, n in enumerate(out_shape) if n != 1]
+    groups, i, j = [], 0, 0
+    while i < len(ins) and j < len(outs):
+        gi, gj = [ins[i]], [outs[j]]
+        pi, pj = in_shape[ins[i]], out_shape[outs[j]]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                if i == len(ins):
+                    return None
+                gi.append(ins[i]); pi *= in_shape[ins[i]]; i += 1  # noqa: E702
+            else:
+                if j == len(outs):
+                    return None
+                gj.append(outs[j]); pj *= out_shape[outs[j]]; j += 1  # noqa: E702
+        groups.append((gi, gj))
+    return groups if i == len(ins) and j == len(outs) else None
+
+
+def _pick_carrier(ctx: AnalyzeContext, dims: list[int], shape, channels=None) -> int:
+    """The one dim of a split/merge group that keeps its channels: not frozen-looking, then the largest."""
+    def score(d):
+        alive = channels is None or not ctx.space.looks_frozen(channels[d])
+        return (alive, shape[d], -d)
+
+    return max(dims, key=score)
+
+
+def _shrink_shape_args(ctx: ShrinkContext, node: fx.Node) -> None:
+    """Rewrite integer sizes in ``view``/``reshape``/``expand`` to the shrunk output shape."""
+    channels = node.meta[meta.CHANNELS]
+    first = 1
+    packed = len(node.args) == first + 1 and isinstance(node.args[first], (tuple, list))
+    sizes = list(node.args[first] if packed else node.args[first:])
+    if len(sizes) != len(channels):
+        return
+    for d, size in enumerate(sizes):
+        if isinstance(size, int) and size != -1:
+            sizes[d] = ctx.new_size(channels[d])
+    node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+
+
+@RULES.register(".view", ".reshape", torch.reshape, shrink=_shrink_shape_args)
+def reshape_with_sizes(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    return reshape(ctx, node)
+
+
+@RULES.register(torch.flatten, ".flatten", nn.Flatten, torch.squeeze, ".squeeze", torch.unsqueeze, ".unsqueeze",
+                nn.Unflatten, torch.unflatten, ".unflatten")
+def reshape(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Reshapes, by matching input and output dims into groups of equal product.
+
+    A dim carried over unchanged keeps its ids. When one dim splits into
+    several (``[C] -> [g, C/g]``) or several merge into one (``[C, H, W] ->
+    [C*H*W]``), exactly one of the pieces — the *carrier* — keeps channels and
+    the others are frozen: index ``c`` of the merged dim belongs to the
+    channel of its carrier coordinate. This covers flatten before a
+    classifier and the reshape-transpose-reshape of channel shuffle, where the
+    carrier of both reshapes is the ``C/g`` dim.
+    """
+    source = node.args[0]
+    channels = ctx.tensor_channels(source)
+    in_shape, out_shape = ctx.shape(source), ctx.shape(node)
+    groups = _factor_groups(in_shape, out_shape)
+    where = ctx.where(node)
+    if groups is None:
+        raise Opaque("cannot match input and output dims")
+    out = [None] * len(out_shape)
+    for d, n in enumerate(in_shape):
+        if n == 1:
+            ctx.space.freeze(channels[d], f"size-1 dim reshaped by {where}")
+    for gi, gj in groups:
+        if len(gi) == 1 and len(gj) == 1:
+            out[gj[0]] = channels[gi[0]]
+            continue
+        if len(gi) == 1:  # split one dim into several
+            carrier = _pick_carrier(ctx, gj, out_shape)
+            carrier_ids = ctx.space.fresh(out_shape[carrier])
+            grid = [out_shape[j] for j in gj]
+            axis = gj.index(carrier)
+            spread = np.broadcast_to(carrier_ids.reshape([-1 if k == axis else 1 for k in range(len(gj))]), grid)
+            ctx.space.couple(channels[gi[0]], spread.ravel())
+            for j in gj:
+                out[j] = carrier_ids if j == carrier else ctx.space.fresh(out_shape[j], frozen=f"split off by {where}")
+        elif len(gj) == 1:  # merge several dims into one
+            carrier = _pick_carrier(ctx, gi, in_shape, channels)
+            grid = [in_shape[i] for i in gi]
+            axis = gi.index(carrier)
+            for i in gi:
+                if i != carrier:
+                    ctx.space.freeze(channels[i], f"merged into another dim by {where}")
+            shaped = channels[carrier].reshape([-1 if k == axis else 1 for k in range(len(gi))])
+            out[gj[0]] = np.broadcast_to(shaped, grid).ravel()
+        else:
+            for i in gi:
+                ctx.space.freeze(channels[i], f"regrouped by {where}")
+            for j in gj:
+                out[j] = ctx.space.fresh(out_shape[j], frozen=f"regrouped by {where}")
+    for j, n in enumerate(out_shape):
+        if out[j] is None:
+            out[j] = ctx.space.fresh(n, frozen=f"size-1 dim made by {where}")
+    return tuple(out)
+
+
+@RULES.register(".expand", shrink=_shrink_shape_args)
+def expand(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``expand``: new and size-1 dims that grow are frozen; the others pass through."""
+    channels = ctx.tensor_channels(node.args[0])
+    out_shape = ctx.shape(node)
+    offset = len(out_shape) - len(channels)
+    out = [ctx.space.fresh(n, frozen=f"created by {ctx.where(node)}") for n in out_shape[:offset]]
+    for ids, n in zip(channels, out_shape[offset:]):
+        if len(ids) == n:
+            out.append(ids)
+        else:
+            ctx.space.freeze(ids, f"expanded by {ctx.where(node)}")
+            out.append(ctx.space.fresh(n, frozen=f"expanded by {ctx.where(node)}"))
+    return tuple(out)
+
+
+@RULES.register(torch.permute, ".permute")
+def permute(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    channels = ctx.tensor_channels(node.args[0])
+    dims = method_dims(node, 1) if node.op == "call_method" else tuple(arg(node, 1, "dims"))
+    return tuple(channels[norm_dim(d, len(channels))] for d in dims)
+
+
+@RULES.register(torch.transpose, ".transpose", torch.swapaxes, ".swapaxes")
+def transpose(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    channels = list(ctx.tensor_channels(node.args[0]))
+    a, b = (norm_dim(d, len(channels)) for d in node.args[1:3])
+    channels[a], channels[b] = channels[b], channels[a]
+    return tuple(channels)
+
+
+@RULES.register(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``cat`` along ``dim``: the output's ids along ``dim`` are the inputs' ids one after another."""
+    tensors = arg(node, 0, "tensors")
+    parts = [ctx.tensor_channels(t) for t in tensors]
+    dim = norm_dim(arg(node, 1, "dim", 0), len(parts[0]))
+    out = list(parts[0])
+    for part in parts[1:]:
+        for d, ids in enumerate(part):
+            if d != dim:
+                ctx.space.couple(out[d], ids)
+    out[dim] = np.concatenate([part[dim] for part in parts])
+    return tuple(out)
+
+
+def _shrink_split(ctx: ShrinkContext, node: fx.Node) -> None:
+    """Rewrite ``split``/``chunk`` as ``split`` with the shrunk section sizes."""
+    outputs = node.meta[meta.CHANNELS]
+    dim = _split_dim(node, len(outputs[0]))
+    sizes = [ctx.new_size(o[dim]) for o in outputs]
+    old = [len(o[dim]) for o in outputs]
+    if sizes == old:
+        return
+    source = node.args[0]
+    node.target = "split" if node.op == "call_method" else torch.split
+    node.args, node.kwargs = (source, sizes, dim), {}
+
+
+def _split_dim(node: fx.Node, ndim: int) -> int:
+    return norm_dim(arg(node, 2, "dim", 0), ndim)
+
+
+@RULES.register(torch.split, ".split", torch.chunk, ".chunk", shrink=_shrink_split)
+def split(ctx: AnalyzeContext, node: fx.Node) -> Multi:
+    """``split``/``chunk``: each output's ids along ``dim`` are a sub-range of the input's."""
+    channels = ctx.tensor_channels(node.args[0])
+    dim = _split_dim(node, len(channels))
+    outs, start = [], 0
+    for tm in node.meta[meta.TENSOR_META]:
+        size = tm.shape[dim]
+        part = list(channels)
+        part[dim] = channels[dim][start : start + size]
+        outs.append(tuple(part))
+        start += size
+    return Multi(outs)
+
+
+def _index_items(index, ndim: int) -> list | None:
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(i is Ellipsis for i in items):
+        at = items.index(Ellipsis)
+        fill = ndim - sum(1 for i in items if i is not None and i is not Ellipsis)
+        items = items[:at] + [slice(None)] * fill + items[at + 1 :]
+    return items
+
+
+def _is_plain_slice(item) -> bool:
+    return isinstance(item, slice) and item.step in (None, 1) and all(
+        b is None or isinstance(b, int) for b in (item.start, item.stop)
+    )
+
+
+def _shrink_getitem(ctx: ShrinkContext, node: fx.Node) -> None:
+    source, index = node.args
+    channels = source.meta.get(meta.CHANNELS)
+    if channels is None or isinstance(channels, Multi):
+        return
+    items, d, changed = _index_items(index, len(channels)), 0, False
+    for k, item in enumerate(items):
+        if item is None:
+            continue
+        if isinstance(item, slice) and item != slice(None):
+            start, stop, _ = item.indices(len(channels[d]))
+            kept = ctx.kept(channels[d])
+            new = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)))
+            if (new.start, new.stop) != (start, stop):
+                items[k], changed = new, True
+        d += 1
+    if changed:
+        node.args = (source, tuple(items) if isinstance(index, tuple) else items[0])
+
+
+@RULES.register(operator.getitem, shrink=_shrink_getitem)
+def getitem(ctx: AnalyzeContext, node: fx.Node):
+    """Picking one output of a multi-output op, or basic slicing of a tensor.
+
+    A plain slice keeps the ids of the selected range (and is rewritten when
+    indices before or inside it are pruned); an integer index freezes its dim.
+    """
+    source, index = node.args
+    channels = ctx.channels(source)
+    if isinstance(channels, Multi):
+        return channels[index]
+    if channels is None:
+        return None
+    items = _index_items(index, len(channels))
+    out, d = [], 0
+    for item in items:
+        if item is None:
+            out.append(ctx.space.fresh(1, frozen=f"new axis in {ctx.where(node)}"))
+        elif isinstance(item, int):
+            ctx.space.freeze(channels[d], f"indexed by an integer in {ctx.where(node)}")
+            d += 1
+        elif _is_plain_slice(item):
+            out.append(channels[d][item])
+            d += 1
+        else:
+            raise Opaque("advanced indexing")
+    return tuple(out) + tuple(channels[d:])
+
+
+# ---------------------------------------------------------------------------- reductions and contractions
+
+
+def _reduce_dims(node: fx.Node, ndim: int):
+    dim = arg(node, 1, "dim")
+    if dim is None:
+        return list(range(ndim))
+    dims = dim if isinstance(dim, (tuple, list)) else [dim]
+    return sorted(norm_dim(d, ndim) for d in dims)
+
+
+@RULES.register(torch.mean, ".mean", torch.sum, ".sum", torch.amax, ".amax", torch.amin, ".amin")
+def reduction(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Reductions mix indices of the reduced dims, which are frozen; other dims pass through."""
+    channels = ctx.tensor_channels(node.args[0])
+    dims = _reduce_dims(node, len(channels))
+    keepdim = arg(node, 2, "keepdim", False)
+    out = []
+    for d, ids in enumerate(channels):
+        if d in dims:
+            ctx.space.freeze(ids, f"reduced over by {ctx.where(node)}")
+            if keepdim:
+                out.append(ctx.space.fresh(1, frozen=f"reduced by {ctx.where(node)}"))
+        else:
+            out.append(ids)
+    if tuple(len(i) for i in out) != ctx.shape(node):
+        raise Opaque("unexpected reduction output")
+    return tuple(out)
+
+
+@RULES.register(F.softmax, torch.softmax, ".softmax", F.log_softmax, torch.log_softmax, ".log_softmax", nn.Softmax)
+def softmax(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    channels = same_shape_passthrough(ctx, node, node.args[0])
+    dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
+    if dim is None:
+        raise Opaque("implicit softmax dim")
+    ctx.space.freeze(channels[norm_dim(dim, len(channels))], f"normalised over by {ctx.where(node)}")
+    return channels
+
+
+@RULES.register(operator.matmul, torch.matmul, torch.bmm, ".matmul", ".bmm")
+def matmul(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``[..., n, k] @ [..., k, m]``: the contracted ``k`` is frozen, batch dims broadcast."""
+    a, b = ctx.tensor_channels(node.args[0]), ctx.tensor_channels(node.args[1])
+    if len(a) < 2 or len(b) < 2:
+        raise Opaque("matmul with a vector")
+    out_shape = ctx.shape(node)
+    ctx.space.freeze(a[-1], f"contracted by {ctx.where(node)}")
+    ctx.space.freeze(b[-2], f"contracted by {ctx.where(node)}")
+    batch = list(out_shape[:-2])
+    out = [None] * len(batch)
+    for operand in (a, b):
+        offset = len(batch) - (len(operand) - 2)
+        for i, ids in enumerate(operand[:-2]):
+            j = i + offset
+            if len(ids) != batch[j]:
+                ctx.space.freeze(ids, f"broadcast by {ctx.where(node)}")
+            elif out[j] is None:
+                out[j] = ids
+            else:
+                ctx.space.couple(out[j], ids)
+    out = [ids if ids is not None else ctx.space.fresh(n, frozen="broadcast") for ids, n in zip(out, batch)]
+    return tuple(out) + (a[-2], b[-1])
+
+
+# ---------------------------------------------------------------------------- non-tensor values
+
+
+@RULES.register(".size", ".dim", ".numel")
+def metadata_query(ctx: AnalyzeContext, node: fx.Node) -> None:
+    """Shape queries return Python values that follow the tensor: after shrinking they report the new size."""
+    return None
+
+
+@RULES.register(builtins.getattr)
+def attribute(ctx: AnalyzeContext, node: fx.Node) -> None:
+    if node.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda"):
+        return None
+    raise Opaque(f"attribute {node.args[1]!r}")
+

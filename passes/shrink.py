@@ -1,0 +1,82 @@
+"""Shrink: physically remove masked channels, producing a smaller dense model."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import fx, nn
+
+from fxcompress import meta
+from fxcompress.analysis import get_analysis
+from fxcompress.masks import current_masks, kept_components, split_target
+from fxcompress.pipeline import Pass, register_pass
+from fxcompress.rules import RULES, ShrinkContext
+from fxcompress.trace import propagate_shapes
+
+__all__ = ["Shrink"]
+
+
+def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        setattr(module, name, value)
+
+
+def _slice_tensor(module: nn.Module, name: str, kept_by_dim: dict[int, np.ndarray]) -> None:
+    """Index-select a tensor (and its mask, when masked) along each dim that loses channels."""
+    masked = hasattr(module, name + "_orig")
+    names = [name + "_orig", name + "_mask"] if masked else [name]
+    for attr in names:
+        value = getattr(module, attr).detach()
+        for dim, kept in kept_by_dim.items():
+            value = value.index_select(dim, torch.from_numpy(kept))
+        _replace_tensor(module, attr, value.contiguous())
+    if masked:
+        mask = getattr(module, name + "_mask")
+        setattr(module, name, getattr(module, name + "_orig") * mask)
+        if bool(mask.all()):
+            torch_prune.remove(module, name)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class Shrink(Pass):
+    """Slice removed channels out of every parameter and fix shapes in modules and graph arguments.
+
+    Must follow ``propagate-channels`` so that the masked model it starts
+    from is exactly what the shrunk model computes; verification checks it.
+    """
+
+    name: ClassVar[str] = "shrink"
+    requires: ClassVar[tuple[str, ...]] = ("propagate-channels",)
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        analysis = get_analysis(gm)
+        keep = kept_components(analysis, current_masks(gm))
+        if keep.all():
+            return False
+        ctx = ShrinkContext(gm, keep, analysis.labels)
+        by_tensor: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+        for piece in analysis.slices:
+            kept = ctx.kept(piece.ids)
+            if len(kept) < len(piece.ids):
+                by_tensor[piece.target][piece.dim] = kept
+        for target, kept_by_dim in by_tensor.items():
+            owner, name = split_target(target)
+            _slice_tensor(gm.get_submodule(owner), name, kept_by_dim)
+        for node in gm.graph.nodes:
+            rule = RULES.lookup(gm, node)
+            if rule is not None and rule.shrink is not None:
+                rule.shrink(ctx, node)
+        gm.recompile()
+        propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS])
+        return True
