@@ -37,6 +37,7 @@ def compile(
     verify: bool = True,
     rtol: float = 1e-4,
     hooks: Sequence[Hook] = (),
+    frontend: str = "auto",
 ) -> fx.GraphModule:
     """Trace ``model`` and run ``passes`` on it; return a new ``GraphModule``.
 
@@ -45,6 +46,7 @@ def compile(
     propagate-channels,shrink"``). With ``verify=True`` every pass that must
     preserve the model's outputs (``shrink``, ``analyze-groups``) is checked on
     ``example_inputs`` to within ``rtol`` of the output's largest magnitude.
+    ``frontend`` picks how the model is captured (see :func:`fxcompress.trace`).
     """
     import fxcompress.passes  # noqa: F401  (registers the passes by name)
 
@@ -53,7 +55,7 @@ def compile(
     for p in passes:
         if not callable(p) or not hasattr(p, "name"):
             raise ConfigError(f"passes must be fxcompress passes, got {p!r}")
-    gm = trace(model, example_inputs)
+    gm = trace(model, example_inputs, frontend=frontend)
     all_hooks = list(hooks)
     if verify:
         from fxcompress.meta import EXAMPLE_INPUTS

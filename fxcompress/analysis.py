@@ -137,10 +137,13 @@ def _analyze_node(ctx: AnalyzeContext, node: fx.Node, opaque: dict[str, list[str
         for value in _tensor_inputs(ctx, node):
             ctx.freeze_all(value, "graph output")
         return None
-    rule = RULES.lookup(ctx.gm, node)
     inputs = _tensor_inputs(ctx, node)
-    if rule is None and not inputs and not isinstance(node.meta.get(meta.TENSOR_META), TensorMetadata):
-        return None  # Python arithmetic on sizes, assertions
+    output = node.meta.get(meta.TENSOR_META)
+    if output is None and (not inputs or not node.users):
+        return None  # Python arithmetic on sizes, assertions, export's input guards
+    if not inputs:  # arange, ones, full: a tensor made from constants carries no channels
+        return _fresh_like(ctx, output, f"made from constants by {describe_node(ctx.gm, node)}")
+    rule = RULES.lookup(ctx.gm, node)
     if rule is not None:
         try:
             return rule.analyze(ctx, node)

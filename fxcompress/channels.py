@@ -77,26 +77,40 @@ class Solution:
         return None if index < 0 else self.reasons[index]
 
 
+_ROLE_STRENGTH = {Role.BUFFER: 0, Role.AFFINE: 1, Role.CONSUMER: 2, Role.PRODUCER: 3}
+
+
+@dataclass(eq=False)
+class _Reshape:
+    """A dim that splits into (or merges from) several: which piece carries channels is decided later."""
+
+    big: Ids  #: ids of the single dim, in row-major order over ``grid``
+    grid: tuple[int, ...]
+    pieces: list[Ids]  #: ids of each piece dim
+    where: str
+
+    def spread(self, k: int) -> Ids:
+        """The ids of piece ``k`` broadcast over the grid: the channel of each index of the big dim."""
+        shape = [-1 if axis == k else 1 for axis in range(len(self.grid))]
+        return np.broadcast_to(self.pieces[k].reshape(shape), self.grid).ravel()
+
+
 class ChannelSpace:
     """Allocates channel ids and records couplings, freezes and parameter slices."""
 
     def __init__(self) -> None:
         self.size = 0
-        self._frozen_now = np.zeros(1024, dtype=bool)
         self._edges_a: list[Ids] = []
         self._edges_b: list[Ids] = []
         self._freezes: list[tuple[Ids, str]] = []
         self.slices: list[ParamSlice] = []
-        self._slice_by_key: dict[tuple[str, str, int], ParamSlice] = {}
+        self._slice_by_key: dict[tuple[str, str, int], int] = {}
+        self._reshapes: list[_Reshape] = []
 
     def fresh(self, n: int, frozen: str | None = None) -> Ids:
         """``n`` new ids; frozen from birth (with the reason given) when ``frozen`` is set."""
         ids = np.arange(self.size, self.size + n, dtype=np.int64)
         self.size += n
-        if self.size > len(self._frozen_now):
-            grown = np.zeros(max(self.size, 2 * len(self._frozen_now)), dtype=bool)
-            grown[: len(self._frozen_now)] = self._frozen_now
-            self._frozen_now = grown
         if frozen is not None:
             self.freeze(ids, frozen)
         return ids
@@ -114,12 +128,7 @@ class ChannelSpace:
         """These ids (and everything coupled to them) may never be pruned."""
         if len(ids) == 0:
             return
-        self._frozen_now[ids] = True
         self._freezes.append((ids, reason))
-
-    def looks_frozen(self, ids: Ids) -> bool:
-        """Whether all of ``ids`` were frozen directly so far (ignores couplings: a cheap hint)."""
-        return bool(self._frozen_now[ids].all())
 
     def add_slice(self, owner: str, name: str, dim: int, ids: Ids, role: Role, maskable: bool = True) -> None:
         """Record that ``owner.name`` indexes channels ``ids`` along ``dim``.
@@ -128,15 +137,70 @@ class ChannelSpace:
         once, and the ids of its second use are coupled to those of the first.
         """
         key = (owner, name, dim)
-        seen = self._slice_by_key.get(key)
-        if seen is not None:
-            self.couple(seen.ids, ids)
+        index = self._slice_by_key.get(key)
+        if index is None:
+            self._slice_by_key[key] = len(self.slices)
+            self.slices.append(ParamSlice(owner, name, dim, ids, role, maskable))
             return
-        piece = ParamSlice(owner, name, dim, ids, role, maskable)
-        self._slice_by_key[key] = piece
-        self.slices.append(piece)
+        seen = self.slices[index]
+        self.couple(seen.ids, ids)
+        if _ROLE_STRENGTH[role] > _ROLE_STRENGTH[seen.role]:  # a get_attr weight read by F.linear
+            self.slices[index] = ParamSlice(owner, name, dim, seen.ids, role, maskable)
+
+    def reshape(self, big: Ids, grid: tuple[int, ...], pieces: list[Ids], where: str) -> None:
+        """Record that dim ``big`` is the row-major product of the ``pieces`` dims.
+
+        Only one piece can carry prunable channels (removing index ``i`` of a
+        piece removes a whole slab of the big dim). Which one is decided in
+        :meth:`solve`, once the whole graph is known: a piece frozen elsewhere
+        (a spatial dim, a contracted head dim) cannot carry, and pieces coupled
+        to an already chosen carrier are preferred, so ``q``, ``k``, ``v`` and
+        the output of an attention block agree on pruning heads.
+        """
+        self._reshapes.append(_Reshape(big, tuple(grid), list(pieces), where))
 
     def solve(self) -> Solution:
+        """Decide the carriers of all recorded reshapes, then solve the final components."""
+        if self._reshapes:
+            self._decide_carriers(self._components())
+            self._reshapes.clear()
+        return self._components()
+
+    def _decide_carriers(self, first: Solution) -> None:
+        """Pick each reshape's carrier piece: forced choices first, then by coupling, then the largest."""
+        dead = first.frozen.copy()
+        chosen = np.zeros_like(dead)
+
+        def candidates(reshape: _Reshape) -> tuple[list[int], list[int]]:
+            alive = [k for k, p in enumerate(reshape.pieces) if not dead[first.labels[p]].all()]
+            return alive, [k for k in alive if chosen[first.labels[reshape.pieces[k]]].any()]
+
+        def decide(reshape: _Reshape, carrier: int) -> None:
+            chosen[first.labels[reshape.pieces[carrier]]] = True
+            for k, piece in enumerate(reshape.pieces):
+                if k != carrier:
+                    dead[first.labels[piece]] = True
+                    self.freeze(piece, f"reshaped into another dim by {reshape.where}")
+            self.couple(reshape.big, reshape.spread(carrier))
+
+        def largest(reshape: _Reshape, among: list[int]) -> int:
+            return max(among or range(len(reshape.pieces)), key=lambda k: (len(reshape.pieces[k]), -k))
+
+        undecided = list(self._reshapes)
+        while undecided:
+            progress = False
+            for reshape in list(undecided):
+                alive, marked = candidates(reshape)
+                if len(alive) > 1 and not marked:
+                    continue
+                decide(reshape, marked[0] if marked else largest(reshape, alive))
+                undecided.remove(reshape)
+                progress = True
+            if not progress:  # only ambiguous ones left: the first in graph order takes its largest piece
+                reshape = undecided.pop(0)
+                decide(reshape, largest(reshape, candidates(reshape)[0]))
+
+    def _components(self) -> Solution:
         """Connected components of the coupling graph, with frozen flags and reasons."""
         n = self.size
         if self._edges_a:

@@ -12,6 +12,7 @@ __all__ = [
     "EXAMPLE_INPUTS",
     "ANALYSIS",
     "PASS_HISTORY",
+    "MODULE_TYPES",
 ]
 
 #: Written by ``torch.fx.passes.shape_prop.ShapeProp``: shape and dtype of the node's output.
@@ -30,3 +31,8 @@ ANALYSIS = "fxcompress.analysis"
 
 #: On the module: names of the passes that have run on it, in order.
 PASS_HISTORY = "fxcompress.pass_history"
+
+#: On the module: ``{module path: type}`` of the user's model as it was traced.
+#: Exported graphs keep parameters under the original paths but not the module
+#: types, which layer selection (``op_types``) needs.
+MODULE_TYPES = "fxcompress.module_types"

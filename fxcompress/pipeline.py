@@ -27,6 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxcompress import meta
 from fxcompress.analysis import invalidate_analysis
 from fxcompress.errors import ConfigError, PipelineError, VerificationError
+from fxcompress.trace import inference_mode
 
 __all__ = [
     "Pass",
@@ -131,13 +132,8 @@ Hook = Callable[[Any, fx.GraphModule, Any], None]
 
 
 def _outputs(gm: fx.GraphModule, example_inputs: tuple) -> list[torch.Tensor]:
-    training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            out = gm(*example_inputs)
-    finally:
-        gm.train(training)
+    with inference_mode(gm):
+        out = gm(*example_inputs)
     flat, _ = torch.utils._pytree.tree_flatten(out)
     return [t for t in flat if isinstance(t, torch.Tensor)]
 

@@ -167,6 +167,7 @@ class RuleTable:
 
 
 RULES = RuleTable()
+aten = torch.ops.aten  # torch.export spellings of the same ops share the rules below
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -207,10 +208,20 @@ def same_shape_passthrough(ctx: AnalyzeContext, node: fx.Node, source) -> Channe
     F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, torch.sigmoid,
     torch.tanh, F.tanh, F.leaky_relu, F.elu, F.mish, F.dropout, F.dropout2d, operator.neg, torch.neg,
     ".relu", ".relu_", ".sigmoid", ".tanh", ".contiguous", ".clone", ".detach", ".float", ".to", ".neg",
-    "torchvision.ops.stochastic_depth.stochastic_depth",
+    "torchvision.ops.stochastic_depth.stochastic_depth", torch.exp, torch.cos, torch.sin, ".exp", ".cos", ".sin",
+    aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+    aten.hardswish.default, aten.hardsigmoid.default, aten.neg.default, aten.dropout.default, aten.clone.default,
+    aten.detach.default, aten.alias.default, aten._to_copy.default, aten.to.dtype, aten.contiguous.default,
+    aten.exp.default, aten.cos.default, aten.sin.default, aten.pow.Tensor_Scalar, torch.pow, ".pow",
+    aten.to.dtype_layout, aten.to.device, aten.type_as.default,
 )
 def channelwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
-    """``y[..., c, ...] = f(x[..., c, ...])``: output channel ``c`` is input channel ``c``."""
+    """``y[..., c, ...] = f(x[..., c, ...])``: output channel ``c`` is input channel ``c``.
+
+    Only functions that stay finite at 0 belong here: a removed channel may
+    carry any finite value in the masked model (its consumers' columns are
+    zero), but an inf or nan would leak through ``0 * inf``.
+    """
     return same_shape_passthrough(ctx, node, node.args[0])
 
 
@@ -245,14 +256,15 @@ def broadcast_into(ctx: AnalyzeContext, out_shape, inputs: list, why: str) -> Ch
 
 @RULES.register(
     operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, torch.maximum, torch.minimum,
-    ".add", ".sub", ".mul", ".add_", ".mul_",
+    ".add", ".sub", ".mul", ".add_", ".mul_", aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.add.Scalar,
+    aten.mul.Scalar, aten.sub.Scalar,
 )
 def elementwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """Tensor-tensor and tensor-scalar arithmetic with broadcasting (residual adds, SE gates, layer scale)."""
     return broadcast_into(ctx, ctx.shape(node), list(node.args[:2]), ctx.where(node))
 
 
-@RULES.register(operator.truediv, torch.div, ".div")
+@RULES.register(operator.truediv, torch.div, ".div", aten.div.Tensor, aten.div.Scalar)
 def divide(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """Like ``elementwise``, but the divisor is frozen: a masked (zero) divisor channel would give inf/nan."""
     out = broadcast_into(ctx, ctx.shape(node), list(node.args[:2]), ctx.where(node))
@@ -302,7 +314,7 @@ def layer_norm_module(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return channels
 
 
-@RULES.register(F.layer_norm)
+@RULES.register(F.layer_norm, aten.layer_norm.default)
 def layer_norm_function(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     channels = same_shape_passthrough(ctx, node, node.args[0])
     k = len(arg(node, 1, "normalized_shape"))
@@ -432,6 +444,99 @@ def embedding(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return tuple(channels) + (out_ids,)
 
 
+def _param_channels(ctx: AnalyzeContext, node: fx.Node, index: int, name: str, roles: dict[int, Role]):
+    """Channels of a weight passed as an argument (``F.linear(x, w)``, export graphs), upgrading its roles.
+
+    The weight must be a parameter read by ``get_attr``: only then can it be
+    masked and sliced.
+    """
+    weight = arg(node, index, name)
+    if weight is None:
+        return None
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        raise Opaque(f"{name} is computed in the graph, not a parameter")
+    channels = ctx.tensor_channels(weight)
+    owner, _, attr = weight.target.rpartition(".")
+    for dim, role in roles.items():
+        ctx.space.add_slice(owner, attr, dim, channels[dim], role)
+    return channels
+
+
+@RULES.register(F.linear, aten.linear.default)
+def linear_function(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``linear(x, w, b)`` with parameter arguments: same channel semantics as ``nn.Linear``."""
+    channels = ctx.tensor_channels(node.args[0])
+    weight = _param_channels(ctx, node, 1, "weight", {0: Role.PRODUCER, 1: Role.CONSUMER})
+    bias = _param_channels(ctx, node, 2, "bias", {0: Role.PRODUCER})
+    ctx.space.couple(weight[1], channels[-1])
+    if bias is not None:
+        ctx.space.couple(bias[0], weight[0])
+    return tuple(channels[:-1]) + (weight[0],)
+
+
+@RULES.register(torch.addmm, aten.addmm.default)
+def addmm(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``addmm(bias, x [N, in], w [in, out])``: a linear layer with a transposed weight (HF GPT-2's Conv1D)."""
+    channels = ctx.tensor_channels(node.args[1])
+    weight = _param_channels(ctx, node, 2, "mat2", {0: Role.CONSUMER, 1: Role.PRODUCER})
+    bias = _param_channels(ctx, node, 0, "input", {0: Role.PRODUCER} if len(ctx.shape(node.args[0])) == 1 else {})
+    if bias is None or len(bias) != 1 or len(channels) != 2:
+        raise Opaque("addmm that is not a linear layer")
+    ctx.space.couple(weight[0], channels[1])
+    ctx.space.couple(bias[0], weight[1])
+    return (channels[0], weight[1])
+
+
+@RULES.register(F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+def conv_function(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``conv(x, w, b, stride, padding, dilation, groups)`` with parameter arguments, ``groups == 1``."""
+    if arg(node, 6, "groups", 1) != 1:
+        raise Opaque("grouped functional convolution")
+    channels = ctx.tensor_channels(node.args[0])
+    weight = _param_channels(ctx, node, 1, "weight", {0: Role.PRODUCER, 1: Role.CONSUMER})
+    bias = _param_channels(ctx, node, 2, "bias", {0: Role.PRODUCER})
+    out, cdim = _conv_spatial(ctx, node, channels, len(weight) - 2)
+    ctx.space.couple(weight[1], channels[cdim])
+    if bias is not None:
+        ctx.space.couple(bias[0], weight[0])
+    out[cdim] = weight[0]
+    return tuple(out)
+
+
+@RULES.register(aten.embedding.default)
+def embedding_function(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``aten.embedding(weight, indices)``: the embedding dim comes from the weight's columns."""
+    weight = _param_channels(ctx, node, 0, "weight", {1: Role.PRODUCER})
+    indices = ctx.tensor_channels(node.args[1])
+    return tuple(indices) + (weight[1],)
+
+
+@RULES.register(F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)
+def attention(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``sdpa(q [.., H, L, E], k [.., H, S, E], v [.., H, S, Ev]) -> [.., H, L, Ev]``.
+
+    Batch and head dims couple across q, k, v and the output (grouped-query
+    attention's ``enable_gqa`` is treated as opaque); the contracted ``E``
+    and the softmaxed key length ``S`` are frozen (the default scale depends
+    on ``E``); ``L`` and ``Ev`` pass through.
+    """
+    if arg(node, 7, "enable_gqa", False):
+        raise Opaque("enable_gqa")
+    q, k, v = (ctx.tensor_channels(node.args[i]) for i in range(3))
+    if not (len(q) == len(k) == len(v) >= 3):
+        raise Opaque("unexpected ranks")
+    where = ctx.where(node)
+    for ids in (q[-1], k[-1], k[-2], v[-2]):
+        ctx.space.freeze(ids, f"contracted by {where}")
+    for d in range(len(q) - 2):
+        ctx.space.couple(q[d], k[d])
+        ctx.space.couple(q[d], v[d])
+    mask = ctx.channels(arg(node, 3, "attn_mask"))
+    if mask is not None:
+        ctx.freeze_all(mask, f"attention mask of {where}")
+    return tuple(q[:-1]) + (v[-1],)
+
+
 # ---------------------------------------------------------------------------- spatial ops
 
 
@@ -492,15 +597,6 @@ def _factor_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]] | N
     return groups if i == len(ins) and j == len(outs) else None
 
 
-def _pick_carrier(ctx: AnalyzeContext, dims: list[int], shape, channels=None) -> int:
-    """The one dim of a split/merge group that keeps its channels: not frozen-looking, then the largest."""
-    def score(d):
-        alive = channels is None or not ctx.space.looks_frozen(channels[d])
-        return (alive, shape[d], -d)
-
-    return max(dims, key=score)
-
-
 def _shrink_shape_args(ctx: ShrinkContext, node: fx.Node) -> None:
     """Rewrite integer sizes in ``view``/``reshape``/``expand`` to the shrunk output shape."""
     channels = node.meta[meta.CHANNELS]
@@ -515,23 +611,27 @@ def _shrink_shape_args(ctx: ShrinkContext, node: fx.Node) -> None:
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
 
-@RULES.register(".view", ".reshape", torch.reshape, shrink=_shrink_shape_args)
+@RULES.register(".view", ".reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                shrink=_shrink_shape_args)
 def reshape_with_sizes(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return reshape(ctx, node)
 
 
 @RULES.register(torch.flatten, ".flatten", nn.Flatten, torch.squeeze, ".squeeze", torch.unsqueeze, ".unsqueeze",
-                nn.Unflatten, torch.unflatten, ".unflatten")
+                nn.Unflatten, torch.unflatten, ".unflatten", aten.unsqueeze.default, aten.squeeze.dim,
+                aten.squeeze.dims, aten.flatten.using_ints)
 def reshape(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """Reshapes, by matching input and output dims into groups of equal product.
 
     A dim carried over unchanged keeps its ids. When one dim splits into
-    several (``[C] -> [g, C/g]``) or several merge into one (``[C, H, W] ->
-    [C*H*W]``), exactly one of the pieces — the *carrier* — keeps channels and
-    the others are frozen: index ``c`` of the merged dim belongs to the
-    channel of its carrier coordinate. This covers flatten before a
-    classifier and the reshape-transpose-reshape of channel shuffle, where the
-    carrier of both reshapes is the ``C/g`` dim.
+    several (``[C] -> [g, C/g]``, ``[768] -> [12 heads, 64]``) or several
+    merge into one (``[C, H, W] -> [C*H*W]``), exactly one of the pieces — the
+    *carrier* — keeps channels and the others are frozen: index ``c`` of the
+    big dim belongs to the channel of its carrier coordinate. The carrier is
+    chosen once the whole graph is known (``ChannelSpace.reshape``): the
+    channel dim of a flatten (spatial dims are frozen), the heads of an
+    attention block (the head dim is contracted), the ``C/g`` dim of both
+    reshapes of a channel shuffle.
     """
     source = node.args[0]
     channels = ctx.tensor_channels(source)
@@ -547,25 +647,14 @@ def reshape(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     for gi, gj in groups:
         if len(gi) == 1 and len(gj) == 1:
             out[gj[0]] = channels[gi[0]]
-            continue
-        if len(gi) == 1:  # split one dim into several
-            carrier = _pick_carrier(ctx, gj, out_shape)
-            carrier_ids = ctx.space.fresh(out_shape[carrier])
-            grid = [out_shape[j] for j in gj]
-            axis = gj.index(carrier)
-            spread = np.broadcast_to(carrier_ids.reshape([-1 if k == axis else 1 for k in range(len(gj))]), grid)
-            ctx.space.couple(channels[gi[0]], spread.ravel())
-            for j in gj:
-                out[j] = carrier_ids if j == carrier else ctx.space.fresh(out_shape[j], frozen=f"split off by {where}")
-        elif len(gj) == 1:  # merge several dims into one
-            carrier = _pick_carrier(ctx, gi, in_shape, channels)
-            grid = [in_shape[i] for i in gi]
-            axis = gi.index(carrier)
-            for i in gi:
-                if i != carrier:
-                    ctx.space.freeze(channels[i], f"merged into another dim by {where}")
-            shaped = channels[carrier].reshape([-1 if k == axis else 1 for k in range(len(gi))])
-            out[gj[0]] = np.broadcast_to(shaped, grid).ravel()
+        elif len(gi) == 1:  # one dim splits into several
+            pieces = [ctx.space.fresh(out_shape[j]) for j in gj]
+            ctx.space.reshape(channels[gi[0]], [out_shape[j] for j in gj], pieces, where)
+            for j, piece in zip(gj, pieces):
+                out[j] = piece
+        elif len(gj) == 1:  # several dims merge into one
+            out[gj[0]] = ctx.space.fresh(out_shape[gj[0]])
+            ctx.space.reshape(out[gj[0]], [in_shape[i] for i in gi], [channels[i] for i in gi], where)
         else:
             for i in gi:
                 ctx.space.freeze(channels[i], f"regrouped by {where}")
@@ -577,7 +666,7 @@ def reshape(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return tuple(out)
 
 
-@RULES.register(".expand", shrink=_shrink_shape_args)
+@RULES.register(".expand", aten.expand.default, shrink=_shrink_shape_args)
 def expand(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``expand``: new and size-1 dims that grow are frozen; the others pass through."""
     channels = ctx.tensor_channels(node.args[0])
@@ -593,14 +682,14 @@ def expand(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return tuple(out)
 
 
-@RULES.register(torch.permute, ".permute")
+@RULES.register(torch.permute, ".permute", aten.permute.default)
 def permute(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     channels = ctx.tensor_channels(node.args[0])
     dims = method_dims(node, 1) if node.op == "call_method" else tuple(arg(node, 1, "dims"))
     return tuple(channels[norm_dim(d, len(channels))] for d in dims)
 
 
-@RULES.register(torch.transpose, ".transpose", torch.swapaxes, ".swapaxes")
+@RULES.register(torch.transpose, ".transpose", torch.swapaxes, ".swapaxes", aten.transpose.int)
 def transpose(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     channels = list(ctx.tensor_channels(node.args[0]))
     a, b = (norm_dim(d, len(channels)) for d in node.args[1:3])
@@ -608,7 +697,7 @@ def transpose(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return tuple(channels)
 
 
-@RULES.register(torch.cat, torch.concat, torch.concatenate)
+@RULES.register(torch.cat, torch.concat, torch.concatenate, aten.cat.default)
 def cat(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``cat`` along ``dim``: the output's ids along ``dim`` are the inputs' ids one after another."""
     tensors = arg(node, 0, "tensors")
@@ -632,7 +721,12 @@ def _shrink_split(ctx: ShrinkContext, node: fx.Node) -> None:
     if sizes == old:
         return
     source = node.args[0]
-    node.target = "split" if node.op == "call_method" else torch.split
+    if node.op == "call_method":
+        node.target = "split"
+    elif isinstance(node.target, torch._ops.OpOverload):
+        node.target = aten.split_with_sizes.default
+    else:
+        node.target = torch.split
     node.args, node.kwargs = (source, sizes, dim), {}
 
 
@@ -640,7 +734,8 @@ def _split_dim(node: fx.Node, ndim: int) -> int:
     return norm_dim(arg(node, 2, "dim", 0), ndim)
 
 
-@RULES.register(torch.split, ".split", torch.chunk, ".chunk", shrink=_shrink_split)
+@RULES.register(torch.split, ".split", torch.chunk, ".chunk", aten.split.Tensor, aten.split_with_sizes.default,
+                aten.chunk.default, shrink=_shrink_split)
 def split(ctx: AnalyzeContext, node: fx.Node) -> Multi:
     """``split``/``chunk``: each output's ids along ``dim`` are a sub-range of the input's."""
     channels = ctx.tensor_channels(node.args[0])
@@ -719,6 +814,39 @@ def getitem(ctx: AnalyzeContext, node: fx.Node):
     return tuple(out) + tuple(channels[d:])
 
 
+def _shrink_slice(ctx: ShrinkContext, node: fx.Node) -> None:
+    """``aten.slice(x, dim, start, end)``: move the bounds to the shrunk positions."""
+    channels = node.args[0].meta[meta.CHANNELS]
+    dim = norm_dim(arg(node, 1, "dim", 0), len(channels))
+    start, stop, _ = slice(arg(node, 2, "start"), arg(node, 3, "end")).indices(len(channels[dim]))
+    kept = ctx.kept(channels[dim])
+    new = (int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)))
+    if new != (start, stop):
+        node.args = (node.args[0], dim, *new)
+        node.kwargs = {}
+
+
+@RULES.register(aten.slice.Tensor, shrink=_shrink_slice)
+def slice_dim(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``aten.slice``: the export spelling of ``x[:, a:b]``."""
+    channels = list(ctx.tensor_channels(node.args[0]))
+    dim = norm_dim(arg(node, 1, "dim", 0), len(channels))
+    if arg(node, 4, "step", 1) != 1:
+        raise Opaque("strided slice")
+    start, stop, _ = slice(arg(node, 2, "start"), arg(node, 3, "end")).indices(len(channels[dim]))
+    channels[dim] = channels[dim][start:stop]
+    return tuple(channels)
+
+
+@RULES.register(aten.select.int)
+def select(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``aten.select``: the export spelling of ``x[:, i]``; the indexed dim is frozen and removed."""
+    channels = list(ctx.tensor_channels(node.args[0]))
+    dim = norm_dim(node.args[1], len(channels))
+    ctx.space.freeze(channels[dim], f"indexed by an integer in {ctx.where(node)}")
+    return tuple(channels[:dim] + channels[dim + 1 :])
+
+
 # ---------------------------------------------------------------------------- reductions and contractions
 
 
@@ -730,7 +858,8 @@ def _reduce_dims(node: fx.Node, ndim: int):
     return sorted(norm_dim(d, ndim) for d in dims)
 
 
-@RULES.register(torch.mean, ".mean", torch.sum, ".sum", torch.amax, ".amax", torch.amin, ".amin")
+@RULES.register(torch.mean, ".mean", torch.sum, ".sum", torch.amax, ".amax", torch.amin, ".amin", aten.mean.dim,
+                aten.sum.dim_IntList, aten.amax.default)
 def reduction(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """Reductions mix indices of the reduced dims, which are frozen; other dims pass through."""
     channels = ctx.tensor_channels(node.args[0])
@@ -749,7 +878,8 @@ def reduction(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return tuple(out)
 
 
-@RULES.register(F.softmax, torch.softmax, ".softmax", F.log_softmax, torch.log_softmax, ".log_softmax", nn.Softmax)
+@RULES.register(F.softmax, torch.softmax, ".softmax", F.log_softmax, torch.log_softmax, ".log_softmax", nn.Softmax,
+                aten.softmax.int, aten._softmax.default, aten.log_softmax.int)
 def softmax(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     channels = same_shape_passthrough(ctx, node, node.args[0])
     dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
@@ -759,7 +889,7 @@ def softmax(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return channels
 
 
-@RULES.register(operator.matmul, torch.matmul, torch.bmm, ".matmul", ".bmm")
+@RULES.register(operator.matmul, torch.matmul, torch.bmm, ".matmul", ".bmm", aten.matmul.default, aten.bmm.default)
 def matmul(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``[..., n, k] @ [..., k, m]``: the contracted ``k`` is frozen, batch dims broadcast."""
     a, b = ctx.tensor_channels(node.args[0]), ctx.tensor_channels(node.args[1])

@@ -8,6 +8,7 @@ cheaper than fake tensors for the models we target and exercises the graph.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 
@@ -18,7 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxcompress import meta
 from fxcompress.errors import TraceError
 
-__all__ = ["trace", "normalize_example_inputs", "propagate_shapes", "describe_node"]
+__all__ = ["trace", "normalize_example_inputs", "propagate_shapes", "describe_node", "FRONTENDS", "inference_mode", "module_type"]
 
 
 def normalize_example_inputs(example_inputs) -> tuple:
@@ -64,39 +65,111 @@ class _ShapeProp(ShapeProp):
             ) from exc
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Annotate every node with ``meta[TENSOR_META]`` by running ``gm`` once in eval mode, without grad."""
-    was_training = {name: m.training for name, m in gm.named_modules()}
-    gm.eval()
+@contextlib.contextmanager
+def inference_mode(gm: nn.Module):
+    """Eval mode and no grad for the duration, then every module's mode restored.
+
+    Sets the ``training`` flags directly: exported modules refuse ``.eval()``
+    (their mode was fixed at export time, so the flags change nothing there).
+    """
+    modules = list(gm.modules())
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.training = False
     try:
         with torch.no_grad():
-            _ShapeProp(gm).propagate(*example_inputs)
+            yield
     finally:
-        for name, m in gm.named_modules():
-            m.training = was_training[name]
+        for m, flag in zip(modules, was_training):
+            m.training = flag
 
 
-def trace(model: nn.Module, example_inputs) -> fx.GraphModule:
-    """Trace a deep copy of ``model`` with ``symbolic_trace`` and annotate shapes.
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Annotate every node with ``meta[TENSOR_META]`` by running ``gm`` once in eval mode, without grad."""
+    with inference_mode(gm):
+        _ShapeProp(gm).propagate(*example_inputs)
 
-    The user's model is never touched. Returns a ``GraphModule`` whose nodes carry
-    ``meta["tensor_meta"]`` and whose ``meta[EXAMPLE_INPUTS]`` holds the inputs.
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:
+        raise TraceError(
+            f"torch.fx.symbolic_trace could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+            "This usually means forward() has Python control flow that depends on tensor values "
+            "(an `if` on a tensor, a loop over its size). Try frontend='export', or move that code into a "
+            "submodule and mark it as a leaf."
+        ) from exc
+
+
+def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """``torch.export`` (non-strict) and its unlifted ``GraphModule``: parameters become ``get_attr`` nodes.
+
+    The exported graph is captured in the mode the model is in: dropout and
+    batch norm keep that train/eval behaviour whatever ``.train()``/``.eval()``
+    says later, so export in eval mode for inference and in train mode for
+    fine-tuning.
+    """
+    try:
+        return torch.export.export(model, example_inputs, strict=False).module()
+    except Exception as exc:
+        raise TraceError(
+            f"torch.export could not export {type(model).__name__}: {type(exc).__name__}: {str(exc)[:2000]}"
+        ) from exc
+
+
+def _trace_graph(model: nn.Module, example_inputs: tuple, frontend: str) -> fx.GraphModule:
+    """Run the chosen frontend; ``auto`` tries ``symbolic_trace`` first and falls back to ``torch.export``."""
+    if frontend == "fx":
+        gm = _symbolic_trace(copy.deepcopy(model))
+        propagate_shapes(gm, example_inputs)
+        return gm
+    if frontend == "export":
+        gm = _export(copy.deepcopy(model), example_inputs)
+        propagate_shapes(gm, example_inputs)
+        return gm
+    try:
+        return _trace_graph(model, example_inputs, "fx")
+    except TraceError as fx_error:
+        try:
+            return _trace_graph(model, example_inputs, "export")
+        except TraceError as export_error:
+            raise TraceError(
+                f"neither frontend could capture {type(model).__name__}.\n"
+                f"symbolic_trace: {fx_error}\n"
+                f"torch.export: {export_error}"
+            ) from export_error
+
+
+def trace(model: nn.Module, example_inputs, frontend: str = "auto") -> fx.GraphModule:
+    """Capture a deep copy of ``model`` as a shape-annotated ``GraphModule``.
+
+    ``frontend`` is ``"fx"`` (``symbolic_trace``: keeps ``nn.Module`` leaves,
+    readable and trainable), ``"export"`` (``torch.export``, non-strict: for
+    models with Python control flow, such as Hugging Face transformers) or
+    ``"auto"`` (the first, falling back to the second). The user's model is
+    never touched. Nodes carry ``meta["tensor_meta"]``; ``meta[EXAMPLE_INPUTS]``
+    holds the inputs.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"compile() takes an nn.Module, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise TraceError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     example_inputs = normalize_example_inputs(example_inputs)
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model)
+        propagate_shapes(gm, example_inputs)
     else:
-        try:
-            gm = fx.symbolic_trace(copy.deepcopy(model))
-        except Exception as exc:
-            raise TraceError(
-                f"torch.fx.symbolic_trace could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
-                "This usually means forward() has Python control flow that depends on tensor values "
-                "(an `if` on a tensor, a loop over its size). Move that code into a submodule and mark it as a "
-                "leaf, or rewrite it without data-dependent branches."
-            ) from exc
+        gm = _trace_graph(model, example_inputs, frontend)
     gm.meta[meta.EXAMPLE_INPUTS] = example_inputs
-    propagate_shapes(gm, example_inputs)
+    gm.meta[meta.MODULE_TYPES] = {path: type(m) for path, m in model.named_modules()}
     return gm
+
+
+def module_type(gm: fx.GraphModule, path: str) -> type:
+    """The type the module at ``path`` had in the user's model (exported graphs keep only plain modules)."""
+    original = gm.meta.get(meta.MODULE_TYPES, {}).get(path)
+    return original if original is not None else type(gm.get_submodule(path))

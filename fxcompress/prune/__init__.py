@@ -2,10 +2,46 @@
 
 A pruner is any object with ``compute_masks(gm, analysis) -> {tensor name: mask}``
 (the :class:`Pruner` protocol). Structured pruners derive from
-:class:`ChannelPruner` and only implement ``channel_scores``.
+:class:`ChannelPruner` and only implement ``channel_scores``; fine-grained ones
+mask single weights. Training-aware methods (schedules, movement, ADMM,
+lottery ticket) drive the user's :class:`Evaluator`.
+
+==================  ==============================================  ==========
+criterion           class                                           needs data
+==================  ==============================================  ==========
+L1 / L2 norm        :class:`L1Norm`, :class:`L2Norm`                no
+geometric median    :class:`FPGM`                                   no
+LAMP                :class:`LAMP` (global allocation)               no
+BN scaling factor   :class:`Slim` (+ :func:`slim_penalty`)          training
+random baseline     :class:`RandomPruner`                           no
+APoZ / mean act.    :class:`APoZ`, :class:`MeanActivation`          batches
+Taylor (g x w)      :class:`Taylor`                                 batches+loss
+OBD (Hessian diag)  :class:`OBD`                                    batches+loss
+level / N:M         :class:`LevelPruner`, :class:`NMPruner`         no
+schedules           :class:`ScheduledPruning` + Linear/AGP          training
+movement, ADMM      :class:`MovementPruning`, :class:`ADMM`         training
+lottery ticket      :class:`LotteryTicket`                          training
+==================  ==============================================  ==========
 """
 
-from fxcompress.prune.base import PRUNERS, ChannelPruner, Pruner, make_pruner
-from fxcompress.prune.magnitude import L1Norm, L2Norm
+from fxcompress.prune.base import PRUNERS, Allocation, ChannelPruner, Combined, Pruner, make_pruner
+from fxcompress.prune.data_aware import OBD, APoZ, MeanActivation, Taylor
+from fxcompress.prune.distill import LayerwiseDistillation
+from fxcompress.prune.evaluator import Evaluator, recalibrate_batchnorm
+from fxcompress.prune.finalize import shrink
+from fxcompress.prune.magnitude import FPGM, LAMP, L1Norm, L2Norm, RandomPruner, Slim, slim_penalty
+from fxcompress.prune.nni import from_config_list
+from fxcompress.prune.schedule import AGPSchedule, LinearSchedule, Schedule, ScheduledPruning
+from fxcompress.prune.training import ADMM, LotteryTicket, MovementPruning
+from fxcompress.prune.unstructured import LevelPruner, NMPruner
 
-__all__ = ["Pruner", "ChannelPruner", "L1Norm", "L2Norm", "PRUNERS", "make_pruner"]
+__all__ = [
+    "Pruner", "ChannelPruner", "Allocation", "Combined", "PRUNERS", "make_pruner",
+    "L1Norm", "L2Norm", "FPGM", "LAMP", "Slim", "slim_penalty", "RandomPruner",
+    "APoZ", "MeanActivation", "Taylor", "OBD",
+    "LevelPruner", "NMPruner",
+    "Schedule", "LinearSchedule", "AGPSchedule", "ScheduledPruning",
+    "MovementPruning", "ADMM", "LotteryTicket",
+    "Evaluator", "recalibrate_batchnorm", "shrink",
+    "from_config_list", "LayerwiseDistillation",
+]

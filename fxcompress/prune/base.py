@@ -1,10 +1,25 @@
-"""The pruner protocol and the shared machinery of structured (channel) pruners."""
+"""The pruner protocol and the shared machinery of structured (channel) pruners.
+
+A pruner answers four questions, each in one place:
+
+- *what to score*: weights (the default), activations or gradients; data-aware
+  criteria collect their statistics once per call in :meth:`ChannelPruner.group_scores`;
+- *how to score a channel*: :meth:`ChannelPruner.channel_scores` (the only
+  method a custom criterion must write);
+- *how sparsity is allocated*: ``allocation`` (``Allocation.LOCAL``: the same
+  fraction in every group; ``Allocation.GLOBAL``: one ranking across groups)
+  capped by ``max_sparsity_per_layer``;
+- *how masks evolve over steps*: schedules in :mod:`fxcompress.prune.schedule`
+  re-run a pruner with growing ``sparsity`` (masks only ever shrink).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import fnmatch
 import math
+from collections.abc import Sequence
 from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -16,7 +31,17 @@ from fxcompress.channels import Role
 from fxcompress.errors import ConfigError
 from fxcompress.masks import channel_masks, split_target
 
-__all__ = ["Pruner", "ChannelPruner", "PRUNERS", "make_pruner", "DEFAULT_OP_TYPES"]
+__all__ = [
+    "Pruner",
+    "ChannelPruner",
+    "Allocation",
+    "Combined",
+    "PRUNERS",
+    "make_pruner",
+    "DEFAULT_OP_TYPES",
+    "layer_selected",
+    "register_pruner",
+]
 
 DEFAULT_OP_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
@@ -35,6 +60,61 @@ class Pruner(Protocol):
     def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]: ...
 
 
+def register_pruner(cls: type) -> type:
+    """Make a pruner class reachable by its ``key`` from :func:`make_pruner` (and text pipelines)."""
+    if getattr(cls, "key", ""):
+        PRUNERS[cls.key] = cls
+    return cls
+
+
+class Allocation(enum.Enum):
+    """How a pruner spreads ``sparsity`` over groups."""
+
+    LOCAL = "local"  #: every selected group loses ``sparsity`` of its channels
+    GLOBAL = "global"  #: ``sparsity`` of all selected channels, lowest scores across groups first
+
+
+def layer_selected(
+    owner: str,
+    module: nn.Module,
+    op_types: tuple[type[nn.Module], ...],
+    op_names: tuple[str, ...],
+    exclude: tuple[str, ...],
+) -> bool:
+    """Whether layer ``owner`` passes a selection by type, name globs and exclusion globs.
+
+    >>> layer_selected("fc", nn.Linear(2, 2), (nn.Linear,), (), ("fc*",))
+    False
+    """
+    if not isinstance(module, op_types):
+        return False
+    if op_names and not any(fnmatch.fnmatchcase(owner, p) for p in op_names):
+        return False
+    return not any(fnmatch.fnmatchcase(owner, p) for p in exclude)
+
+
+def check_fraction(owner: object, field: str, value, upper_inclusive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and 0 <= value and (value <= 1 if upper_inclusive else value < 1)
+    if not ok:
+        bound = "[0, 1]" if upper_inclusive else "[0, 1)"
+        raise ConfigError(f"{type(owner).__name__}: {field} must be in {bound}, got {value!r}")
+
+
+def normalize_selection(owner: object) -> None:
+    """Accept a single string for ``op_names``/``exclude`` and check ``op_types`` (shared by all pruners)."""
+    for field in ("op_names", "exclude"):
+        value = getattr(owner, field)
+        if isinstance(value, str):
+            object.__setattr__(owner, field, (value,))
+        elif isinstance(value, list):
+            object.__setattr__(owner, field, tuple(value))
+    if isinstance(owner.op_types, list):
+        object.__setattr__(owner, "op_types", tuple(owner.op_types))
+    bad = [t for t in owner.op_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
+    if bad:
+        raise ConfigError(f"{type(owner).__name__}: op_types must be nn.Module classes, got {bad}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelPruner:
     """Structured pruning of whole channels, ranked inside each dependency group.
@@ -47,6 +127,12 @@ class ChannelPruner:
     Layer selection: ``op_types`` (module types of the producing layers),
     ``op_names`` (glob patterns of their module paths; all when empty),
     ``exclude`` (glob patterns whose layers keep all their output channels).
+
+    Allocation: ``Allocation.LOCAL`` removes the same fraction from every
+    group; ``Allocation.GLOBAL`` removes ``sparsity`` of all selected channels,
+    lowest scores first across groups, so the criterion's scores must be
+    comparable between layers (LAMP's are by construction). Either way no
+    group loses more than ``max_sparsity_per_layer`` of its channels.
     """
 
     sparsity: float = 0.5
@@ -54,32 +140,38 @@ class ChannelPruner:
     op_names: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     round_to: int = 1
+    allocation: Allocation = Allocation.LOCAL
+    max_sparsity_per_layer: float = 1.0
 
     key: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
-            raise ConfigError(f"{type(self).__name__}: sparsity must be in [0, 1), got {self.sparsity!r}")
+        check_fraction(self, "sparsity", self.sparsity)
+        check_fraction(self, "max_sparsity_per_layer", self.max_sparsity_per_layer, upper_inclusive=True)
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"{type(self).__name__}: round_to must be a positive integer, got {self.round_to!r}")
-        for field in ("op_names", "exclude"):
-            value = getattr(self, field)
-            if isinstance(value, str):
-                object.__setattr__(self, field, (value,))
-        bad = [t for t in self.op_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
-        if bad:
-            raise ConfigError(f"{type(self).__name__}: op_types must be nn.Module classes, got {bad}")
+        if isinstance(self.allocation, str):
+            try:
+                object.__setattr__(self, "allocation", Allocation(self.allocation))
+            except ValueError:
+                raise ConfigError(
+                    f"{type(self).__name__}: allocation must be 'local' or 'global', got {self.allocation!r}"
+                ) from None
+        normalize_selection(self)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.key:
-            PRUNERS[cls.key] = cls
+        register_pruner(cls)
 
     # -- what subclasses implement
 
     def channel_scores(self, gm: fx.GraphModule, analysis: ChannelAnalysis, group: Group) -> np.ndarray:
         """Importance of each channel of ``group`` (higher is kept)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement channel_scores(gm, analysis, group)")
+
+    def group_scores(self, gm: fx.GraphModule, analysis: ChannelAnalysis, groups: Sequence[Group]) -> list[np.ndarray]:
+        """Scores of every group at once. Data-aware criteria override this to collect their data once."""
+        return [np.asarray(self.channel_scores(gm, analysis, g), dtype=np.float64) for g in groups]
 
     # -- the shared driver
 
@@ -87,36 +179,78 @@ class ChannelPruner:
         """Whether every layer producing the group's channels passes the layer selection."""
         for k in analysis.slices_of(group, Role.PRODUCER):
             owner, _ = split_target(analysis.slices[k].target)
-            module = gm.get_submodule(owner)
-            if not isinstance(module, self.op_types):
-                return False
-            if self.op_names and not any(fnmatch.fnmatchcase(owner, p) for p in self.op_names):
-                return False
-            if any(fnmatch.fnmatchcase(owner, p) for p in self.exclude):
+            if not layer_selected(owner, gm.get_submodule(owner), self.op_types, self.op_names, self.exclude):
                 return False
         return True
 
-    def num_kept(self, n: int) -> int:
-        keep = n - math.floor(n * self.sparsity)
+    def min_kept(self, n: int) -> int:
+        """The fewest channels a group of ``n`` may keep (``max_sparsity_per_layer``, at least one)."""
+        return max(1, n - math.floor(n * self.max_sparsity_per_layer + 1e-9))
+
+    def round_kept(self, n: int, keep: int) -> int:
         keep = math.ceil(keep / self.round_to) * self.round_to
-        return max(1, min(n, keep))
+        return max(self.min_kept(n), 1, min(n, keep))
+
+    def num_kept(self, n: int) -> int:
+        """Channels a group of ``n`` keeps under local allocation."""
+        return self.round_kept(n, n - math.floor(n * self.sparsity + 1e-9))
+
+    def kept_per_group(self, sizes: list[int], scores: list[np.ndarray]) -> list[int]:
+        """How many channels each group keeps, by the allocation rule."""
+        if self.allocation is Allocation.LOCAL:
+            return [self.num_kept(n) for n in sizes]
+        return self._global_kept(sizes, scores)
+
+    def _global_kept(self, sizes: list[int], scores: list[np.ndarray]) -> list[int]:
+        """Remove the ``sparsity`` fraction of all channels, lowest scores first, honouring the per-group floor."""
+        candidates = []  # (score, group) of every channel that may go, i.e. beyond each group's floor
+        for g, (n, s) in enumerate(zip(sizes, scores)):
+            ordered = np.sort(s)[: n - self.min_kept(n)]
+            candidates.extend((float(v), g) for v in ordered)
+        budget = math.floor(sum(sizes) * self.sparsity + 1e-9)
+        removed = [0] * len(sizes)
+        for _, g in sorted(candidates, key=lambda c: c[0])[:budget]:
+            removed[g] += 1
+        return [self.round_kept(n, n - r) for n, r in zip(sizes, removed)]
 
     def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
         keep = np.ones(analysis.solution.num_components, dtype=bool)
-        for group in analysis.prunable_groups():
-            if not self.selects(gm, analysis, group):
-                continue
-            n_keep = self.num_kept(len(group))
-            if n_keep == len(group):
-                continue
-            scores = np.asarray(self.channel_scores(gm, analysis, group), dtype=np.float64)
-            drop = np.argsort(scores, kind="stable")[: len(group) - n_keep]
+        groups = [g for g in analysis.prunable_groups() if self.selects(gm, analysis, g)]
+        if self.sparsity == 0 or not groups:
+            return channel_masks(gm, analysis, keep)
+        scores = self.group_scores(gm, analysis, groups)
+        kept = self.kept_per_group([len(g) for g in groups], scores)
+        for group, score, n_keep in zip(groups, scores, kept):
+            drop = np.argsort(np.asarray(score, dtype=np.float64), kind="stable")[: len(group) - n_keep]
             keep[group.components[drop]] = False
         return channel_masks(gm, analysis, keep)
 
 
+@dataclasses.dataclass(frozen=True)
+class Combined:
+    """Several pruners at once (e.g. one per entry of an NNI ``config_list``): their masks multiply.
+
+    >>> Combined((L1Norm(0.5, op_names=("conv*",)), LevelPruner(0.9, op_names=("fc*",))))
+    """
+
+    pruners: tuple[Pruner, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pruners", tuple(self.pruners))
+        bad = [p for p in self.pruners if not isinstance(p, Pruner)]
+        if bad:
+            raise ConfigError(f"Combined needs pruners with compute_masks(gm, analysis), got {bad}")
+
+    def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
+        masks: dict[str, torch.Tensor] = {}
+        for pruner in self.pruners:
+            for name, mask in pruner.compute_masks(gm, analysis).items():
+                masks[name] = mask if name not in masks else masks[name] * mask
+        return masks
+
+
 def make_pruner(name: str, **options) -> Pruner:
-    """Build a registered pruner by its short name (``"l1"``, ``"l2"``), e.g. for text pipelines."""
+    """Build a registered pruner by its short name (``"l1"``, ``"fpgm"``, ``"level"``), e.g. for text pipelines."""
     cls = PRUNERS.get(name)
     if cls is None:
         raise ConfigError(f"unknown pruner {name!r}; known pruners: {', '.join(sorted(PRUNERS))}")

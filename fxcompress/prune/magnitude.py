@@ -1,24 +1,61 @@
-"""Magnitude criteria: L1 and L2 norms of each channel's weights, aggregated over its group."""
+"""Weight-based channel criteria: L1, L2, FPGM, LAMP, Slim (BN scaling factors) and random.
+
+Every criterion is group-aware: it scores each parameter slice of a dependency
+group (producer rows, consumer columns, norm weights) and maps the slice's
+indices to the group's channels with ``analysis.positions``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch import fx
+from torch import fx, nn
 
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
 from fxcompress.masks import split_target
-from fxcompress.prune.base import ChannelPruner
+from fxcompress.prune.base import Allocation, ChannelPruner
 
-__all__ = ["L1Norm", "L2Norm", "group_norm_scores"]
+__all__ = [
+    "L1Norm",
+    "L2Norm",
+    "FPGM",
+    "LAMP",
+    "Slim",
+    "RandomPruner",
+    "group_norm_scores",
+    "slice_rows",
+    "slim_penalty",
+]
 
 
-def _tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+def effective_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor as the forward pass sees it (``orig * mask`` when masked), detached."""
     owner, name = split_target(target)
     return getattr(gm.get_submodule(owner), name).detach()
+
+
+def slice_rows(gm: fx.GraphModule, analysis: ChannelAnalysis, group: Group, roles: tuple[Role, ...]) -> Iterator:
+    """For each slice of ``group`` with one of ``roles``: ``(slice index, rows, local)``.
+
+    ``rows`` is the tensor moved so that the slice's dim comes first and
+    flattened to 2-D (one row per index of the group), ``local`` the group
+    channel of each row.
+    """
+    for k in group.slices:
+        piece = analysis.slices[k]
+        if piece.role not in roles:
+            continue
+        positions, local = analysis.positions(k, group)
+        tensor = effective_tensor(gm, piece.target).float().movedim(piece.dim, 0)
+        yield k, tensor.reshape(tensor.shape[0], -1)[torch.from_numpy(positions)], local
+
+
+def _per_channel(values: torch.Tensor, local: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(local, weights=values.double().numpy(), minlength=n)
 
 
 def group_norm_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, group: Group, p: int) -> np.ndarray:
@@ -31,15 +68,8 @@ def group_norm_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, group: Grou
     """
     total = np.zeros(len(group))
     count = 0
-    for k in group.slices:
-        piece = analysis.slices[k]
-        if piece.role is Role.BUFFER:
-            continue
-        tensor = _tensor(gm, piece.target).float()
-        other = [d for d in range(tensor.dim()) if d != piece.dim]
-        per_index = tensor.abs().pow(p).sum(dim=other) if other else tensor.abs().pow(p)
-        positions, local = analysis.positions(k, group)
-        scores = np.bincount(local, weights=per_index.numpy()[positions], minlength=len(group)) ** (1.0 / p)
+    for _, rows, local in slice_rows(gm, analysis, group, (Role.PRODUCER, Role.CONSUMER, Role.AFFINE)):
+        scores = _per_channel(rows.abs().pow(p).sum(1), local, len(group)) ** (1.0 / p)
         mean = scores.mean()
         if mean > 0:
             total += scores / mean
@@ -69,3 +99,122 @@ class L2Norm(ChannelPruner):
 
     def channel_scores(self, gm, analysis, group):
         return group_norm_scores(gm, analysis, group, p=2)
+
+
+def _distance_sums(rows: torch.Tensor, local: np.ndarray, n: int) -> np.ndarray:
+    """Per channel: the summed Euclidean distance of its filter to every other filter of the layer."""
+    filters = torch.zeros(n, rows.shape[1], dtype=torch.float64)
+    filters.index_add_(0, torch.from_numpy(local), rows.double())
+    return torch.cdist(filters, filters).sum(1).numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class FPGM(ChannelPruner):
+    """Filter pruning via the geometric median (He et al., 2019).
+
+    A filter close to the geometric median of its layer's filters is the one
+    the others can best stand in for, so it is removed first, whatever its
+    norm. The score of a channel is the sum of its filter's distances to all
+    other filters of each producing layer (smallest = nearest the median),
+    normalised per layer and averaged over the group's producers.
+    """
+
+    key = "fpgm"
+
+    def channel_scores(self, gm, analysis, group):
+        total = np.zeros(len(group))
+        for _, rows, local in slice_rows(gm, analysis, group, (Role.PRODUCER,)):
+            if rows.shape[1] == 1:  # biases: a distance between scalars says nothing about the filter
+                continue
+            sums = _distance_sums(rows, local, len(group))
+            total += sums / max(sums.mean(), 1e-12)
+        return total
+
+
+def lamp_scores(squared: np.ndarray) -> np.ndarray:
+    """LAMP score of each entry: its squared magnitude over the sum of all squared magnitudes not below it.
+
+    >>> lamp_scores(np.array([1.0, 4.0, 2.0])).round(3)
+    array([0.143, 1.   , 0.333])
+    """
+    order = np.argsort(squared, kind="stable")
+    ordered = squared[order]
+    tail = np.cumsum(ordered[::-1])[::-1]
+    out = np.empty_like(squared, dtype=np.float64)
+    out[order] = ordered / np.maximum(tail, 1e-30)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LAMP(ChannelPruner):
+    """Layer-adaptive magnitude pruning (Lee et al., 2021), applied to channels.
+
+    A channel's squared L2 norm (producer rows) is divided by the sum of the
+    squared norms of the channels in its layer that are at least as large.
+    The largest channel of every layer scores 1, so under
+    ``allocation="global"`` no layer is emptied and the ranking adapts the
+    sparsity of each layer to its weight distribution.
+    """
+
+    key = "lamp"
+    allocation: Allocation = Allocation.GLOBAL
+
+    def channel_scores(self, gm, analysis, group):
+        squared = np.zeros(len(group))
+        for _, rows, local in slice_rows(gm, analysis, group, (Role.PRODUCER,)):
+            squared += _per_channel(rows.pow(2).sum(1), local, len(group))
+        return lamp_scores(squared)
+
+
+def _norm_scales(gm: fx.GraphModule, analysis: ChannelAnalysis, group: Group) -> np.ndarray | None:
+    """|gamma| of the group's normalisation layers (AFFINE ``weight`` slices), or None without one."""
+    total, found = np.zeros(len(group)), False
+    for k, rows, local in slice_rows(gm, analysis, group, (Role.AFFINE,)):
+        if analysis.slices[k].name != "weight":
+            continue
+        total += _per_channel(rows.abs().sum(1), local, len(group))
+        found = True
+    return total if found else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Slim(ChannelPruner):
+    """Network slimming (Liu et al., 2017): rank channels by their batch-norm scaling factor |gamma|.
+
+    Train with :func:`slim_penalty` added to the loss (L1 on every BN gamma) so
+    that unimportant channels' gammas go to zero, then prune. Groups without a
+    normalisation layer fall back to the L1 norm of their weights.
+    """
+
+    key = "slim"
+
+    def channel_scores(self, gm, analysis, group):
+        scales = _norm_scales(gm, analysis, group)
+        return scales if scales is not None else group_norm_scores(gm, analysis, group, p=1)
+
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+
+
+def slim_penalty(strength: float = 1e-4) -> Callable[[nn.Module], torch.Tensor]:
+    """The sparsity regulariser of network slimming: ``strength * sum |gamma|`` over all norm layers.
+
+    >>> loss = task_loss + slim_penalty(1e-4)(model)
+    """
+
+    def penalty(model: nn.Module) -> torch.Tensor:
+        terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, _BN_TYPES) and m.weight is not None]
+        return strength * torch.stack(terms).sum() if terms else torch.zeros(())
+
+    return penalty
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomPruner(ChannelPruner):
+    """Removes random channels: the baseline every criterion must beat. ``seed`` makes it repeatable."""
+
+    key = "random"
+    seed: int = 0
+
+    def channel_scores(self, gm, analysis, group):
+        return np.random.default_rng((self.seed, group.id)).random(len(group))

@@ -1,0 +1,396 @@
+"""The command line: ``python -m fxcompress {compress,report,viz,passes} ...``.
+
+Every subcommand takes a *model file*: a Python file that defines
+
+- ``model()`` returning the ``nn.Module`` (or a module-level ``model`` object), and
+- ``example_inputs()`` returning a tuple of forward() arguments (or a
+  module-level ``example_inputs`` tuple or tensor).
+
+``examples/resnet18.py`` is one. A bad path, a file missing either name or
+a malformed pipeline prints one line on stderr and exits with status 2::
+
+    $ python -m fxcompress compress examples/resnet18.py --onnx small.onnx \\
+        --pipeline "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from fxcompress.errors import ConfigError, FxCompressError
+from fxcompress.trace import normalize_example_inputs
+
+__all__ = ["ModelFile", "ModelFileError", "load_model_file", "build_parser", "main", "DEFAULT_PIPELINE"]
+
+DEFAULT_PIPELINE = "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink"
+
+#: Exit status of usage errors (argparse's convention): bad paths, malformed pipelines, bad options.
+USAGE_ERROR = 2
+
+
+class ModelFileError(ConfigError):
+    """A model file is missing, cannot be imported, or does not follow the model-file convention."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFile:
+    path: Path
+    model: nn.Module
+    example_inputs: tuple
+
+
+def _import_file(path: Path):
+    spec = importlib.util.spec_from_file_location(f"fxcompress_model_file_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"{path} cannot be imported as Python: give a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.resolve()))  # the file may import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ModelFileError(f"importing model file {path} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
+    return module
+
+
+def _attribute(module, name: str, path: Path):
+    """``name`` from the file: called when it is a plain function, used as is when it is a module or value."""
+    if not hasattr(module, name):
+        raise ModelFileError(
+            f"model file {path} defines no '{name}': define {name}() returning "
+            + ("the nn.Module" if name == "model" else "a tuple of forward() arguments")
+        )
+    value = getattr(module, name)
+    if callable(value) and not isinstance(value, nn.Module):
+        try:
+            value = value()
+        except Exception as exc:
+            raise ModelFileError(f"{path}: {name}() raised {type(exc).__name__}: {exc}") from exc
+    return value
+
+
+def load_model_file(path: str | Path) -> ModelFile:
+    """Import a model file (see the module docstring) and return its model and example inputs."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model file {path} does not exist")
+    if not path.is_file() or path.suffix != ".py":
+        raise ModelFileError(f"model file {path} must be a .py file defining model() and example_inputs()")
+    module = _import_file(path)
+    model = _attribute(module, "model", path)
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(f"{path}: model must be (or return) an nn.Module, got {type(model).__name__}")
+    try:
+        inputs = normalize_example_inputs(_attribute(module, "example_inputs", path))
+    except FxCompressError as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc
+    return ModelFile(path, model, inputs)
+
+
+# ---------------------------------------------------------------------------- hooks used by the commands
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Hook: a tqdm bar over the passes of a pipeline (on stderr, hidden when it is not a terminal)."""
+
+    total: int
+    bar: object = None
+
+    def __call__(self, previous, gm: fx.GraphModule, next_pass) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc="passes", unit="pass", disable=None, file=sys.stderr)
+        if previous is not None:
+            self.bar.update(1)
+        if next_pass is None:
+            self.bar.close()
+        else:
+            self.bar.set_postfix_str(next_pass.name)
+
+
+@dataclasses.dataclass
+class _PassClock:
+    """Seconds per pass, excluding the other hooks: ``stop`` goes first among the hooks, ``start`` last.
+
+    ``compile`` runs its verification hook before every user hook, so with
+    verification on each figure also holds the check of that pass's output.
+    """
+
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    _start: float | None = None
+
+    def stop(self, previous, gm: fx.GraphModule, next_pass) -> None:
+        if previous is not None and self._start is not None:
+            self.seconds[previous.name] = self.seconds.get(previous.name, 0.0) + time.perf_counter() - self._start
+
+    def start(self, previous, gm: fx.GraphModule, next_pass) -> None:
+        self._start = time.perf_counter()
+
+
+def _parse(pipeline: str) -> list:
+    import fxcompress.passes  # noqa: F401  (registers the passes by name)
+    from fxcompress.pipeline import parse_pipeline
+
+    return parse_pipeline(pipeline)
+
+
+def _compile(args, loaded: ModelFile, passes: list) -> tuple[fx.GraphModule, dict[str, float]]:
+    import fxcompress
+
+    clock = _PassClock()
+    hooks = [clock.stop, _Progress(len(passes))]
+    if args.trace_passes:
+        from fxcompress.viz import DumpPasses
+
+        hooks.append(DumpPasses(args.trace_passes))
+    hooks.append(clock.start)
+    gm = fxcompress.compile(loaded.model, loaded.example_inputs, passes, verify=args.verify, rtol=args.rtol,
+                            hooks=hooks)
+    return gm, clock.seconds
+
+
+# ---------------------------------------------------------------------------- subcommands
+
+
+def _export_onnx(gm: fx.GraphModule, example_inputs: tuple, path: Path) -> str:
+    """Export with ``fxcompress.export.to_onnx`` when present, else plain ``torch.onnx.export``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from fxcompress.export import to_onnx
+    except ImportError:
+        gm.eval()
+        torch.onnx.export(gm, example_inputs, str(path), dynamo=False)
+        return "torch.onnx.export (fxcompress.export is not installed)"
+    to_onnx(gm, example_inputs, path)
+    return "fxcompress.export.to_onnx"
+
+
+def _print_timings(seconds: dict[str, float], verified: bool) -> None:
+    from tabulate import tabulate
+
+    rows = [[name, f"{s:.3f}"] for name, s in seconds.items()]
+    header = "seconds (with verification)" if verified else "seconds"
+    print(tabulate(rows, headers=["pass", header], disable_numparse=True))
+
+
+def cmd_compress(args) -> int:
+    from fxcompress.masks import remove_masks
+    from fxcompress.report import compare
+
+    passes = _parse(args.pipeline)
+    loaded = load_model_file(args.model)
+    gm, seconds = _compile(args, loaded, passes)
+    _print_timings(seconds, args.verify)
+    comparison = compare(loaded.model, gm, loaded.example_inputs, latency=args.runs > 0, runs=max(args.runs, 1),
+                         show=False)
+    print(comparison.table())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(gm, args.out)
+        print(f"saved the compressed GraphModule to {args.out} (load with torch.load(path, weights_only=False))")
+    if args.onnx:
+        remove_masks(gm)  # ONNX wants plain weights: make any remaining masks permanent
+        how = _export_onnx(gm, loaded.example_inputs, Path(args.onnx))
+        print(f"wrote {args.onnx} with {how}")
+    if args.json:
+        _write_json(args.json, {"pipeline": args.pipeline, "pass_seconds": seconds, **comparison.to_dict()})
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fxcompress import report
+
+    passes = _parse(args.pipeline) if args.pipeline else None
+    loaded = load_model_file(args.model)
+    if passes is None:
+        return _report_single(args, loaded)
+    gm, _ = _compile(args, loaded, passes)
+    result = report.report(loaded.model, gm, loaded.example_inputs, latency=args.runs > 0, runs=max(args.runs, 1),
+                           warmup=args.warmup)
+    print(result.table())
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    return 0
+
+
+def _report_single(args, loaded: ModelFile) -> int:
+    from fxcompress import report
+
+    latency = None
+    if args.runs > 0:
+        latency = report.measure_latency(loaded.model, loaded.example_inputs, runs=args.runs, warmup=args.warmup)
+    stats = report.model_stats(loaded.model, loaded.example_inputs, latency=latency)
+    rows = report.layer_table(loaded.model, loaded.example_inputs)
+    from tabulate import tabulate
+
+    print(tabulate([[k, v] for k, v in stats.to_dict().items() if v is not None], headers=["", args.model],
+                   tablefmt="github"))
+    print()
+    print(report.format_layers(rows))
+    if args.json:
+        _write_json(args.json, {"model": stats.to_dict(), "layers": [r.to_dict() for r in rows]})
+    return 0
+
+
+def cmd_viz(args) -> int:
+    import fxcompress
+    from fxcompress.prune import make_pruner
+    from fxcompress.viz import parse_formats, render, summary_table, view_graph
+
+    formats = parse_formats(args.format)
+    loaded = load_model_file(args.model)
+    pruner = make_pruner(args.pruner, sparsity=args.sparsity) if args.sparsity is not None else None
+    gm = fxcompress.trace(loaded.model, loaded.example_inputs)
+    view = view_graph(gm, pruner=pruner, title=f"{Path(args.model).stem} ({type(loaded.model).__name__})",
+                      collapse=args.collapse)
+    out = args.out or str(Path("fxcompress-viz") / Path(args.model).stem)
+    written = render(view, out, formats, engine=args.engine, rankdir=args.rankdir)
+    print(summary_table(view))
+    for fmt, path in written.items():
+        print(f"wrote {fmt}: {path}")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    import fxcompress.passes  # noqa: F401
+    from fxcompress.pipeline import PASS_REGISTRY
+    from fxcompress.prune import PRUNERS
+    from tabulate import tabulate
+
+    rows = [[name, ", ".join(f.name for f in dataclasses.fields(cls)) or "-", _first_line(cls.__doc__)]
+            for name, cls in sorted(PASS_REGISTRY.items())]
+    print(tabulate(rows, headers=["pass", "options", "what it does"]))
+    print()
+    rows = [[name, _first_line(cls.__doc__)] for name, cls in sorted(PRUNERS.items())]
+    print(tabulate(rows, headers=["pruner", "what it does"]))
+    return 0
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+def _write_json(path: str, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------- the parser
+
+
+_MODEL_HELP = "Python file defining model() -> nn.Module and example_inputs() -> tuple (e.g. examples/resnet18.py)"
+_PIPELINE_HELP = (
+    "textual pass pipeline, parsed by fxcompress.pipeline.parse_pipeline into the same pass objects as the "
+    "Python API: comma-separated pass names with {key=value,...} options (list them with `fxcompress passes`)"
+)
+
+
+def _add_compile_options(parser: argparse.ArgumentParser, pipeline_default: str | None) -> None:
+    parser.add_argument("--pipeline", default=pipeline_default, metavar="TEXT", help=_PIPELINE_HELP +
+                        (f" (default: {pipeline_default.replace('%', '%%')})" if pipeline_default else ""))
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking, after each output-preserving pass, that outputs are unchanged")
+    parser.add_argument("--rtol", type=float, default=1e-4,
+                        help="verification tolerance relative to the largest output magnitude (default: 1e-4)")
+    parser.add_argument("--trace-passes", metavar="DIR",
+                        help="write the graph (text and HTML picture) after every pass and per-pass timings to DIR")
+    parser.add_argument("--runs", type=int, default=20,
+                        help="timed forward passes for the median latency; 0 skips latency (default: 20)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fxcompress",
+        description="fxcompress: prune and quantize PyTorch models as torch.fx graphs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(
+            """\
+            model files: a .py file defining model() (returning the nn.Module) and
+            example_inputs() (returning a tuple of forward() arguments); module-level
+            `model` and `example_inputs` objects work too. See examples/resnet18.py.
+
+            examples:
+              python -m fxcompress compress examples/resnet18.py --onnx out.onnx \\
+                  --pipeline "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink"
+              python -m fxcompress report examples/resnet18.py
+              python -m fxcompress viz examples/resnet18.py --sparsity 0.5 --out out/resnet18
+              python -m fxcompress passes
+
+            exit status: 0 on success, 2 for bad paths, options or pipelines, 1 otherwise."""
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    compress = commands.add_parser("compress", help="run a pass pipeline on a model; save it, export ONNX",
+                                   description="Trace the model, run the pipeline, print pass timings and a "
+                                   "before/after table (params, MACs, size, latency).")
+    compress.add_argument("model", help=_MODEL_HELP)
+    _add_compile_options(compress, DEFAULT_PIPELINE)
+    compress.add_argument("--out", metavar="PATH", help="torch.save the compressed GraphModule to PATH")
+    compress.add_argument("--onnx", metavar="PATH", help="export the compressed model to ONNX at PATH")
+    compress.set_defaults(handler=cmd_compress)
+
+    report = commands.add_parser("report", help="params, MACs, size, latency and per-layer table of a model",
+                                 description="Without --pipeline: figures of the model itself. With --pipeline: "
+                                 "compile it and compare before/after, per layer and whole-model.")
+    report.add_argument("model", help=_MODEL_HELP)
+    _add_compile_options(report, None)
+    report.add_argument("--warmup", type=int, default=3, help="untimed forward passes before timing (default: 3)")
+    report.set_defaults(handler=cmd_report)
+
+    viz = commands.add_parser("viz", help="draw the dependency groups (HTML + PNG) and print a table of them",
+                              description="Trace the model, run the dependency-group analysis and draw it: one "
+                              "colour per prunable group, frozen parts grey with the reason, channel counts on "
+                              "edges. Also `python -m fxcompress.viz MODEL`.")
+    viz.add_argument("model", help=_MODEL_HELP)
+    viz.add_argument("--sparsity", type=float, metavar="S",
+                     help="show channel counts before -> after pruning with --pruner at this sparsity")
+    viz.add_argument("--pruner", default="l1", help="pruner for --sparsity, by name (default: l1)")
+    viz.add_argument("--out", metavar="PREFIX",
+                     help="output path without extension (default: fxcompress-viz/<model file name>)")
+    viz.add_argument("--format", default="html,png",
+                     help="comma-separated: html, png, svg, dot, txt, json (default: html,png)")
+    viz.add_argument("--collapse", type=int, metavar="DEPTH",
+                     help="merge nodes by module path at this depth (default: only graphs over 400 nodes)")
+    viz.add_argument("--engine", choices=("auto", "graphviz", "networkx"), default="auto",
+                     help="layout: Graphviz dot, or networkx + matplotlib (default: graphviz when installed)")
+    viz.add_argument("--rankdir", choices=("TB", "LR"), default="TB", help="graph direction (default: TB)")
+    viz.set_defaults(handler=cmd_viz)
+
+    passes = commands.add_parser("passes", help="list the passes and pruners a pipeline can name")
+    passes.set_defaults(handler=cmd_passes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for usage errors, with one line on stderr)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except FxCompressError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR if not _is_internal(exc) else 1
+
+
+def _is_internal(exc: FxCompressError) -> bool:
+    """Verification failures are fxcompress's fault, not the user's: exit status 1, not 2."""
+    from fxcompress.errors import VerificationError
+
+    return isinstance(exc, VerificationError)

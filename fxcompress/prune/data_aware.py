@@ -1,0 +1,298 @@
+"""Data-aware channel criteria: activations (APoZ, mean activation) and gradients (Taylor, OBD).
+
+Each criterion collects its statistics once per ``compute_masks`` call, in one
+pass over ``num_batches`` calibration batches of the user's
+:class:`~fxcompress.prune.evaluator.Evaluator`: activations through an
+``fx.Interpreter`` over the traced graph (never by re-tracing per layer),
+gradients through ``loss(model, batch).backward()``. Running statistics of
+batch norms are not touched (the model runs in eval mode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxcompress import meta
+from fxcompress.analysis import ChannelAnalysis, Group
+from fxcompress.channels import Role
+from fxcompress.errors import ConfigError
+from fxcompress.masks import split_target
+from fxcompress.prune.base import ChannelPruner
+from fxcompress.prune.evaluator import Evaluator
+from fxcompress.prune.magnitude import effective_tensor
+
+__all__ = ["APoZ", "MeanActivation", "Taylor", "OBD", "DataAwarePruner", "ACTIVATION_OPS"]
+
+#: Ops whose output is a post-nonlinearity activation: where APoZ and mean activation are measured.
+ACTIVATION_OPS: tuple = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, F.mish,
+    "relu", "relu_",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataAwarePruner(ChannelPruner):
+    """A channel criterion that needs calibration data: ``evaluator`` and ``num_batches`` batches of it."""
+
+    evaluator: Evaluator | None = None
+    num_batches: int = 8
+
+    needs: ClassVar[str] = "calibration batches"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.evaluator, Evaluator):
+            raise ConfigError(
+                f"{type(self).__name__} needs {self.needs}: pass evaluator=fxcompress.prune.Evaluator(data, loss)"
+            )
+        if not isinstance(self.num_batches, int) or self.num_batches < 1:
+            raise ConfigError(f"{type(self).__name__}: num_batches must be a positive integer")
+
+    def channel_scores(self, gm, analysis, group):
+        return self.group_scores(gm, analysis, [group])[0]
+
+
+# ---------------------------------------------------------------------------- activations
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Where a group's channels appear in a node's output: the dim, the indices, and their group channels."""
+
+    node: str
+    dim: int
+    positions: np.ndarray
+    local: np.ndarray
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), tuple(t for t in ACTIVATION_OPS if isinstance(t, type)))
+    if node.op == "call_method":
+        return node.target in ACTIVATION_OPS
+    return node.op == "call_function" and node.target in ACTIVATION_OPS
+
+
+def _node_sites(node: fx.Node, analysis: ChannelAnalysis, wanted: set[int]) -> list[tuple[int, Site]]:
+    channels = node.meta.get(meta.CHANNELS)
+    if not isinstance(channels, tuple) or not all(isinstance(c, np.ndarray) for c in channels):
+        return []
+    found = []
+    for dim, ids in enumerate(channels):
+        components = analysis.labels[ids]
+        owners = analysis.group_of[components]
+        for gid in set(np.unique(owners).tolist()) & wanted:
+            positions = np.flatnonzero(owners == gid)
+            found.append((gid, Site(node.name, dim, positions, analysis.local_index[components[positions]])))
+    return found
+
+
+def activation_sites(gm: fx.GraphModule, analysis: ChannelAnalysis, groups: Sequence[Group]) -> dict[int, list[Site]]:
+    """Per group: the activation outputs carrying its channels, or else the last node that carries them."""
+    wanted = {g.id for g in groups}
+    active: dict[int, list[Site]] = defaultdict(list)
+    last: dict[int, Site] = {}
+    for node in gm.graph.nodes:
+        for gid, site in _node_sites(node, analysis, wanted):
+            last[gid] = site
+            if _is_activation(gm, node):
+                active[gid].append(site)
+    return {gid: active.get(gid) or [last[gid]] for gid in last}
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and accumulates, per watched node and dim, per-index statistics of its output."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, set[int]]) -> None:
+        super().__init__(gm)
+        self.watch = watch
+        self.zeros: dict[tuple[str, int], torch.Tensor] = {}
+        self.magnitude: dict[tuple[str, int], torch.Tensor] = {}
+        self.count: dict[tuple[str, int], int] = defaultdict(int)
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        for dim in self.watch.get(n.name, ()):
+            self._record((n.name, dim), result.detach().float().movedim(dim, 0))
+        return result
+
+    def _record(self, key: tuple[str, int], value: torch.Tensor) -> None:
+        rows = value.reshape(value.shape[0], -1)
+        zeros, magnitude = (rows == 0).double().sum(1), rows.abs().double().sum(1)
+        self.zeros[key] = self.zeros.get(key, 0) + zeros
+        self.magnitude[key] = self.magnitude.get(key, 0) + magnitude
+        self.count[key] += rows.shape[1]
+
+
+@torch.no_grad()
+def record_activations(gm: fx.GraphModule, evaluator: Evaluator, sites: dict[int, list[Site]], num_batches: int):
+    watch: dict[str, set[int]] = defaultdict(set)
+    for group_sites in sites.values():
+        for site in group_sites:
+            watch[site.node].add(site.dim)
+    recorder = _Recorder(gm, watch)
+    training = gm.training
+    gm.eval()
+    try:
+        for batch in evaluator.batches(num_batches):
+            recorder.run(*evaluator.inputs(batch))
+    finally:
+        gm.train(training)
+    return recorder
+
+
+def _site_statistic(recorder: _Recorder, sites: list[Site], n: int, statistic: str) -> np.ndarray:
+    """Mean over the group's sites of the per-channel fraction of zeros or mean magnitude."""
+    total = np.zeros(n)
+    for site in sites:
+        key = (site.node, site.dim)
+        values = getattr(recorder, statistic)[key].numpy()[site.positions] / max(recorder.count[key], 1)
+        per_channel = np.bincount(site.local, weights=values, minlength=n)
+        total += per_channel / np.maximum(np.bincount(site.local, minlength=n), 1)
+    return total / max(len(sites), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class APoZ(DataAwarePruner):
+    """Average percentage of zeros (Hu et al., 2016): channels whose activations are most often zero go first.
+
+    Measured at the activation (ReLU-like) outputs that carry the group's
+    channels, over ``num_batches`` calibration batches.
+    """
+
+    key = "apoz"
+
+    def group_scores(self, gm, analysis, groups):
+        sites = activation_sites(gm, analysis, groups)
+        recorder = record_activations(gm, self.evaluator, sites, self.num_batches)
+        return [1.0 - _site_statistic(recorder, sites.get(g.id, []), len(g), "zeros") for g in groups]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanActivation(DataAwarePruner):
+    """Channels with the smallest mean absolute activation go first (Molchanov et al., 2017's baseline)."""
+
+    key = "mean-activation"
+
+    def group_scores(self, gm, analysis, groups):
+        sites = activation_sites(gm, analysis, groups)
+        recorder = record_activations(gm, self.evaluator, sites, self.num_batches)
+        return [_site_statistic(recorder, sites.get(g.id, []), len(g), "magnitude") for g in groups]
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def _trainable(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
+    """The parameter whose ``.grad`` holds the gradient of ``target`` (``<name>_orig`` when masked)."""
+    owner, name = split_target(target)
+    module = gm.get_submodule(owner)
+    param = getattr(module, name + "_orig", None)
+    if param is None:
+        param = module._parameters.get(name)
+    return param if isinstance(param, nn.Parameter) else None
+
+
+def _group_slices(analysis: ChannelAnalysis, groups: Sequence[Group]) -> list[tuple[Group, int]]:
+    return [(g, k) for g in groups for k in g.slices if analysis.slices[k].role is not Role.BUFFER]
+
+
+def _rows(tensor: torch.Tensor, dim: int, positions: np.ndarray) -> torch.Tensor:
+    moved = tensor.movedim(dim, 0)
+    return moved.reshape(moved.shape[0], -1)[torch.from_numpy(positions)].double()
+
+
+def each_gradient(gm: fx.GraphModule, evaluator: Evaluator, num_batches: int):
+    """Yield after each calibration batch's ``backward`` (eval mode; gradients are cleared afterwards)."""
+    training = gm.training
+    gm.eval()
+    params = [p for p in gm.parameters() if p.requires_grad]
+    try:
+        for batch in evaluator.batches(num_batches):
+            for p in params:
+                p.grad = None
+            evaluator.loss(gm, batch).backward()
+            yield
+    finally:
+        for p in params:
+            p.grad = None
+        gm.train(training)
+
+
+@dataclasses.dataclass(frozen=True)
+class Taylor(DataAwarePruner):
+    """First-order Taylor importance (Molchanov et al., 2019): the squared loss change of removing a channel.
+
+    Removing a channel zeroes every weight ``w`` of its group slices; to first
+    order the loss changes by ``-sum(g * w)`` over those weights. The score is
+    that sum squared, averaged over ``num_batches`` batches.
+    """
+
+    key = "taylor"
+    needs: ClassVar[str] = "batches and a loss for gradients"
+
+    def group_scores(self, gm, analysis, groups):
+        scores = [np.zeros(len(g)) for g in groups]
+        index = {g.id: i for i, g in enumerate(groups)}
+        pieces = _group_slices(analysis, groups)
+        batches = 0
+        for _ in each_gradient(gm, self.evaluator, self.num_batches):
+            change = [np.zeros(len(g)) for g in groups]
+            for group, k in pieces:
+                piece = analysis.slices[k]
+                param = _trainable(gm, piece.target)
+                if param is None or param.grad is None:
+                    continue
+                positions, local = analysis.positions(k, group)
+                product = effective_tensor(gm, piece.target) * param.grad
+                rows = _rows(product, piece.dim, positions).sum(1).numpy()
+                change[index[group.id]] += np.bincount(local, weights=rows, minlength=len(group))
+            for i, c in enumerate(change):
+                scores[i] += c**2
+            batches += 1
+        return [s / max(batches, 1) for s in scores]
+
+
+@dataclasses.dataclass(frozen=True)
+class OBD(DataAwarePruner):
+    """Second order: Optimal Brain Damage saliency (LeCun et al., 1990) with a Fisher Hessian diagonal.
+
+    The loss increase of zeroing weight ``w`` at a minimum is ``0.5 * H_ii * w**2``;
+    ``H_ii`` is estimated by the empirical Fisher, the mean over batches of the
+    squared gradient. A channel's score sums the saliency of its group's weights.
+    """
+
+    key = "obd"
+    needs: ClassVar[str] = "batches and a loss for gradients"
+
+    def group_scores(self, gm, analysis, groups):
+        fisher: dict[str, torch.Tensor] = {}
+        pieces = _group_slices(analysis, groups)
+        targets = {analysis.slices[k].target for _, k in pieces}
+        batches = 0
+        for _ in each_gradient(gm, self.evaluator, self.num_batches):
+            for target in targets:
+                param = _trainable(gm, target)
+                if param is not None and param.grad is not None:
+                    fisher[target] = fisher.get(target, 0) + param.grad.detach().double() ** 2
+            batches += 1
+        scores = [np.zeros(len(g)) for g in groups]
+        index = {g.id: i for i, g in enumerate(groups)}
+        for group, k in pieces:
+            piece = analysis.slices[k]
+            if piece.target not in fisher:
+                continue
+            positions, local = analysis.positions(k, group)
+            saliency = 0.5 * fisher[piece.target] / max(batches, 1) * effective_tensor(gm, piece.target).double() ** 2
+            rows = _rows(saliency, piece.dim, positions).sum(1).numpy()
+            scores[index[group.id]] += np.bincount(local, weights=rows, minlength=len(group))
+        return scores

@@ -1,0 +1,110 @@
+"""Sparsity schedules and the driver that prunes gradually while the user's loop trains.
+
+A schedule maps a training step to the sparsity reached by then. ``ScheduledPruning``
+wraps *any* pruner with a ``sparsity`` field (a channel criterion, level
+pruning) and re-runs it with the scheduled sparsity every ``every`` steps;
+masks only ever shrink, and masked weights stay zero between steps.
+
+>>> agp = ScheduledPruning(L1Norm(0.8), AGPSchedule(end_step=300), every=25)
+>>> agp.run(gm, evaluator, epochs=2)          # gm is now masked at 80 %
+>>> small = fxcompress.prune.shrink(gm)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, runtime_checkable
+
+from torch import fx
+
+from fxcompress.analysis import get_analysis
+from fxcompress.errors import ConfigError
+from fxcompress.masks import apply_masks
+from fxcompress.prune.base import Pruner
+from fxcompress.prune.evaluator import Evaluator
+
+__all__ = ["Schedule", "LinearSchedule", "AGPSchedule", "ScheduledPruning", "prune_step"]
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    def sparsity_at(self, step: int, final: float) -> float:
+        """Target sparsity after ``step`` optimizer steps, ending at ``final``."""
+        ...
+
+
+def _progress(step: int, start: int, end: int) -> float:
+    if step <= start:
+        return 0.0
+    return min(1.0, (step - start) / max(end - start, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSchedule:
+    """Sparsity grows linearly from ``initial`` at ``start_step`` to the final value at ``end_step``.
+
+    >>> LinearSchedule(end_step=100).sparsity_at(50, final=0.8)
+    0.4
+    """
+
+    end_step: int
+    start_step: int = 0
+    initial: float = 0.0
+
+    def sparsity_at(self, step: int, final: float) -> float:
+        return self.initial + (final - self.initial) * _progress(step, self.start_step, self.end_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class AGPSchedule:
+    """Automated gradual pruning (Zhu & Gupta, 2017): cubic, fast early and gentle near the end.
+
+    ``s_t = s_f + (s_i - s_f) * (1 - progress)**3``.
+
+    >>> AGPSchedule(end_step=100).sparsity_at(50, final=0.8)
+    0.7
+    """
+
+    end_step: int
+    start_step: int = 0
+    initial: float = 0.0
+
+    def sparsity_at(self, step: int, final: float) -> float:
+        return final + (self.initial - final) * (1.0 - _progress(step, self.start_step, self.end_step)) ** 3
+
+
+def prune_step(gm: fx.GraphModule, pruner: Pruner, sparsity: float) -> bool:
+    """Mask ``gm`` further with ``pruner`` at ``sparsity`` (same pruner type, new ``sparsity`` field)."""
+    return apply_masks(gm, dataclasses.replace(pruner, sparsity=sparsity).compute_masks(gm, get_analysis(gm)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledPruning:
+    """Prune with ``pruner``'s criterion while training, following ``schedule`` up to ``pruner.sparsity``."""
+
+    pruner: Pruner
+    schedule: Schedule
+    every: int = 10
+
+    def __post_init__(self) -> None:
+        if not dataclasses.is_dataclass(self.pruner) or "sparsity" not in {f.name for f in dataclasses.fields(self.pruner)}:
+            raise ConfigError(f"ScheduledPruning needs a pruner with a sparsity field, got {type(self.pruner).__name__}")
+        if not isinstance(self.schedule, Schedule):
+            raise ConfigError(f"schedule must have sparsity_at(step, final), got {type(self.schedule).__name__}")
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ConfigError(f"every must be a positive integer, got {self.every!r}")
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.schedule.end_step
+
+    def run(self, gm: fx.GraphModule, evaluator: Evaluator, epochs: int = 1, max_steps: int | None = None):
+        """Train ``gm`` in place with ``evaluator``, pruning on schedule; the final sparsity is always applied."""
+        final = self.pruner.sparsity
+
+        def after_step(model, step):
+            if self.due(step) and step <= self.schedule.end_step:
+                prune_step(gm, self.pruner, self.schedule.sparsity_at(step, final))
+
+        evaluator.train(gm, epochs, max_steps=max_steps, after_step=after_step, desc=f"prune ({type(self.pruner).__name__})")
+        prune_step(gm, self.pruner, final)
+        return gm

@@ -1,0 +1,1 @@
+"""Quantization: observers, fake-quantization schemes and quantizers."""
