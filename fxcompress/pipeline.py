@@ -149,6 +149,8 @@ class VerifyOutputs:
     example_inputs: tuple
     rtol: float = 1e-4
     reference: list[torch.Tensor] | None = None
+    #: pass name -> largest output error it caused, relative to the output's scale
+    errors: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __call__(self, previous, gm: fx.GraphModule, next_pass) -> None:
         outputs = _outputs(gm, self.example_inputs)
@@ -164,6 +166,7 @@ class VerifyOutputs:
                 )
             scale = a.abs().max().item() or 1.0
             error = (a - b).abs().max().item() / scale
+            self.errors[previous.name] = max(error, self.errors.get(previous.name, 0.0))
             if not error <= self.rtol:
                 raise VerificationError(
                     f"pass '{previous.name}' changed output {i} by {error:.2e} relative to its scale "

@@ -264,6 +264,53 @@ def elementwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return broadcast_into(ctx, ctx.shape(node), list(node.args[:2]), ctx.where(node))
 
 
+@RULES.register(
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_,
+    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or,
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.le.Tensor,
+    aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar, aten.__and__.Tensor,
+    aten.__or__.Tensor, aten.logical_and.default, aten.logical_or.default, aten.bitwise_and.Tensor,
+    aten.bitwise_or.Tensor, aten.bitwise_not.default, aten.logical_not.default,
+)
+def comparison(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Comparisons and logic (attention-mask arithmetic): elementwise, so broadcast like ``add``."""
+    return broadcast_into(ctx, ctx.shape(node), list(node.args[:2]), ctx.where(node))
+
+
+@RULES.register(torch.where, aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, ".masked_fill")
+def select_elementwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``where(cond, a, b)`` / ``masked_fill(x, mask, v)``: elementwise over all tensor operands."""
+    return broadcast_into(ctx, ctx.shape(node), list(node.args[:3]), ctx.where(node))
+
+
+@RULES.register(torch.rsqrt, ".rsqrt", aten.rsqrt.default, torch.reciprocal, aten.reciprocal.default, torch.log,
+                aten.log.default)
+def channelwise_unbounded(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Channel-wise but infinite at 0 (``rsqrt``, ``log``): channels pass through and are frozen.
+
+    A removed channel would turn into inf and leak through ``0 * inf = nan``.
+    """
+    channels = same_shape_passthrough(ctx, node, node.args[0])
+    ctx.freeze_all(channels, f"infinite at zero in {ctx.where(node)}")
+    return channels
+
+
+@RULES.register(torch.cumsum, ".cumsum", aten.cumsum.default)
+def cumulative(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``cumsum`` along ``dim`` mixes that dim's indices (frozen); the others pass through."""
+    channels = same_shape_passthrough(ctx, node, node.args[0])
+    ctx.space.freeze(channels[norm_dim(arg(node, 1, "dim"), len(channels))], f"accumulated over by {ctx.where(node)}")
+    return channels
+
+
+@RULES.register(aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default,
+                torch.ones_like, torch.zeros_like, torch.full_like, aten.ones_like.default, aten.zeros_like.default,
+                aten.full_like.default, ".new_ones", ".new_zeros")
+def created_like(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """A tensor made from constants that only borrows dtype/device (or shape) from its input: no channels."""
+    return ctx.fresh_frozen(ctx.shape(node), f"made from constants by {ctx.where(node)}")
+
+
 @RULES.register(operator.truediv, torch.div, ".div", aten.div.Tensor, aten.div.Scalar)
 def divide(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """Like ``elementwise``, but the divisor is frozen: a masked (zero) divisor channel would give inf/nan."""
@@ -535,6 +582,74 @@ def attention(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     if mask is not None:
         ctx.freeze_all(mask, f"attention mask of {where}")
     return tuple(q[:-1]) + (v[-1],)
+
+
+def _shrink_multihead_attention(ctx: ShrinkContext, node: fx.Node) -> None:
+    """Swap the (already sliced) module for a ``HeadPrunedMultiheadAttention`` that accepts any head count."""
+    from fxcompress.masks import remove_masks
+    from fxcompress.modules import HeadPrunedMultiheadAttention
+
+    module = ctx.module(node)
+    if isinstance(module, HeadPrunedMultiheadAttention):
+        module.num_heads = module.in_proj_weight.shape[0] // 3 // module.head_dim
+        return
+    remove_masks(module)
+    owner, _, name = node.target.rpartition(".")
+    parent = ctx.gm.get_submodule(owner) if owner else ctx.gm
+    setattr(parent, name, HeadPrunedMultiheadAttention.from_module(module).train(module.training))
+
+
+def _mha_supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+    return True
+
+
+@RULES.register(nn.MultiheadAttention, "fxcompress.modules.HeadPrunedMultiheadAttention",
+                shrink=_shrink_multihead_attention)
+def multihead_attention(ctx: AnalyzeContext, node: fx.Node) -> Multi:
+    """Multi-head attention as one module: heads are channels.
+
+    ``in_proj_weight`` rows are ``(q|k|v, head, head_dim)``: removing head
+    ``h`` removes its rows in all three and its ``head_dim`` columns of
+    ``out_proj``. The embedding width read by ``in_proj`` and written by
+    ``out_proj`` follows the usual consumer/producer rules; masks and the
+    sequence dims are frozen. Shrinking swaps in
+    :class:`fxcompress.modules.HeadPrunedMultiheadAttention`, since
+    ``nn.MultiheadAttention`` cannot have fewer heads than its width implies.
+    """
+    module = ctx.module(node)
+    if not _mha_supported(module) or node.kwargs.get("need_weights", True) and len(node.users) and any(
+        u.args[1] != 0 for u in node.users if u.target is operator.getitem
+    ):
+        raise Opaque("separate q/k/v weights, bias_k or attention weights used")
+    query, key, value = (ctx.tensor_channels(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    where = ctx.where(node)
+    for name, index in (("key_padding_mask", 3), ("attn_mask", 5)):
+        ctx.freeze_all(ctx.channels(arg(node, index, name)), f"mask of {where}")
+    embed = query[-1]
+    for other in (key, value):
+        ctx.space.couple(other[-1], embed)
+        for ids in other[:-1]:
+            ctx.space.freeze(ids, f"key/value sequence of {where}")
+    heads = ctx.space.fresh(module.num_heads)
+    rows = np.tile(np.repeat(heads, module.head_dim), 3)
+    target = node.target
+    ctx.space.add_slice(target, "in_proj_weight", 0, rows, Role.PRODUCER)
+    ctx.space.add_slice(target, "in_proj_weight", 1, embed, Role.CONSUMER)
+    if module.in_proj_bias is not None:
+        ctx.space.add_slice(target, "in_proj_bias", 0, rows, Role.PRODUCER)
+    out_ids = ctx.space.fresh(module.out_proj.weight.shape[0])
+    ctx.space.add_slice(f"{target}.out_proj", "weight", 1, np.repeat(heads, module.head_dim), Role.CONSUMER)
+    ctx.space.add_slice(f"{target}.out_proj", "weight", 0, out_ids, Role.PRODUCER)
+    if module.out_proj.bias is not None:
+        ctx.space.add_slice(f"{target}.out_proj", "bias", 0, out_ids, Role.PRODUCER)
+    weights = node.meta[meta.TENSOR_META][1]
+    return Multi([tuple(query[:-1]) + (out_ids,), _fresh_weights(ctx, weights, where)])
+
+
+def _fresh_weights(ctx: AnalyzeContext, weights, where: str):
+    return None if weights is None else ctx.fresh_frozen(weights.shape, f"attention weights of {where}")
 
 
 # ---------------------------------------------------------------------------- spatial ops

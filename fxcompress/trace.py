@@ -165,7 +165,8 @@ def trace(model: nn.Module, example_inputs, frontend: str = "auto") -> fx.GraphM
     else:
         gm = _trace_graph(model, example_inputs, frontend)
     gm.meta[meta.EXAMPLE_INPUTS] = example_inputs
-    gm.meta[meta.MODULE_TYPES] = {path: type(m) for path, m in model.named_modules()}
+    if meta.MODULE_TYPES not in gm.meta:  # a GraphModule we traced before keeps the types it had
+        gm.meta[meta.MODULE_TYPES] = {path: type(m) for path, m in model.named_modules()}
     return gm
 
 

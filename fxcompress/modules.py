@@ -1,0 +1,105 @@
+"""Modules that shrinking produces when a ``torch.nn`` module cannot express the smaller shape."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["HeadPrunedMultiheadAttention"]
+
+
+class HeadPrunedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` after head pruning: ``num_heads * head_dim`` may differ from ``embed_dim``.
+
+    ``nn.MultiheadAttention`` ties the attention width to the embedding width,
+    so it cannot lose heads. This module keeps its call signature, its
+    parameter names (``in_proj_weight``, ``in_proj_bias``, ``out_proj``) and
+    its results, with any number of heads.
+
+    >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    >>> small = HeadPrunedMultiheadAttention.from_module(mha)
+    >>> x = torch.randn(1, 5, 8)
+    >>> torch.allclose(small(x, x, x)[0], mha(x, x, x)[0], atol=1e-6)
+    True
+    """
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, head_dim: int, out_dim: int | None = None, bias: bool = True,
+        dropout: float = 0.0, batch_first: bool = False,
+    ) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        inner = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
+        self.out_proj = nn.Linear(inner, out_dim or embed_dim, bias=bias)
+
+    @classmethod
+    def from_module(cls, mha: nn.Module) -> HeadPrunedMultiheadAttention:
+        """A copy of ``mha`` (an ``nn.MultiheadAttention`` or one of these) sized from its parameters."""
+        weight = mha.in_proj_weight
+        inner = weight.shape[0] // 3
+        num_heads = inner // mha.head_dim if inner else 0
+        new = cls(weight.shape[1], num_heads, mha.head_dim, mha.out_proj.weight.shape[0],
+                  bias=mha.in_proj_bias is not None, dropout=mha.dropout, batch_first=mha.batch_first)
+        with torch.no_grad():
+            new.in_proj_weight.copy_(weight)
+            if new.in_proj_bias is not None:
+                new.in_proj_bias.copy_(mha.in_proj_bias)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if new.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        return new
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, L, H*D] -> [N, H, L, D]``."""
+        n, length, _ = x.shape
+        return x.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q, k, v = (self._heads(F.linear(t, w, b)) for t, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
+        mask = _merge_masks(attn_mask, key_padding_mask, q)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / (self.head_dim ** 0.5)
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+            weights = F.dropout(scores.softmax(-1), dropout, self.training)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=is_causal and mask is None)
+            weights = None
+        n, _, length, _ = out.shape
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, self.num_heads * self.head_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return out, weights
+
+
+def _merge_masks(attn_mask, key_padding_mask, q: torch.Tensor):
+    """One additive float mask from ``nn.MultiheadAttention``'s boolean or float masks."""
+    def additive(mask):
+        if mask is None or mask.dtype != torch.bool:
+            return mask
+        return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+
+    attn_mask, key_padding_mask = additive(attn_mask), additive(key_padding_mask)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask[:, None, None, :]
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.view(q.shape[0], -1, *attn_mask.shape[-2:])
+    if attn_mask is None:
+        return key_padding_mask
+    return attn_mask if key_padding_mask is None else attn_mask + key_padding_mask
