@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from torch import fx, nn
@@ -38,6 +39,7 @@ def compile(
     rtol: float = 1e-4,
     hooks: Sequence[Hook] = (),
     frontend: str = "auto",
+    trace_passes: str | os.PathLike | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` and run ``passes`` on it; return a new ``GraphModule``.
 
@@ -47,6 +49,8 @@ def compile(
     preserve the model's outputs (``shrink``, ``analyze-groups``) is checked on
     ``example_inputs`` to within ``rtol`` of the output's largest magnitude.
     ``frontend`` picks how the model is captured (see :func:`fxcompress.trace`).
+    ``trace_passes=dir`` writes the graph (text and picture) after every pass
+    and a table of per-pass timings into ``dir``.
     """
     import fxcompress.passes  # noqa: F401  (registers the passes by name)
 
@@ -57,6 +61,10 @@ def compile(
             raise ConfigError(f"passes must be fxcompress passes, got {p!r}")
     gm = trace(model, example_inputs, frontend=frontend)
     all_hooks = list(hooks)
+    if trace_passes is not None:
+        from fxcompress.viz import DumpPasses
+
+        all_hooks.append(DumpPasses(trace_passes))
     if verify:
         from fxcompress.meta import EXAMPLE_INPUTS
 

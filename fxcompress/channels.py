@@ -95,6 +95,72 @@ class _Reshape:
         return np.broadcast_to(self.pieces[k].reshape(shape), self.grid).ravel()
 
 
+class _CarrierState:
+    """Union-find over the components of a first solve, with frozen and chosen flags per root."""
+
+    def __init__(self, first: Solution) -> None:
+        self.labels = first.labels
+        self.parent = np.arange(first.num_components)
+        self.dead = first.frozen.copy()
+        self.chosen = np.zeros_like(self.dead)
+
+    def find(self, c: int) -> int:
+        parent = self.parent
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    def roots(self, ids: Ids) -> np.ndarray:
+        comps = self.labels[ids]
+        unique, inverse = np.unique(comps, return_inverse=True)
+        return np.array([self.find(c) for c in unique])[inverse]
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[b] = a
+            self.dead[a] |= self.dead[b]
+            self.chosen[a] |= self.chosen[b]
+
+    def alive(self, reshape: _Reshape) -> list[int]:
+        return [k for k, p in enumerate(reshape.pieces) if not self.dead[self.roots(p)].all()]
+
+    def matches_structure(self, reshape: _Reshape, k: int) -> bool:
+        """Whether the big dim's components vary along piece ``k``'s axis only (and do vary)."""
+        grid = self.roots(reshape.big).reshape(reshape.grid)
+        for axis in range(len(reshape.grid)):
+            constant = bool((grid == grid.take([0], axis=axis)).all())
+            if constant == (axis == k):
+                return False
+        return True
+
+    def certain_carrier(self, reshape: _Reshape) -> int | None:
+        alive = self.alive(reshape)
+        if len(alive) <= 1:
+            return alive[0] if alive else self.largest_alive(reshape)
+        for k in alive:
+            if self.matches_structure(reshape, k):
+                return k
+        marked = [k for k in alive if self.chosen[self.roots(reshape.pieces[k])].any()]
+        return marked[0] if marked else None
+
+    def largest_alive(self, reshape: _Reshape) -> int:
+        alive = self.alive(reshape) or list(range(len(reshape.pieces)))
+        return max(alive, key=lambda k: (len(reshape.pieces[k]), -k))
+
+    def record(self, reshape: _Reshape, carrier: int) -> None:
+        for k, piece in enumerate(reshape.pieces):
+            roots = np.unique(self.roots(piece))
+            if k == carrier:
+                self.chosen[roots] = True
+            else:
+                self.dead[roots] = True
+        pairs = np.unique(np.stack([self.labels[reshape.big], self.labels[reshape.spread(carrier)]]), axis=1)
+        for a, b in pairs.T:
+            self.union(int(a), int(b))
+
+
 class ChannelSpace:
     """Allocates channel ids and records couplings, freezes and parameter slices."""
 
@@ -167,38 +233,37 @@ class ChannelSpace:
         return self._components()
 
     def _decide_carriers(self, first: Solution) -> None:
-        """Pick each reshape's carrier piece: forced choices first, then by coupling, then the largest."""
-        dead = first.frozen.copy()
-        chosen = np.zeros_like(dead)
+        """Pick each reshape's carrier piece, most certain choices first.
 
-        def candidates(reshape: _Reshape) -> tuple[list[int], list[int]]:
-            alive = [k for k, p in enumerate(reshape.pieces) if not dead[first.labels[p]].all()]
-            return alive, [k for k in alive if chosen[first.labels[reshape.pieces[k]]].any()]
-
-        def decide(reshape: _Reshape, carrier: int) -> None:
-            chosen[first.labels[reshape.pieces[carrier]]] = True
-            for k, piece in enumerate(reshape.pieces):
-                if k != carrier:
-                    dead[first.labels[piece]] = True
-                    self.freeze(piece, f"reshaped into another dim by {reshape.where}")
-            self.couple(reshape.big, reshape.spread(carrier))
-
-        def largest(reshape: _Reshape, among: list[int]) -> int:
-            return max(among or range(len(reshape.pieces)), key=lambda k: (len(reshape.pieces[k]), -k))
-
+        Works on the components of a first solve, merged (union-find) as
+        decisions couple them. A reshape is decided when exactly one piece is
+        still alive (the others are frozen), or when one alive piece matches
+        the structure its big dim already has (a split that undoes an earlier
+        merge), or when one is coupled to a piece chosen before; only when
+        none of that applies does the first pending reshape take its largest
+        piece.
+        """
+        state = _CarrierState(first)
         undecided = list(self._reshapes)
         while undecided:
             progress = False
             for reshape in list(undecided):
-                alive, marked = candidates(reshape)
-                if len(alive) > 1 and not marked:
+                carrier = state.certain_carrier(reshape)
+                if carrier is None:
                     continue
-                decide(reshape, marked[0] if marked else largest(reshape, alive))
+                self._apply_carrier(state, reshape, carrier)
                 undecided.remove(reshape)
                 progress = True
-            if not progress:  # only ambiguous ones left: the first in graph order takes its largest piece
+            if not progress:
                 reshape = undecided.pop(0)
-                decide(reshape, largest(reshape, candidates(reshape)[0]))
+                self._apply_carrier(state, reshape, state.largest_alive(reshape))
+
+    def _apply_carrier(self, state: _CarrierState, reshape: _Reshape, carrier: int) -> None:
+        for k, piece in enumerate(reshape.pieces):
+            if k != carrier:
+                self.freeze(piece, f"reshaped into another dim by {reshape.where}")
+        self.couple(reshape.big, reshape.spread(carrier))
+        state.record(reshape, carrier)
 
     def _components(self) -> Solution:
         """Connected components of the coupling graph, with frozen flags and reasons."""

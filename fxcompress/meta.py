@@ -13,6 +13,8 @@ __all__ = [
     "ANALYSIS",
     "PASS_HISTORY",
     "MODULE_TYPES",
+    "VALUE",
+    "PASS_SECONDS",
 ]
 
 #: Written by ``torch.fx.passes.shape_prop.ShapeProp``: shape and dtype of the node's output.
@@ -36,3 +38,10 @@ PASS_HISTORY = "fxcompress.pass_history"
 #: Exported graphs keep parameters under the original paths but not the module
 #: types, which layer selection (``op_types``) needs.
 MODULE_TYPES = "fxcompress.module_types"
+
+#: On a node returning a Python number or a tuple of them (``x.shape[-1] // 2``):
+#: its value on the example inputs, recorded during shape propagation.
+VALUE = "fxcompress.value"
+
+#: On the module: ``[(pass name, seconds), ...]``, the wall time of each pass itself (hooks excluded).
+PASS_SECONDS = "fxcompress.pass_seconds"

@@ -27,7 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxcompress import meta
 from fxcompress.analysis import invalidate_analysis
 from fxcompress.errors import ConfigError, PipelineError, VerificationError
-from fxcompress.trace import inference_mode
+from fxcompress.trace import inference_mode, normalize_example_inputs
 
 __all__ = [
     "Pass",
@@ -152,6 +152,9 @@ class VerifyOutputs:
     #: pass name -> largest output error it caused, relative to the output's scale
     errors: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.example_inputs = normalize_example_inputs(self.example_inputs)
+
     def __call__(self, previous, gm: fx.GraphModule, next_pass) -> None:
         outputs = _outputs(gm, self.example_inputs)
         if previous is not None and getattr(previous, "preserves_outputs", False) and self.reference is not None:
@@ -176,17 +179,15 @@ class VerifyOutputs:
 
 @dataclasses.dataclass
 class TimePasses:
-    """Hook: wall-clock seconds spent in each pass, in ``self.seconds``."""
+    """Hook: wall-clock seconds spent in each pass itself (other hooks excluded), in ``self.seconds``."""
 
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    _start: float = dataclasses.field(default_factory=time.perf_counter)
 
     def __call__(self, previous, gm: fx.GraphModule, next_pass) -> None:
-        now = time.perf_counter()
-        if previous is not None:
-            key = previous.name
-            self.seconds[key] = self.seconds.get(key, 0.0) + now - self._start
-        self._start = time.perf_counter()
+        if previous is None:
+            return
+        name, seconds = gm.meta[meta.PASS_SECONDS][-1]
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
 def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], hooks: Sequence[Hook] = ()) -> fx.GraphModule:
@@ -197,10 +198,12 @@ def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], hooks: Sequence[Hoo
             hook(previous, gm, next_pass)
         if next_pass is None:
             break
+        start = time.perf_counter()
         result = next_pass(gm)
         gm = result.graph_module
         if result.modified:
             gm.graph.lint()
             gm.recompile()
+        gm.meta.setdefault(meta.PASS_SECONDS, []).append((next_pass.name, time.perf_counter() - start))
         previous = next_pass
     return gm

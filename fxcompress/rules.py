@@ -24,6 +24,7 @@ function looked up by qualified name (so optional packages need not be imported)
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -712,8 +713,63 @@ def _factor_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]] | N
     return groups if i == len(ins) and j == len(outs) else None
 
 
+def _is_size_query(size) -> bool:
+    """``t.size(d)``, ``t.size()[d]`` or ``t.shape[d]``: a size read from a tensor, right after shrinking too."""
+    if not isinstance(size, fx.Node):
+        return False
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        return True
+    if size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[0], fx.Node):
+        source = size.args[0]
+        return (source.op == "call_method" and source.target == "size" and len(source.args) == 1) or (
+            source.op == "call_function" and source.target is builtins.getattr and source.args[1] == "shape"
+        )
+    return False
+
+
+def _queried_dim(size: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(tensor, dim)`` for a size query node, else None."""
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        return size.args[0], size.args[1]
+    source = size.args[0] if size.args else None
+    if _is_size_query(size) and isinstance(source, fx.Node):
+        return source.args[0], size.args[1]
+    return None
+
+
+def _reads_shrunk_size(ctx: ShrinkContext, size: fx.Node) -> bool:
+    """Whether a size computed in the graph (``c // groups``) reads the size of a dim that shrinks."""
+    stack, seen = [size], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        queried = _queried_dim(node)
+        if queried is not None:
+            tensor, dim = queried
+            channels = tensor.meta.get(meta.CHANNELS)
+            if channels is None or isinstance(channels, Multi):
+                return True
+            ids = channels[norm_dim(dim, len(channels))]
+            if ctx.new_size(ids) != len(ids):
+                return True
+            continue
+        if node.op == "placeholder" or node.meta.get(meta.TENSOR_META) is not None:
+            return True  # reads a tensor some other way: assume the worst
+        stack.extend(node.all_input_nodes)
+    return False
+
+
 def _shrink_shape_args(ctx: ShrinkContext, node: fx.Node) -> None:
-    """Rewrite integer sizes in ``view``/``reshape``/``expand`` to the shrunk output shape."""
+    """Rewrite sizes in ``view``/``reshape``/``expand`` to the shrunk output shape.
+
+    Literals become the new size of their dim when that dim shrank. Sizes
+    computed in the graph (``c // groups`` in a channel shuffle) become
+    literals when their dim shrank or when they read the size of a dim that
+    shrank (otherwise they stay, e.g. a batch size). ``-1`` and sizes read
+    straight from a tensor stay: they follow by themselves.
+    """
     channels = node.meta[meta.CHANNELS]
     first = 1
     packed = len(node.args) == first + 1 and isinstance(node.args[first], (tuple, list))
@@ -721,9 +777,59 @@ def _shrink_shape_args(ctx: ShrinkContext, node: fx.Node) -> None:
     if len(sizes) != len(channels):
         return
     for d, size in enumerate(sizes):
-        if isinstance(size, int) and size != -1:
-            sizes[d] = ctx.new_size(channels[d])
+        if size == -1 or _is_size_query(size) or not isinstance(size, (int, fx.Node)):
+            continue
+        new = ctx.new_size(channels[d])
+        if new != len(channels[d]) or isinstance(size, fx.Node) and _reads_shrunk_size(ctx, size):
+            sizes[d] = new
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+
+
+def _refinement(a: list[int], b: list[int]) -> list[int] | None:
+    """The coarsest sizes that both ``a`` and ``b`` are merges of, if any.
+
+    >>> _refinement([2, 32], [8, 8])
+    [2, 4, 8]
+    """
+    cuts = sorted({math.prod(a[: i + 1]) for i in range(len(a))} | {math.prod(b[: i + 1]) for i in range(len(b))})
+    sizes, previous = [], 1
+    for cut in cuts:
+        if cut % previous:
+            return None
+        sizes.append(cut // previous)
+        previous = cut
+    return sizes
+
+
+def _regroup(ctx, channels, out, gi, gj, in_shape, out_shape, where) -> None:
+    """Several dims to several others (``[B, H*D] -> [B*H, D]``): split each side into the common
+    refinement (``[B, H, D]``) and let carriers decide, as for plain splits and merges."""
+    sizes = _refinement([in_shape[i] for i in gi], [out_shape[j] for j in gj])
+    if sizes is None:
+        for i in gi:
+            ctx.space.freeze(channels[i], f"regrouped by {where}")
+        for j in gj:
+            out[j] = ctx.space.fresh(out_shape[j], frozen=f"regrouped by {where}")
+        return
+    pieces = [ctx.space.fresh(n) for n in sizes]
+
+    def attach(dims, shape, ids_of):
+        k = 0
+        for d in dims:
+            start, product = k, 1
+            while product < shape[d]:
+                product *= sizes[k]
+                k += 1
+            own = pieces[start:k]
+            if len(own) == 1:
+                ctx.space.couple(ids_of(d), own[0])
+            else:
+                ctx.space.reshape(ids_of(d), sizes[start:k], own, where)
+
+    attach(gi, in_shape, lambda i: channels[i])
+    for j in gj:
+        out[j] = ctx.space.fresh(out_shape[j])
+    attach(gj, out_shape, lambda j: out[j])
 
 
 @RULES.register(".view", ".reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
@@ -732,9 +838,30 @@ def reshape_with_sizes(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return reshape(ctx, node)
 
 
+def _shrink_unflatten(ctx: ShrinkContext, node: fx.Node) -> None:
+    """Rewrite the sizes of ``unflatten(x, dim, sizes)`` (or ``nn.Unflatten``) to the shrunk output dims."""
+    channels = node.meta[meta.CHANNELS]
+    if node.op == "call_module":
+        module = ctx.module(node)
+        dim, sizes = module.dim, module.unflattened_size
+    else:
+        dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
+    first = norm_dim(dim, len(channels) - len(sizes) + 1)
+    new = [s if s == -1 else ctx.new_size(channels[first + k]) for k, s in enumerate(sizes)]
+    if node.op == "call_module":
+        module.unflattened_size = tuple(new)
+    else:
+        node.args = (node.args[0], dim, new)
+        node.kwargs = {}
+
+
+@RULES.register(nn.Unflatten, torch.unflatten, ".unflatten", aten.unflatten.int, shrink=_shrink_unflatten)
+def unflatten(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    return reshape(ctx, node)
+
+
 @RULES.register(torch.flatten, ".flatten", nn.Flatten, torch.squeeze, ".squeeze", torch.unsqueeze, ".unsqueeze",
-                nn.Unflatten, torch.unflatten, ".unflatten", aten.unsqueeze.default, aten.squeeze.dim,
-                aten.squeeze.dims, aten.flatten.using_ints)
+                aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.flatten.using_ints)
 def reshape(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """Reshapes, by matching input and output dims into groups of equal product.
 
@@ -771,10 +898,7 @@ def reshape(ctx: AnalyzeContext, node: fx.Node) -> Channels:
             out[gj[0]] = ctx.space.fresh(out_shape[gj[0]])
             ctx.space.reshape(out[gj[0]], [in_shape[i] for i in gi], [channels[i] for i in gi], where)
         else:
-            for i in gi:
-                ctx.space.freeze(channels[i], f"regrouped by {where}")
-            for j in gj:
-                out[j] = ctx.space.fresh(out_shape[j], frozen=f"regrouped by {where}")
+            _regroup(ctx, channels, out, gi, gj, in_shape, out_shape, where)
     for j, n in enumerate(out_shape):
         if out[j] is None:
             out[j] = ctx.space.fresh(n, frozen=f"size-1 dim made by {where}")
@@ -809,6 +933,18 @@ def transpose(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     channels = list(ctx.tensor_channels(node.args[0]))
     a, b = (norm_dim(d, len(channels)) for d in node.args[1:3])
     channels[a], channels[b] = channels[b], channels[a]
+    return tuple(channels)
+
+
+@RULES.register(torch.repeat_interleave, ".repeat_interleave", aten.repeat_interleave.self_int)
+def repeat_interleave(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``repeat_interleave(x, r, dim)``: output index ``i`` is input index ``i // r`` (GQA's key/value repeat)."""
+    channels = list(ctx.tensor_channels(node.args[0]))
+    repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+    if not isinstance(repeats, int) or dim is None:
+        raise Opaque("tensor repeats or flattening repeat_interleave")
+    dim = norm_dim(dim, len(channels))
+    channels[dim] = np.repeat(channels[dim], repeats)
     return tuple(channels)
 
 
@@ -880,6 +1016,21 @@ def _is_plain_slice(item) -> bool:
     )
 
 
+def _resolve_slice(item):
+    """A slice whose bounds are graph values (``x[..., x.shape[-1] // 2:]``) with their example values, or None."""
+    if not isinstance(item, slice):
+        return None
+    bounds = []
+    for bound in (item.start, item.stop, item.step):
+        if isinstance(bound, fx.Node):
+            bound = bound.meta.get(meta.VALUE)
+            if not isinstance(bound, int):
+                return None
+        bounds.append(bound)
+    resolved = slice(*bounds)
+    return resolved if _is_plain_slice(resolved) else None
+
+
 def _shrink_getitem(ctx: ShrinkContext, node: fx.Node) -> None:
     source, index = node.args
     channels = source.meta.get(meta.CHANNELS)
@@ -889,7 +1040,7 @@ def _shrink_getitem(ctx: ShrinkContext, node: fx.Node) -> None:
     for k, item in enumerate(items):
         if item is None:
             continue
-        if isinstance(item, slice) and item != slice(None):
+        if _is_plain_slice(item) and item != slice(None):
             start, stop, _ = item.indices(len(channels[d]))
             kept = ctx.kept(channels[d])
             new = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)))
@@ -923,6 +1074,10 @@ def getitem(ctx: AnalyzeContext, node: fx.Node):
             d += 1
         elif _is_plain_slice(item):
             out.append(channels[d][item])
+            d += 1
+        elif _resolve_slice(item) is not None:  # bounds computed in the graph cannot follow pruning: freeze
+            ctx.space.freeze(channels[d], f"sliced with computed bounds in {ctx.where(node)}")
+            out.append(channels[d][_resolve_slice(item)])
             d += 1
         else:
             raise Opaque("advanced indexing")

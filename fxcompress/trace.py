@@ -19,7 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxcompress import meta
 from fxcompress.errors import TraceError
 
-__all__ = ["trace", "normalize_example_inputs", "propagate_shapes", "describe_node", "FRONTENDS", "inference_mode", "module_type"]
+__all__ = ["trace", "normalize_example_inputs", "propagate_shapes", "describe_node", "FRONTENDS", "inference_mode", "module_type", "copy_model"]
 
 
 def normalize_example_inputs(example_inputs) -> tuple:
@@ -55,13 +55,25 @@ class _ShapeProp(ShapeProp):
 
     def run_node(self, n: fx.Node):
         try:
-            return super().run_node(n)
+            result = super().run_node(n)
+            if _is_python_scalar(result):
+                n.meta[meta.VALUE] = result
+            return result
         except TraceError:
             raise
         except Exception as exc:
+            cause = exc.__cause__ or exc  # ShapeProp wraps torch's own message
             raise TraceError(
                 f"running the model on example_inputs failed at {describe_node(self.module, n)}: "
-                f"{type(exc).__name__}: {exc}. Check that example_inputs match what forward() expects."
+                f"{type(cause).__name__}: {cause}. Check that example_inputs match what forward() expects."
+            ) from exc
+
+    def propagate(self, *args):
+        try:
+            return super().propagate(*args)
+        except TypeError as exc:  # binding the inputs to forward()'s arguments
+            raise TraceError(
+                f"example_inputs do not match forward(): {exc}. Pass one example per forward() argument."
             ) from exc
 
 
@@ -84,13 +96,41 @@ def inference_mode(gm: nn.Module):
             m.training = flag
 
 
+def _is_python_scalar(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_python_scalar(v) for v in value)
+    return isinstance(value, (int, float, bool)) and not isinstance(value, torch.Tensor)
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Annotate every node with ``meta[TENSOR_META]`` by running ``gm`` once in eval mode, without grad."""
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) > len(placeholders):
+        raise TraceError(
+            f"example_inputs has {len(example_inputs)} items but forward() takes {len(placeholders)} "
+            f"({', '.join(placeholders)}). Pass one example per forward() argument."
+        )
     with inference_mode(gm):
         _ShapeProp(gm).propagate(*example_inputs)
 
 
 FRONTENDS = ("auto", "fx", "export")
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on a masked model right after a training step.
+
+    ``torch.nn.utils.prune`` caches ``weight = weight_orig * weight_mask`` as a
+    plain attribute; after a forward with grad it is a non-leaf tensor, which
+    ``deepcopy`` refuses. The copy gets a detached value (recomputed before
+    every forward anyway); the original is not touched.
+    """
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
@@ -124,11 +164,11 @@ def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
 def _trace_graph(model: nn.Module, example_inputs: tuple, frontend: str) -> fx.GraphModule:
     """Run the chosen frontend; ``auto`` tries ``symbolic_trace`` first and falls back to ``torch.export``."""
     if frontend == "fx":
-        gm = _symbolic_trace(copy.deepcopy(model))
+        gm = _symbolic_trace(copy_model(model))
         propagate_shapes(gm, example_inputs)
         return gm
     if frontend == "export":
-        gm = _export(copy.deepcopy(model), example_inputs)
+        gm = _export(copy_model(model), example_inputs)
         propagate_shapes(gm, example_inputs)
         return gm
     try:
@@ -160,7 +200,7 @@ def trace(model: nn.Module, example_inputs, frontend: str = "auto") -> fx.GraphM
         raise TraceError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     example_inputs = normalize_example_inputs(example_inputs)
     if isinstance(model, fx.GraphModule):
-        gm = copy.deepcopy(model)
+        gm = copy_model(model)
         propagate_shapes(gm, example_inputs)
     else:
         gm = _trace_graph(model, example_inputs, frontend)

@@ -14,7 +14,7 @@ matplotlib) otherwise.
 >>> gm = fxcompress.trace(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
 >>> view = view_graph(gm, pruner=fxcompress.prune.L1Norm(0.5))
 >>> print(summary_table(view).splitlines()[3])
-    1  64 → 32     yes                     conv1, bn1, layer1.0.conv1, layer1.0.conv2 +15 more
+1        64 → 32     yes                  conv1, layer1.0.conv2, layer1.1.conv2, bn1 +6 more
 
 From the shell: ``python -m fxcompress.viz examples/resnet18.py --sparsity 0.5``
 (see ``python -m fxcompress viz --help``).
@@ -57,6 +57,8 @@ __all__ = [
     "summary_rows",
     "summary_table",
     "graphviz_available",
+    "to_dot",
+    "PALETTE",
     "render_svg",
     "render_png",
     "html_page",
@@ -127,8 +129,26 @@ class GraphView:
         return self.groups[gid]
 
 
+#: Fill colours of the first prunable groups, light enough for black labels: ColorBrewer's Set3
+#: and matplotlib's light tab20 shades, without greys (grey means frozen). Edges use darker shades.
+PALETTE = (
+    "#8dd3c7", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#bebada", "#fccde5", "#ffed6f", "#bc80bd",
+    "#ccebc5", "#ffffb3", "#ff9896", "#aec7e8", "#98df8a", "#ffbb78", "#c5b0d5", "#9edae5", "#c49c94",
+)
+
+
+def _darker(colour: str, factor: float = 0.62) -> str:
+    """The same hue, darker: edges in a group's colour that stay visible on white."""
+    r, g, b = (int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    h, lightness, sat = colorsys.rgb_to_hls(r, g, b)
+    r, g, b = colorsys.hls_to_rgb(h, lightness * factor, min(1.0, sat * 1.2))
+    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+
+
 def _colour(index: int) -> str:
-    """Distinct colours for any number of groups: golden-ratio hue steps, two lightness levels."""
+    """Distinct colours for any number of groups: the palette, then golden-ratio hue steps."""
+    if index < len(PALETTE):
+        return PALETTE[index]
     hue = (index * 0.618033988749895) % 1.0
     lightness = 0.62 if index % 2 == 0 else 0.74
     r, g, b = colorsys.hls_to_rgb(hue, lightness, 0.65)
@@ -365,7 +385,7 @@ def _cluster_of(node: NodeInfo) -> str | None:
 
 
 def _edge_colour(edge: EdgeInfo, view: GraphView) -> str:
-    colours = [view.group(g).colour for g in edge.groups[:3]]
+    colours = [_darker(view.group(g).colour) for g in edge.groups[:3]]
     return ":".join(colours) if colours else "#666666"
 
 
@@ -428,7 +448,7 @@ def _matplotlib_figure(view: GraphView, positions: dict[str, tuple[float, float]
     ax.set_axis_off()
     for edge in view.edges:
         (x0, y0), (x1, y1) = positions[edge.src], positions[edge.dst]
-        colour = view.group(edge.groups[0]).colour if edge.groups else "#666666"
+        colour = _darker(view.group(edge.groups[0]).colour) if edge.groups else "#666666"
         line = ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.2})
         line.set_gid("edge " + " ".join(f"g{g}" for g in edge.groups))
         label = _channels_text(edge.channels, edge.kept, view.pruned)
@@ -498,8 +518,18 @@ _HTML_SCRIPT = """
 (function () {
   const svg = document.querySelector('#canvas svg');
   if (!svg) return;
-  let box = svg.viewBox.baseVal;
+  const box = svg.viewBox.baseVal;
+  const full = [box.x, box.y, box.width, box.height];
   let start = null;
+  function fit(readable) {  // readable: fill the pane's width at most 1.2 px per point, from the top
+    const r = svg.getBoundingClientRect();
+    const s = readable ? Math.min(r.width / full[2], 1.2) : Math.min(r.width / full[2], r.height / full[3]);
+    box.width = r.width / s; box.height = r.height / s;
+    box.x = full[0] + (full[2] - box.width) / 2;
+    box.y = readable ? full[1] : full[1] + (full[3] - box.height) / 2;
+  }
+  fit(true);
+  svg.addEventListener('dblclick', function () { fit(false); });
   svg.addEventListener('wheel', function (e) {
     e.preventDefault();
     const k = e.deltaY > 0 ? 1.15 : 1 / 1.15;
@@ -565,7 +595,8 @@ def html_page(view: GraphView, svg: str) -> str:
         f'<div id="canvas">{_inline_svg(svg)}</div>'
         f"<aside><h1>{html.escape(view.title)}</h1>"
         f"<p>{len(view.nodes)} nodes, {len(view.groups)} groups, {prunable} prunable{note}. "
-        "Wheel to zoom, drag to pan, hover a row to highlight its group. Grey: frozen (never pruned).</p>"
+        "Wheel to zoom, drag to pan, double-click to see it all, hover a row to highlight its group. "
+        "Grey: frozen (never pruned); hover a box for its reason.</p>"
         f'<table class="legend"><tr><th>group</th><th>channels</th><th>status</th><th>members</th></tr>\n{rows}\n'
         f"</table></aside><script>{_HTML_SCRIPT}</script></body></html>\n"
     )

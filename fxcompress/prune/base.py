@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from fxcompress.modules import HeadPrunedMultiheadAttention
+from fxcompress.trace import module_type
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
 from fxcompress.errors import ConfigError
@@ -39,13 +41,18 @@ __all__ = [
     "PRUNERS",
     "make_pruner",
     "DEFAULT_OP_TYPES",
+    "ALL_LAYERS",
     "layer_selected",
     "register_pruner",
 ]
 
 DEFAULT_OP_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+    nn.MultiheadAttention, HeadPrunedMultiheadAttention,
 )
+
+#: Channel pruners select every layer by default: the analysis already knows which can lose channels.
+ALL_LAYERS: tuple[type[nn.Module], ...] = (nn.Module,)
 
 PRUNERS: dict[str, type] = {}
 
@@ -76,7 +83,7 @@ class Allocation(enum.Enum):
 
 def layer_selected(
     owner: str,
-    module: nn.Module,
+    module: nn.Module | type[nn.Module],
     op_types: tuple[type[nn.Module], ...],
     op_names: tuple[str, ...],
     exclude: tuple[str, ...],
@@ -86,7 +93,8 @@ def layer_selected(
     >>> layer_selected("fc", nn.Linear(2, 2), (nn.Linear,), (), ("fc*",))
     False
     """
-    if not isinstance(module, op_types):
+    cls = module if isinstance(module, type) else type(module)
+    if not issubclass(cls, op_types):
         return False
     if op_names and not any(fnmatch.fnmatchcase(owner, p) for p in op_names):
         return False
@@ -108,6 +116,8 @@ def normalize_selection(owner: object) -> None:
             object.__setattr__(owner, field, (value,))
         elif isinstance(value, list):
             object.__setattr__(owner, field, tuple(value))
+    if isinstance(owner.op_types, type):  # L1Norm(op_types=nn.Conv2d)
+        object.__setattr__(owner, "op_types", (owner.op_types,))
     if isinstance(owner.op_types, list):
         object.__setattr__(owner, "op_types", tuple(owner.op_types))
     bad = [t for t in owner.op_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
@@ -124,7 +134,9 @@ class ChannelPruner:
     channels with the lowest score is removed (``round_to`` keeps the number
     of surviving channels a multiple of N; at least one channel always stays).
 
-    Layer selection: ``op_types`` (module types of the producing layers),
+    Layer selection: ``op_types`` (module types of the producing layers; by
+    default every layer whose output channels the analysis can remove, e.g.
+    Hugging Face's ``Conv1D`` too),
     ``op_names`` (glob patterns of their module paths; all when empty),
     ``exclude`` (glob patterns whose layers keep all their output channels).
 
@@ -136,7 +148,7 @@ class ChannelPruner:
     """
 
     sparsity: float = 0.5
-    op_types: tuple[type[nn.Module], ...] = DEFAULT_OP_TYPES
+    op_types: tuple[type[nn.Module], ...] = ALL_LAYERS
     op_names: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     round_to: int = 1
@@ -179,7 +191,7 @@ class ChannelPruner:
         """Whether every layer producing the group's channels passes the layer selection."""
         for k in analysis.slices_of(group, Role.PRODUCER):
             owner, _ = split_target(analysis.slices[k].target)
-            if not layer_selected(owner, gm.get_submodule(owner), self.op_types, self.op_names, self.exclude):
+            if not layer_selected(owner, module_type(gm, owner), self.op_types, self.op_names, self.exclude):
                 return False
         return True
 

@@ -23,7 +23,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from fxcompress.errors import ConfigError
 from fxcompress.quant.observers import HistogramMSEObserver, MinMaxObserver, Observer
-from fxcompress.quant.quantizers import LSQ, BNN, DoReFa, FakeQuantize, LSQPlus, Quantizer
+from fxcompress.quant.quantizers import LSQ, BNN, DoReFa, STEQuantizer, LSQPlus, Quantizer
 from fxcompress.quant.scheme import INT8_WEIGHT, UINT8_ACTIVATION, QScheme
 
 __all__ = ["QuantSpec", "QConfig", "WEIGHTED_TYPES", "ALGORITHMS"]
@@ -38,7 +38,7 @@ WEIGHTED_TYPES: dict[type[nn.Module], int] = {
 
 #: Algorithms by short name (for text pipelines and benchmark tables).
 ALGORITHMS: dict[str, type[Quantizer]] = {
-    "fake": FakeQuantize,
+    "fake": STEQuantizer,
     "lsq": LSQ,
     "lsq+": LSQPlus,
     "dorefa": DoReFa,
@@ -52,7 +52,7 @@ class QuantSpec:
 
     scheme: QScheme
     observer: Observer = dataclasses.field(default_factory=MinMaxObserver)
-    algorithm: type[Quantizer] = FakeQuantize
+    algorithm: type[Quantizer] = STEQuantizer
 
     def __post_init__(self) -> None:
         if not (isinstance(self.algorithm, type) and issubclass(self.algorithm, Quantizer)):
@@ -109,17 +109,17 @@ class QConfig:
     def int8(
         cls,
         weight_bits: int = 8,
-        algorithm: type[Quantizer] = FakeQuantize,
+        algorithm: type[Quantizer] = STEQuantizer,
         activation_observer: Observer | None = None,
         **selection,
     ) -> QConfig:
         """The ONNX Runtime-friendly default: per-channel symmetric int weights, per-tensor affine uint8 activations.
 
         ``algorithm`` applies to weights and activations alike, except that
-        DoReFa and BNN (weight algorithms) leave activations to ``FakeQuantize``.
+        DoReFa and BNN (weight algorithms) leave activations to ``STEQuantizer``.
         """
         weight_scheme = dataclasses.replace(INT8_WEIGHT, bits=weight_bits)
-        act_algorithm = algorithm if algorithm in (FakeQuantize, LSQ, LSQPlus) else FakeQuantize
+        act_algorithm = algorithm if algorithm in (STEQuantizer, LSQ, LSQPlus) else STEQuantizer
         return cls(
             weight=QuantSpec(weight_scheme, MinMaxObserver(), algorithm),
             activation=QuantSpec(UINT8_ACTIVATION, activation_observer or HistogramMSEObserver(), act_algorithm),

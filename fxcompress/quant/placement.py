@@ -38,7 +38,8 @@ class OpRole(enum.Enum):
 
 OP_ROLES: dict[object, OpRole] = {
     **{t: OpRole.QUANTIZED for t in WEIGHTED_TYPES},
-    operator.add: OpRole.QUANTIZED, torch.add: OpRole.QUANTIZED, ".add": OpRole.QUANTIZED,
+    operator.add: OpRole.QUANTIZED, operator.iadd: OpRole.QUANTIZED, torch.add: OpRole.QUANTIZED,
+    ".add": OpRole.QUANTIZED,
     operator.matmul: OpRole.QUANTIZED, torch.matmul: OpRole.QUANTIZED, ".matmul": OpRole.QUANTIZED,
     torch.bmm: OpRole.QUANTIZED, torch.cat: OpRole.QUANTIZED,
     nn.AdaptiveAvgPool2d: OpRole.QUANTIZED, nn.AvgPool2d: OpRole.QUANTIZED,

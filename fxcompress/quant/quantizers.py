@@ -13,13 +13,13 @@ and QuantizeLinear/DequantizeLinear pairs):
 - ``exportable``: whether the output is ``(clamp(round(x / scale) + zp) - zp) *
   scale`` for an 8-bit activation, i.e. expressible as one ONNX Q/DQ pair.
 
-Built in: :class:`FakeQuantize` (straight-through estimator; PTQ and QAT),
+Built in: :class:`STEQuantizer` (straight-through estimator; PTQ and QAT),
 :class:`LSQ` and :class:`LSQPlus` (learned step size, and learned offset),
 :class:`DoReFa` and :class:`BNN` (binary). Users write their own by
 subclassing :class:`Quantizer` and overriding ``quantize`` (and ``qparams``
 when the output grid is not the scheme's).
 
->>> q = FakeQuantize(QScheme(bits=8, signed=False, symmetric=False), MinMaxObserver())
+>>> q = STEQuantizer(QScheme(bits=8, signed=False, symmetric=False), MinMaxObserver())
 >>> q.observing = True; _ = q(torch.tensor([0.0, 2.55])); q.freeze()
 >>> q(torch.tensor([0.014, 1.0]))
 tensor([0.0100, 1.0000])
@@ -36,7 +36,7 @@ from fxcompress.errors import ConfigError, PipelineError
 from fxcompress.quant.observers import MinMaxObserver, Observer
 from fxcompress.quant.scheme import QScheme, broadcast_shape, fake_quantize
 
-__all__ = ["Quantizer", "FakeQuantize", "LSQ", "LSQPlus", "DoReFa", "BNN", "round_ste", "scale_grad"]
+__all__ = ["Quantizer", "STEQuantizer", "LSQ", "LSQPlus", "DoReFa", "BNN", "round_ste", "scale_grad"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
 
-class FakeQuantize(Quantizer):
+class STEQuantizer(Quantizer):
     """Round onto the scheme's grid with the straight-through estimator (PTQ, and QAT when trained).
 
     In training mode the observer keeps observing and the grid follows it

@@ -1,0 +1,70 @@
+"""Calibrate: run data through the model so that every quantizer's observer collects statistics.
+
+``data`` is a sequence of batches; a batch is one tensor (for a one-input
+model) or a tuple of ``forward`` arguments. Only quantizers that have not been
+calibrated yet observe, so running the pass again is a no-op; to recalibrate,
+insert fresh observers.
+
+>>> gm = fxcompress.compile(model, x, [InsertObservers(QConfig.int8()), Calibrate(tuple(train_x.split(256)))])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from fxcompress.errors import ConfigError
+from fxcompress.pipeline import Pass, register_pass
+from fxcompress.quant.quantizers import Quantizer
+
+__all__ = ["Calibrate", "quantizers"]
+
+
+def quantizers(gm: fx.GraphModule) -> list[Quantizer]:
+    """Every quantizer in the module (weight parametrizations included), each once."""
+    return [m for m in gm.modules() if isinstance(m, Quantizer)]
+
+
+def _as_args(batch) -> tuple:
+    return (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class Calibrate(Pass):
+    """Feed ``data`` (a sequence of batches) to every quantizer not yet calibrated, in eval mode, with a progress bar."""
+
+    data: Sequence = ()
+    progress: bool = True
+
+    name: ClassVar[str] = "calibrate"
+    requires: ClassVar[tuple[str, ...]] = ("insert-observers",)
+    preserves_outputs: ClassVar[bool] = True
+    keeps_analysis: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, torch.Tensor) or not len(self.data):
+            raise ConfigError("Calibrate needs a non-empty sequence of batches, e.g. tuple(images.split(256))")
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        fresh = [q for q in quantizers(gm) if not getattr(q, "calibrated", False)]
+        if not fresh:
+            return False
+        training = gm.training
+        gm.eval()
+        for q in fresh:
+            q.observing = True
+        try:
+            with torch.no_grad():
+                for batch in tqdm(self.data, desc="calibrate", disable=not self.progress, leave=False):
+                    gm(*_as_args(batch))
+        finally:
+            for q in fresh:
+                q.observing, q.calibrated = False, True
+            gm.train(training)
+        return True

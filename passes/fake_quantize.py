@@ -1,0 +1,81 @@
+"""FakeQuantize: fix every quantizer's grid from its statistics and turn rounding on (simulation, QAT).
+
+After this pass the ``GraphModule`` computes what the integer model will,
+in float: it can be evaluated (PTQ) or trained (QAT, LSQ, DoReFa, BNN: the
+quantizers carry straight-through or learned-step gradients). Weight
+quantizers observe the current weight here, so they need no calibration;
+activation quantizers must have been calibrated.
+
+>>> passes = [InsertObservers(QConfig.int8()), Calibrate(batches), FakeQuantize()]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import fx
+from torch.nn.utils import parametrize
+
+from fxcompress.errors import PipelineError
+from fxcompress.pipeline import Pass, register_pass
+from fxcompress.quant.quantizers import Quantizer
+
+__all__ = ["FakeQuantize"]
+
+
+def _weight_quantizers(gm: fx.GraphModule) -> list[tuple[str, Quantizer, torch.Tensor]]:
+    """``(layer path, quantizer, float weight)`` for every parametrized weight."""
+    found = []
+    for path, module in gm.named_modules():
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        plist = module.parametrizations.weight
+        for q in plist:
+            if isinstance(q, Quantizer):
+                found.append((path, q, plist.original))
+    return found
+
+
+def _activation_quantizers(gm: fx.GraphModule) -> list[tuple[str, Quantizer]]:
+    seen, found = set(), []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in seen:
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, Quantizer):
+            seen.add(node.target)
+            found.append((node.target, module))
+    return found
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class FakeQuantize(Pass):
+    """Freeze the grid of every quantizer not yet enabled; a second run finds none and changes nothing."""
+
+    name: ClassVar[str] = "fake-quantize"
+    requires: ClassVar[tuple[str, ...]] = ("insert-observers",)
+    preserves_outputs: ClassVar[bool] = False
+    keeps_analysis: ClassVar[bool] = True
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        modified = False
+        for path, q, weight in _weight_quantizers(gm):
+            if q.enabled:
+                continue
+            q.observer.update(weight.detach(), q.scheme.axis)
+            q.freeze()
+            modified = True
+        for target, q in _activation_quantizers(gm):
+            if q.enabled:
+                continue
+            if not q.observer.observed:
+                raise PipelineError(
+                    f"activation quantizer '{target}' has seen no data: run calibrate (with data that reaches it) "
+                    "before fake-quantize"
+                )
+            q.freeze()
+            modified = True
+        return modified

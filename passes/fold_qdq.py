@@ -1,0 +1,253 @@
+"""FoldQDQ: turn a fake-quantized graph into the standard QDQ form of a real integer model.
+
+- weights become stored integer tensors (int8, or int32 for biases) read
+  through one ``dequantize`` node, and the layer becomes its functional call;
+- every activation quantizer becomes a ``quantize -> dequantize`` pair whose
+  scale and zero point are buffers (shared call sites share the buffers);
+- identity-like ops disappear and back-to-back pairs with the same
+  parameters collapse into one.
+
+This is the form ONNX Runtime recognises (DequantizeLinear on every input of
+an op, QuantizeLinear on its output) and fuses into int8 kernels. Biases are
+stored as int32 on the grid ``input_scale * weight_scale``, as ONNX Runtime's
+int8 kernels require, which moves outputs by at most half that step per
+layer; this pass therefore does not claim to preserve outputs exactly.
+
+The rewrites are the table :data:`REWRITES`, applied in order, each to every
+node it matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from fxcompress import meta
+from fxcompress.errors import ConfigError
+from fxcompress.pipeline import Pass, register_pass
+from fxcompress.quant.ops import DEQUANTIZE, QUANTIZE
+from fxcompress.quant.quantizers import Quantizer
+from fxcompress.trace import describe_node, propagate_shapes
+
+__all__ = ["FoldQDQ", "Rewrite", "REWRITES", "LAYER_FUNCTIONS"]
+
+#: Layer type -> (functional op, the module attributes passed after input, weight, bias).
+LAYER_FUNCTIONS: dict[type[nn.Module], tuple[Callable, tuple[str, ...]]] = {
+    nn.Conv1d: (F.conv1d, ("stride", "padding", "dilation", "groups")),
+    nn.Conv2d: (F.conv2d, ("stride", "padding", "dilation", "groups")),
+    nn.Conv3d: (F.conv3d, ("stride", "padding", "dilation", "groups")),
+    nn.Linear: (F.linear, ()),
+}
+
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout)
+
+
+class QParams(nn.Module):
+    """The stored scale and zero point of one activation grid (what a frozen quantizer leaves behind)."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().reshape(()))
+        self.register_buffer("zero_point", zero_point.reshape(()))
+
+
+class QuantizedWeights(nn.Module):
+    """Integer weight and bias of one layer with their dequantization parameters, as buffers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """One (pattern, replacement) entry: ``match(gm, node)`` selects, ``apply(gm, node)`` rewrites."""
+
+    name: str
+    match: Callable[[fx.GraphModule, fx.Node], bool]
+    apply: Callable[[fx.GraphModule, fx.Node], None]
+
+
+# ---------------------------------------------------------------------------- identity ops
+
+
+def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and type(gm.get_submodule(node.target)) in _IDENTITY_MODULES
+
+
+def _drop(gm: fx.GraphModule, node: fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+
+
+# ---------------------------------------------------------------------------- activations
+
+
+def _is_activation_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (Quantizer, QParams))
+
+
+def _qparams_module(gm: fx.GraphModule, node: fx.Node) -> QParams:
+    """The stored grid of the quantizer ``node`` calls (replacing the quantizer on its first call site)."""
+    module = gm.get_submodule(node.target)
+    if isinstance(module, QParams):
+        return module
+    scheme = module.scheme
+    if not module.enabled or not module.exportable or scheme.bits != 8:
+        why = "is not enabled (run fake-quantize)" if not module.enabled else "is not an 8-bit affine rounding"
+        raise ConfigError(f"cannot fold the activation quantizer of {describe_node(gm, node)}: it {why}")
+    scale, zero_point = module.qparams()
+    stored = QParams(scale, zero_point.to(scheme.dtype))
+    gm.delete_submodule(node.target)
+    gm.add_submodule(node.target, stored)
+    return stored
+
+
+def _to_qdq(gm: fx.GraphModule, node: fx.Node) -> None:
+    _qparams_module(gm, node)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        scale, zero_point = graph.get_attr(f"{node.target}.scale"), graph.get_attr(f"{node.target}.zero_point")
+        q = graph.call_function(QUANTIZE, (node.args[0], scale, zero_point))
+        dq = graph.call_function(DEQUANTIZE, (q, scale, zero_point, 0))
+    node.replace_all_uses_with(dq)
+    graph.erase_node(node)
+
+
+def _is_requantize(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.target is not QUANTIZE:
+        return False
+    dq = node.args[0]
+    if not (isinstance(dq, fx.Node) and dq.target is DEQUANTIZE and dq.args[0].target is QUANTIZE):
+        return False
+    return [a.target for a in dq.args[1:3]] == [a.target for a in node.args[1:3]]
+
+
+def _collapse(gm: fx.GraphModule, node: fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0].args[0])
+    gm.graph.erase_node(node)
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def _is_quantized_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    kind = parametrize.type_before_parametrizations(module)
+    return kind in LAYER_FUNCTIONS and parametrize.is_parametrized(module, "weight")
+
+
+def _integers(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, dtype, where: str):
+    """The integers whose dequantization gives ``values``, checked to be exact and in ``dtype``'s range."""
+    shape = [1] * values.dim()
+    if scale.numel() > 1:
+        shape[axis] = -1
+    q = torch.round(values / scale.reshape(shape)) + zero_point.reshape(shape)
+    info = torch.iinfo(dtype)
+    if q.min() < info.min or q.max() > info.max:
+        raise ConfigError(f"{where}: the quantized weight does not fit {dtype}")
+    back = (q - zero_point.reshape(shape)) * scale.reshape(shape)
+    if not torch.allclose(back, values, rtol=1e-5, atol=1e-6 * float(values.abs().max() or 1.0)):
+        raise ConfigError(f"{where}: the weight quantizer's output is not on the grid its qparams() describe")
+    return q.to(dtype)
+
+
+def _input_scale(node: fx.Node) -> torch.Tensor | None:
+    """The per-tensor scale of the layer's input when it comes straight from a ``dequantize``."""
+    source = node.args[0]
+    if not (isinstance(source, fx.Node) and source.target is DEQUANTIZE):
+        return None
+    return source.args[1]
+
+
+def _pack_layer(gm: fx.GraphModule, node: fx.Node) -> QuantizedWeights:
+    module = gm.get_submodule(node.target)
+    quantizer = next(q for q in module.parametrizations.weight if isinstance(q, Quantizer))
+    if not quantizer.enabled:
+        raise ConfigError(f"cannot fold {describe_node(gm, node)}: its weight quantizer is not enabled (run fake-quantize)")
+    axis = quantizer.scheme.ch_axis
+    with torch.no_grad():
+        weight = module.weight.detach()
+        scale, zero_point = (t.detach() for t in quantizer.qparams())
+        packed = QuantizedWeights()
+        packed.register_buffer("weight", _integers(weight, scale, zero_point, axis, torch.int8, f"layer '{node.target}'"))
+        packed.register_buffer("weight_scale", scale.float().clone())
+        packed.register_buffer("weight_zero_point", zero_point.to(torch.int8).clone())
+        if module.bias is not None:
+            packed.register_buffer("bias_float", module.bias.detach().clone())
+    return packed
+
+
+def _pack_bias(gm: fx.GraphModule, packed: QuantizedWeights, input_scale: fx.Node) -> None:
+    """Store the bias as int32 on the grid ``input_scale * weight_scale`` (what int8 kernels accumulate in)."""
+    scale = (gm.get_submodule(input_scale.target.rpartition(".")[0]).scale * packed.weight_scale).reshape(-1)
+    bias = packed.bias_float
+    scale = scale.expand_as(bias).clone()
+    packed.register_buffer("bias", torch.round(bias / scale).clamp(-(2**31), 2**31 - 1).to(torch.int32))
+    packed.register_buffer("bias_scale", scale)
+    packed.register_buffer("bias_zero_point", torch.zeros_like(packed.bias))
+    del packed.bias_float
+
+
+def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> None:
+    module = gm.get_submodule(node.target)
+    function, attributes = LAYER_FUNCTIONS[parametrize.type_before_parametrizations(module)]
+    if getattr(module, "padding_mode", "zeros") != "zeros":
+        raise ConfigError(f"cannot fold {describe_node(gm, node)}: padding_mode {module.padding_mode!r} is not supported")
+    packed = _pack_layer(gm, node)
+    settings = tuple(getattr(module, a) for a in attributes)
+    input_scale = _input_scale(node)
+    target = node.target
+    gm.delete_submodule(target)
+    gm.add_submodule(target, packed)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        attr = lambda name: graph.get_attr(f"{target}.{name}")  # noqa: E731
+        axis = 0
+        weight = graph.call_function(DEQUANTIZE, (attr("weight"), attr("weight_scale"), attr("weight_zero_point"), axis))
+        bias = None
+        if hasattr(packed, "bias_float") and input_scale is not None:
+            _pack_bias(gm, packed, input_scale)
+            bias = graph.call_function(DEQUANTIZE, (attr("bias"), attr("bias_scale"), attr("bias_zero_point"), 0))
+        elif hasattr(packed, "bias_float"):
+            bias = attr("bias_float")
+        call = graph.call_function(function, (node.args[0], weight, bias, *settings))
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+
+
+#: The local rewrites, in the order they are applied.
+REWRITES: tuple[Rewrite, ...] = (
+    Rewrite("drop-identity", _is_identity, _drop),  # identity(x) / dropout(x) -> x
+    Rewrite("quantizer-to-qdq", _is_activation_quantizer, _to_qdq),  # fq(x) -> dq(q(x))
+    Rewrite("collapse-requantize", _is_requantize, _collapse),  # q(dq(q(x, s, z), s, z), s, z) -> q(x, s, z)
+    Rewrite("layer-to-integer", _is_quantized_layer, _functional_layer),  # conv(x; fq(w), b) -> conv(x, dq(w_i8), dq(b_i32))
+)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class FoldQDQ(Pass):
+    """Apply :data:`REWRITES`; a graph already in QDQ form matches none of them, so a second run is a no-op."""
+
+    name: ClassVar[str] = "fold-qdq"
+    requires: ClassVar[tuple[str, ...]] = ("fake-quantize",)
+    preserves_outputs: ClassVar[bool] = False
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        modified = False
+        for rewrite in REWRITES:
+            for node in list(gm.graph.nodes):
+                if not node._erased and rewrite.match(gm, node):
+                    rewrite.apply(gm, node)
+                    modified = True
+        if modified:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+            propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS])
+        return modified

@@ -1,0 +1,111 @@
+"""InsertObservers: attach quantizers (observing, not yet rounding) to weights and activations.
+
+Weights of the selected layers get a quantizer as a ``torch.nn.utils.parametrize``
+parametrization (``layer.weight`` reads through it, so QAT trains the float
+weight behind it). Activations get a quantizer module called right after the
+node that produces them, at the places :mod:`fxcompress.quant.placement`
+chooses. Quantizers start disabled and not observing, so the model's outputs
+are unchanged; ``calibrate`` then feeds them data and ``fake-quantize`` turns
+rounding on.
+
+>>> gm = fxcompress.compile(SmallCNN().eval(), x, [FoldBatchNorm(), InsertObservers(QConfig.int8())])
+>>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
+['x_aq', 'conv1', 'relu_aq', 'pool', 'relu_aq', 'conv2', ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from fxcompress import meta
+from fxcompress.errors import ConfigError
+from fxcompress.pipeline import Pass, register_pass
+from fxcompress.quant.config import WEIGHTED_TYPES, QConfig
+from fxcompress.quant.placement import plan_activations
+from fxcompress.trace import propagate_shapes
+
+__all__ = ["InsertObservers"]
+
+
+def _weighted_layers(gm: fx.GraphModule, config: QConfig) -> list[tuple[str, nn.Module]]:
+    """Selected layers called by the graph whose weight has no quantizer yet."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if parametrize.type_before_parametrizations(module) in WEIGHTED_TYPES and config.selects(node.target, module):
+            found[node.target] = module
+    return [(path, m) for path, m in found.items() if not parametrize.is_parametrized(m, "weight")]
+
+
+def _quantize_weight(path: str, module: nn.Module, config: QConfig) -> None:
+    if hasattr(module, "weight_orig"):
+        raise ConfigError(
+            f"layer '{path}' still carries a pruning mask; run shrink (or fxcompress.masks.remove_masks) "
+            "before insert-observers"
+        )
+    axis = WEIGHTED_TYPES[parametrize.type_before_parametrizations(module)]
+    parametrize.register_parametrization(module, "weight", config.weight.build(axis), unsafe=True)
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, k = base, 1
+    while hasattr(gm, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _insert_after(gm: fx.GraphModule, node: fx.Node, target: str, shared: bool) -> None:
+    """Route every user of ``node`` through a call of the quantizer at ``target``."""
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_module(target, (node,), {"observe": False} if shared else {})
+    node.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+
+
+def _quantize_activations(gm: fx.GraphModule, config: QConfig) -> bool:
+    plan = plan_activations(gm, config)
+    targets: dict[fx.Node, str] = {}
+    for node in plan.quantized:
+        owner = plan.shares.get(node)
+        if owner is not None and owner in targets:
+            _insert_after(gm, node, targets[owner], shared=True)
+            continue
+        target = targets[node] = _free_name(gm, f"{node.name}_aq")
+        gm.add_submodule(target, config.activation.build())
+        _insert_after(gm, node, target, shared=False)
+    return bool(plan.quantized)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class InsertObservers(Pass):
+    """Attach the quantizers ``config`` asks for; outputs stay unchanged until ``fake-quantize``.
+
+    A second run finds every selected tensor already quantized and changes nothing.
+    """
+
+    config: QConfig = dataclasses.field(default_factory=QConfig.int8)
+
+    name: ClassVar[str] = "insert-observers"
+    preserves_outputs: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, QConfig):
+            raise ConfigError(f"InsertObservers needs a fxcompress.quant.QConfig, got {type(self.config).__name__}")
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        layers = _weighted_layers(gm, self.config) if self.config.weight is not None else []
+        for path, module in layers:
+            _quantize_weight(path, module, self.config)
+        modified = bool(layers)
+        if self.config.activation is not None:
+            modified |= _quantize_activations(gm, self.config)
+        if modified:
+            gm.recompile()
+            propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS])
+        return modified

@@ -1,0 +1,33 @@
+"""FakeQuantize: grids frozen from statistics, simulation close to float, errors when uncalibrated."""
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.errors import PipelineError
+from fxcompress.passes.fake_quantize import FakeQuantize
+from fxcompress.passes.insert_observers import InsertObservers
+from quant_helpers import config, inputs, ptq, small_model
+
+
+def test_simulated_int8_is_close_to_float_and_second_run_is_a_no_op():
+    model = small_model()
+    gm = ptq(model)
+    x = inputs(32, 2)  # the calibration data
+    ref, out = model(x), gm(x)
+    assert not torch.equal(ref, out)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert FakeQuantize()(gm).modified is False
+
+
+def test_weights_are_rounded_onto_their_per_channel_grid():
+    gm = ptq()
+    q = gm.conv1.parametrizations.weight[0]
+    ints = gm.conv1.weight / q.scale.reshape(-1, 1, 1, 1)
+    assert torch.allclose(ints, ints.round(), atol=1e-4)
+    assert int(ints.abs().max()) <= 128
+
+
+def test_uncalibrated_activations_name_the_quantizer():
+    with pytest.raises(PipelineError, match="'x_aq' has seen no data: run calibrate"):
+        fxcompress.compile(small_model(), inputs(4), [InsertObservers(config()), FakeQuantize()])

