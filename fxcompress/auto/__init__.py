@@ -1,0 +1,1 @@
+"""Automatic compression: sensitivity analysis and budgeted search for per-group sparsity."""
