@@ -13,15 +13,18 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-from fxcompress import prune
+from fxcompress import prune, quant
 from fxcompress.errors import ConfigError, FxCompressError, PipelineError, TraceError, VerificationError
 from fxcompress.pipeline import Hook, Pass, VerifyOutputs, parse_pipeline, run_pipeline
+from fxcompress.export import to_onnx
 from fxcompress.trace import trace
 
 __all__ = [
     "compile",
     "trace",
     "prune",
+    "quant",
+    "to_onnx",
     "FxCompressError",
     "TraceError",
     "ConfigError",

@@ -30,7 +30,7 @@ from torch import fx
 from fxcompress import meta
 from fxcompress.errors import ConfigError, VerificationError
 from fxcompress.quant.ops import DEQUANTIZE, QUANTIZE, register_onnx_symbolics
-from fxcompress.trace import normalize_example_inputs
+from fxcompress.trace import inference_mode, normalize_example_inputs
 
 __all__ = ["to_onnx", "ExportResult", "is_quantized", "onnx_session", "DEFAULT_OPSET"]
 
@@ -74,17 +74,12 @@ def onnx_session(model: onnx.ModelProto | str, threads: int = 2):
 def _export(gm: fx.GraphModule, inputs: tuple, opset: int) -> onnx.ModelProto:
     register_onnx_symbolics()
     buffer = io.BytesIO()
-    training = gm.training
-    gm.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                gm, inputs, buffer, dynamo=False, opset_version=opset,
-                input_names=[f"input_{i}" for i in range(len(inputs))],
-            )
-    finally:
-        gm.train(training)
+    with inference_mode(gm), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            gm, inputs, buffer, dynamo=False, opset_version=opset,
+            input_names=[f"input_{i}" for i in range(len(inputs))],
+        )
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -92,8 +87,8 @@ def _max_error(model: onnx.ModelProto, gm: fx.GraphModule, inputs: tuple) -> flo
     session = onnx_session(model)
     feeds = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), inputs)}
     got = session.run(None, feeds)
-    with torch.no_grad():
-        expected, _ = torch.utils._pytree.tree_flatten(gm.eval()(*inputs))
+    with inference_mode(gm):
+        expected, _ = torch.utils._pytree.tree_flatten(gm(*inputs))
     worst = 0.0
     for a, b in zip(expected, got):
         a = a.detach().numpy()

@@ -227,19 +227,26 @@ def channelwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
 
 
 def broadcast_into(ctx: AnalyzeContext, out_shape, inputs: list, why: str) -> Channels:
-    """Couple the channels of broadcast-compatible ``inputs`` dimension by dimension.
+    """Couple the channels of broadcast-compatible ``inputs`` (nodes or scalars) dimension by dimension."""
+    operands = []
+    for source in inputs:
+        channels = ctx.channels(source)
+        if isinstance(channels, Multi):
+            raise Opaque("tuple operand")
+        if channels is not None:  # None: a Python scalar
+            operands.append(channels)
+    return broadcast_channels(ctx, out_shape, operands, why)
+
+
+def broadcast_channels(ctx: AnalyzeContext, out_shape, operands: list[Channels], why: str) -> Channels:
+    """The output channels of broadcasting ``operands`` to ``out_shape``.
 
     Dimensions align from the right. A size-1 dimension broadcast against a
     larger one is frozen (it cannot lose indices); equal-size ones are coupled.
     """
     out_ndim = len(out_shape)
     out: list = [None] * out_ndim
-    for source in inputs:
-        channels = ctx.channels(source)
-        if channels is None:  # a Python scalar
-            continue
-        if isinstance(channels, Multi):
-            raise Opaque("tuple operand")
+    for channels in operands:
         offset = out_ndim - len(channels)
         for i, ids in enumerate(channels):
             j = i + offset
@@ -1168,20 +1175,8 @@ def matmul(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     out_shape = ctx.shape(node)
     ctx.space.freeze(a[-1], f"contracted by {ctx.where(node)}")
     ctx.space.freeze(b[-2], f"contracted by {ctx.where(node)}")
-    batch = list(out_shape[:-2])
-    out = [None] * len(batch)
-    for operand in (a, b):
-        offset = len(batch) - (len(operand) - 2)
-        for i, ids in enumerate(operand[:-2]):
-            j = i + offset
-            if len(ids) != batch[j]:
-                ctx.space.freeze(ids, f"broadcast by {ctx.where(node)}")
-            elif out[j] is None:
-                out[j] = ids
-            else:
-                ctx.space.couple(out[j], ids)
-    out = [ids if ids is not None else ctx.space.fresh(n, frozen="broadcast") for ids, n in zip(out, batch)]
-    return tuple(out) + (a[-2], b[-1])
+    batch = broadcast_channels(ctx, out_shape[:-2], [a[:-2], b[:-2]], ctx.where(node))
+    return batch + (a[-2], b[-1])
 
 
 # ---------------------------------------------------------------------------- non-tensor values

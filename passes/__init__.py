@@ -1,13 +1,39 @@
 """The compiler passes, one per file. Each is also reachable by its kebab-case name in text pipelines."""
 
 from fxcompress.passes.analyze_groups import AnalyzeGroups
+from fxcompress.passes.calibrate import Calibrate
+from fxcompress.passes.channels_last import ChannelsLast
+from fxcompress.passes.fake_quantize import FakeQuantize
+from fxcompress.passes.fold_batch_norm import FoldBatchNorm
+from fxcompress.passes.fold_qdq import FoldQDQ
+from fxcompress.passes.fuse_conv_activation import FuseConvActivation
 from fxcompress.passes.insert_masks import InsertMasks
+from fxcompress.passes.insert_observers import InsertObservers
 from fxcompress.passes.propagate_channels import PropagateChannels
 from fxcompress.passes.shrink import Shrink
 
-__all__ = ["InsertMasks", "AnalyzeGroups", "PropagateChannels", "Shrink", "standard_pruning"]
+__all__ = [
+    "InsertMasks",
+    "AnalyzeGroups",
+    "PropagateChannels",
+    "Shrink",
+    "FoldBatchNorm",
+    "FuseConvActivation",
+    "ChannelsLast",
+    "InsertObservers",
+    "Calibrate",
+    "FakeQuantize",
+    "FoldQDQ",
+    "standard_pruning",
+    "standard_ptq",
+]
 
 
 def standard_pruning(pruner) -> list:
     """The standard structured-pruning pipeline: mask, analyse, propagate, shrink."""
     return [InsertMasks(pruner), AnalyzeGroups(), PropagateChannels(), Shrink()]
+
+
+def standard_ptq(config, calibration_data) -> list:
+    """Post-training int8: fold batch norm, observe, calibrate, fake-quantize, fold into QDQ form."""
+    return [FoldBatchNorm(), InsertObservers(config), Calibrate(calibration_data), FakeQuantize(), FoldQDQ()]

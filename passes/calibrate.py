@@ -18,6 +18,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
+from fxcompress.trace import inference_mode
 from fxcompress.errors import ConfigError
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.quant.quantizers import Quantizer
@@ -55,16 +56,13 @@ class Calibrate(Pass):
         fresh = [q for q in quantizers(gm) if not getattr(q, "calibrated", False)]
         if not fresh:
             return False
-        training = gm.training
-        gm.eval()
         for q in fresh:
             q.observing = True
         try:
-            with torch.no_grad():
+            with inference_mode(gm):
                 for batch in tqdm(self.data, desc="calibrate", disable=not self.progress, leave=False):
                     gm(*_as_args(batch))
         finally:
             for q in fresh:
                 q.observing, q.calibrated = False, True
-            gm.train(training)
         return True
