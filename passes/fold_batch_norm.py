@@ -149,7 +149,9 @@ def _warn(skipped: dict[str, list[str]]) -> None:
         return
     parts = []
     for reason, names in skipped.items():
-        shown = ", ".join(repr(n) for n in names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+        shown = ", ".join(repr(n) for n in names[:_SHOWN])
+        if len(names) > _SHOWN:
+            shown += f" and {len(names) - _SHOWN} more"
         parts.append(f"{len(names)} BatchNorm(s) {reason}: {shown}")
     warnings.warn("fold-batch-norm left BatchNorms in place: " + "; ".join(parts), FoldBatchNormWarning, stacklevel=4)
 

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 import torch.nn.utils.prune as torch_prune
 from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxcompress import meta
 from fxcompress.analysis import get_analysis
 from fxcompress.masks import current_masks, kept_components, split_target
 from fxcompress.pipeline import Pass, register_pass
-from fxcompress.rules import RULES, ShrinkContext
-from fxcompress.trace import propagate_shapes
+from fxcompress.rules import RULES, Multi, ShrinkContext
 
 __all__ = ["Shrink"]
 
@@ -78,5 +78,29 @@ class Shrink(Pass):
             if rule is not None and rule.shrink is not None:
                 rule.shrink(ctx, node)
         gm.recompile()
-        propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS])
+        _update_shapes(ctx, gm)
         return True
+
+
+def _shrunk_meta(ctx: ShrinkContext, tensor_meta, channels):
+    """``tensor_meta`` with every dim's size replaced by its number of kept channels."""
+    if isinstance(tensor_meta, TensorMetadata):
+        shape = torch.Size(ctx.new_shape(channels))
+        stride = tuple(int(s) for s in torch.empty(shape, device="meta").stride())
+        return tensor_meta._replace(shape=shape, stride=stride)
+    if isinstance(tensor_meta, (tuple, list)) and isinstance(channels, Multi):
+        return type(tensor_meta)(_shrunk_meta(ctx, t, c) for t, c in zip(tensor_meta, channels))
+    return tensor_meta
+
+
+def _update_shapes(ctx: ShrinkContext, gm: fx.GraphModule) -> None:
+    """New shapes without another forward pass: a dim's size is the number of its kept channel ids.
+
+    Python values recorded from the old shapes (``x.shape[-1] // 2``) are
+    dropped rather than guessed; the next analysis treats them as unknown.
+    """
+    for node in gm.graph.nodes:
+        node.meta.pop(meta.VALUE, None)
+        channels = node.meta.get(meta.CHANNELS)
+        if channels is not None:
+            node.meta[meta.TENSOR_META] = _shrunk_meta(ctx, node.meta.get(meta.TENSOR_META), channels)

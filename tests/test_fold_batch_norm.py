@@ -211,3 +211,14 @@ def test_grouped_transposed_conv_is_left_alone(helpers):
     model = trained_stats(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)), helpers)
     gm = fxcompress.trace(model, torch.randn(1, 4, 5, 5))
     assert not FoldBatchNorm()(gm).modified
+
+
+def test_affine_free_batchnorm_folds_and_statless_one_is_skipped(helpers):
+    affine_free = trained_stats(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False)), helpers)
+    gm = fxcompress.compile(affine_free, torch.randn(1, 3, 5, 5), [FoldBatchNorm()])
+    assert module_types(gm) == Counter(Conv2d=1)
+    helpers.outputs_agree(affine_free, gm, (torch.randn(2, 3, 5, 5),), rtol=1e-5)
+    statless = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    gm = fxcompress.trace(statless, torch.randn(2, 3, 5, 5))
+    with pytest.warns(FoldBatchNormWarning, match="without running statistics"):
+        assert not FoldBatchNorm()(gm).modified

@@ -333,3 +333,19 @@ def test_compile_accepts_a_text_pipeline():
 def test_malformed_pipeline_text(text):
     with pytest.raises(ConfigError):
         parse_pipeline(text)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "shufflenet_v2_x0_5"])
+def test_shrink_updates_shapes_without_a_forward_pass(name):
+    """Shrink derives every node's new shape from kept channel counts; a real forward must agree."""
+    torchvision = pytest.importorskip("torchvision")
+    from fxcompress.passes import standard_pruning
+    from fxcompress.trace import propagate_shapes
+
+    x = torch.randn(1, 3, 64, 64)
+    shrunk = fxcompress.compile(torchvision.models.get_model(name).eval(), x, standard_pruning(L1Norm(0.5)))
+    derived = {n.name: tuple(n.meta[meta.TENSOR_META].shape) for n in shrunk.graph.nodes
+               if hasattr(n.meta.get(meta.TENSOR_META), "shape")}
+    propagate_shapes(shrunk, (x,))
+    real = {n.name: tuple(n.meta[meta.TENSOR_META].shape) for n in shrunk.graph.nodes if n.name in derived}
+    assert derived == real

@@ -64,12 +64,22 @@ def group_norm_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, group: Grou
     Every parameter slice in the group (producer rows, consumer columns,
     norm weights) contributes the ``p``-norm of each of its channel's
     entries, divided by that slice's mean so that no single layer's scale
-    dominates; the contributions are averaged.
+    dominates; the contributions are averaged. Norms are reductions over the
+    other dims, so no weight is copied or transposed.
     """
     total = np.zeros(len(group))
     count = 0
-    for _, rows, local in slice_rows(gm, analysis, group, (Role.PRODUCER, Role.CONSUMER, Role.AFFINE)):
-        scores = _per_channel(rows.abs().pow(p).sum(1), local, len(group)) ** (1.0 / p)
+    for k in group.slices:
+        piece = analysis.slices[k]
+        if piece.role not in (Role.PRODUCER, Role.CONSUMER, Role.AFFINE):
+            continue
+        tensor = effective_tensor(gm, piece.target).float().abs()
+        if p != 1:
+            tensor = tensor.pow(p)
+        other = [d for d in range(tensor.dim()) if d != piece.dim]
+        per_index = tensor.sum(dim=other) if other else tensor
+        positions, local = analysis.positions(k, group)
+        scores = _per_channel(per_index[torch.from_numpy(positions)], local, len(group)) ** (1.0 / p)
         mean = scores.mean()
         if mean > 0:
             total += scores / mean

@@ -1,0 +1,290 @@
+"""Budgets and the cost models that predict a candidate's cost without building it.
+
+A search proposes per-group sparsities many times per trial (to land exactly
+on the budget), so cost must be predicted, not measured:
+
+- :class:`ShapeCost` predicts MACs or parameters from tensor shapes. Every
+  parameter tensor shrinks along each channel dimension by the kept fraction
+  of the groups there, and a layer's MACs scale with the size of its weight
+  (MACs of conv and linear layers are ``weight.numel() * output positions``).
+  Dense MACs per layer are measured once with ``fxcompress.report``. For
+  convolutional and linear networks the prediction is exact.
+- :class:`LatencyTable` is a lookup measured once on this machine: the
+  latency of the model with one group shrunk at a few sparsities; a
+  candidate's latency is the dense latency plus each group's interpolated
+  change. It ignores interactions between groups, so the search reports the
+  predicted and the measured latency of its result.
+
+>>> cost = ShapeCost.build(ws, BudgetMetric.MACS)
+>>> cost.dense, cost.predict(ws.kept_fractions({"conv2.weight[0]": 0.5}))
+(4241152.0, 2426624.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+from torch import nn
+
+from fxcompress.auto.workspace import Workspace
+from fxcompress.errors import ConfigError
+from fxcompress.report import count_macs, count_params, macs_by_module, measure_latencies
+
+__all__ = [
+    "BudgetMetric",
+    "Budget",
+    "CostModel",
+    "ShapeCost",
+    "LatencyTable",
+    "cost_model",
+    "measure_cost",
+    "fit_to_budget",
+]
+
+
+class BudgetMetric(enum.Enum):
+    """What a budget limits."""
+
+    MACS = "macs"  #: multiply-accumulates of one forward pass on the example inputs
+    PARAMS = "params"  #: parameter elements
+    LATENCY = "latency"  #: median forward latency on this machine, predicted by a :class:`LatencyTable`
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Make ``metric`` ``ratio`` times smaller than the dense model's (``Budget("macs", 3)``: 3x fewer MACs).
+
+    >>> Budget.parse("params=2.5")
+    Budget(metric=<BudgetMetric.PARAMS: 'params'>, ratio=2.5)
+    """
+
+    metric: BudgetMetric = BudgetMetric.MACS
+    ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metric, str):
+            try:
+                object.__setattr__(self, "metric", BudgetMetric(self.metric))
+            except ValueError:
+                known = ", ".join(m.value for m in BudgetMetric)
+                raise ConfigError(f"unknown budget metric {self.metric!r}; choose one of {known}") from None
+        if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
+            raise ConfigError(f"budget ratio must be a number above 1 (3 = three times smaller), got {self.ratio!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """``"macs=3"``, ``"params=2"`` or ``"latency=1.5"``."""
+        metric, sep, ratio = text.partition("=")
+        try:
+            value = float(ratio)
+        except ValueError:
+            value = None
+        if not sep or value is None:
+            raise ConfigError(f"budget {text!r} must look like METRIC=RATIO, e.g. macs=3")
+        return cls(metric.strip(), value)
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric.value, "ratio": self.ratio}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Budget:
+        return cls(data["metric"], float(data["ratio"]))
+
+
+class CostModel(Protocol):
+    """Predicts a cost from per-group kept fractions (``Workspace.kept_fractions``)."""
+
+    metric: BudgetMetric
+    dense: float
+
+    def predict(self, kept: Mapping[str, float]) -> float: ...
+
+
+# ---------------------------------------------------------------------------- MACs and parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dim:
+    """One channel dimension of a tensor: positions outside every searched group, and per group."""
+
+    fixed: int
+    per_group: tuple[tuple[str, int], ...]
+
+    def kept(self, kept: Mapping[str, float]) -> float:
+        return self.fixed + sum(count * kept.get(key, 1.0) for key, count in self.per_group)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Term:
+    """``coefficient * (size of the tensor once shrunk)``: one parameter tensor, or one layer's MACs."""
+
+    coefficient: float
+    fixed_size: int  #: product of the dimensions no group shrinks
+    dims: tuple[_Dim, ...]
+
+    def value(self, kept: Mapping[str, float]) -> float:
+        return self.coefficient * self.fixed_size * math.prod(d.kept(kept) for d in self.dims)
+
+
+def _channel_dims(ws: Workspace) -> dict[str, dict[int, _Dim]]:
+    """Per tensor (fully qualified name) and dimension: how its positions split over the searched groups."""
+    analysis = ws.analysis
+    key_of = {g.id: k for k, g in ws.groups.items()}
+    found: dict[str, dict[int, _Dim]] = {}
+    for piece in analysis.slices:
+        group_ids = analysis.group_of[analysis.labels[piece.ids]]
+        ids, counts = np.unique(group_ids, return_counts=True)
+        per_group = tuple((key_of[i], int(c)) for i, c in zip(ids.tolist(), counts.tolist()) if i in key_of)
+        fixed = len(piece.ids) - sum(c for _, c in per_group)
+        found.setdefault(piece.target, {})[piece.dim] = _Dim(fixed, per_group)
+    return found
+
+
+def _term(shape: Sequence[int], dims: Mapping[int, _Dim], coefficient: float) -> _Term:
+    fixed = math.prod(n for d, n in enumerate(shape) if d not in dims)
+    return _Term(coefficient, fixed, tuple(dims[d] for d in sorted(dims)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeCost:
+    """MACs or parameters predicted from shapes (see the module docstring); exact for conv/linear networks."""
+
+    metric: BudgetMetric
+    dense: float
+    constant: float  #: cost no group changes (parameters of frozen layers, MACs of weightless ops)
+    terms: tuple[_Term, ...]
+
+    @classmethod
+    def build(cls, ws: Workspace, metric: BudgetMetric) -> ShapeCost:
+        if metric is BudgetMetric.LATENCY:
+            raise ConfigError("ShapeCost predicts MACs or params; latency needs LatencyTable.measure(ws)")
+        dims = _channel_dims(ws)
+        if metric is BudgetMetric.PARAMS:
+            terms = [_term(p.shape, dims.get(name, {}), 1.0) for name, p in ws.gm.named_parameters()]
+            dense = float(count_params(ws.gm))
+        else:
+            terms, dense = cls._mac_terms(ws, dims), float(count_macs(ws.gm, ws.example_inputs))
+        covered = sum(t.value({}) for t in terms)
+        return cls(metric, dense, dense - covered, tuple(terms))
+
+    @staticmethod
+    def _mac_terms(ws: Workspace, dims: Mapping[str, Mapping[int, _Dim]]) -> list[_Term]:
+        """One term per leaf layer with MACs and a weight: its dense MACs, scaled by its weight's kept size."""
+        terms = []
+        for path, macs in macs_by_module(ws.gm, ws.example_inputs).items():
+            module = ws.gm.get_submodule(path) if path else ws.gm
+            weight = getattr(module, "weight", None)
+            if not path or not macs or next(module.children(), None) is not None or weight is None:
+                continue
+            name = f"{path}.weight"
+            terms.append(_term(weight.shape, dims.get(name, {}), macs / weight.numel()))
+        return terms
+
+    def predict(self, kept: Mapping[str, float]) -> float:
+        return self.constant + sum(t.value(kept) for t in self.terms)
+
+
+# ---------------------------------------------------------------------------- latency
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyTable:
+    """Per-group latency lookup, measured once on this machine (see the module docstring).
+
+    ``points[key]`` holds ``(kept fraction, milliseconds saved)`` pairs,
+    starting at ``(1.0, 0.0)``; predictions interpolate linearly between them.
+    """
+
+    dense: float  #: median latency of the dense model, ms
+    points: dict[str, tuple[tuple[float, float], ...]]
+    threads: int
+    metric: BudgetMetric = BudgetMetric.LATENCY
+
+    @classmethod
+    def measure(cls, ws: Workspace, sparsities: Sequence[float] = (0.25, 0.5, 0.75), runs: int = 20,
+                warmup: int = 3, threads: int | None = None, progress: bool = False) -> LatencyTable:
+        """Shrink each group alone at each sparsity and time every model, interleaved run by run."""
+        from tqdm.auto import tqdm
+
+        cells = [(k, s) for k in ws.keys for s in sparsities]
+        models = [ws.compile({k: s}) for k, s in tqdm(cells, desc="latency table", disable=not progress)]
+        timings = measure_latencies([ws.compile({}), *models], ws.example_inputs, runs=runs, warmup=warmup,
+                                    threads=threads)
+        dense = timings[0].median_ms
+        points: dict[str, list[tuple[float, float]]] = {k: [(1.0, 0.0)] for k in ws.keys}
+        for (key, s), latency in zip(cells, timings[1:]):
+            points[key].append((ws.kept_fractions({key: s})[key], dense - latency.median_ms))
+        return cls(dense, {k: tuple(sorted(set(v))) for k, v in points.items()}, timings[0].threads)
+
+    def predict(self, kept: Mapping[str, float]) -> float:
+        saved = 0.0
+        for key, pts in self.points.items():
+            xs, ys = zip(*pts)
+            saved += float(np.interp(kept.get(key, 1.0), xs, ys))
+        return self.dense - saved
+
+    def to_dict(self) -> dict:
+        return {"dense": self.dense, "threads": self.threads, "points": {k: [list(p) for p in v]
+                                                                           for k, v in self.points.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LatencyTable:
+        points = {k: tuple((float(a), float(b)) for a, b in v) for k, v in data["points"].items()}
+        return cls(float(data["dense"]), points, int(data["threads"]))
+
+
+def cost_model(ws: Workspace, metric: BudgetMetric, latency_table: LatencyTable | None = None) -> CostModel:
+    """The cost model for ``metric``: shapes for MACs/params, the given (or a freshly measured) latency table."""
+    if metric is not BudgetMetric.LATENCY:
+        return ShapeCost.build(ws, metric)
+    return latency_table if latency_table is not None else LatencyTable.measure(ws)
+
+
+def measure_cost(model: nn.Module, example_inputs, metric: BudgetMetric, runs: int = 20) -> float:
+    """The true cost of a built model, to check a prediction against."""
+    if metric is BudgetMetric.MACS:
+        return float(count_macs(model, example_inputs))
+    if metric is BudgetMetric.PARAMS:
+        return float(count_params(model))
+    return measure_latencies([model], example_inputs, runs=runs)[0].median_ms
+
+
+# ---------------------------------------------------------------------------- landing on the budget
+
+
+def fit_to_budget(
+    preferences: Mapping[str, float],
+    cost: Callable[[Mapping[str, float]], float],
+    target: float,
+    max_sparsity: float,
+    iterations: int = 40,
+) -> dict[str, float] | None:
+    """Sparsities proportional to ``preferences``, scaled until ``cost(sparsities) <= target``.
+
+    ``s_k = min(max_sparsity, t * preferences[k])`` with the smallest ``t``
+    found by bisection, so the search explores the *shape* of the allocation
+    and every candidate spends the whole budget. None when even every group at
+    ``max_sparsity`` (those with a positive preference) misses the target.
+
+    >>> fit_to_budget({"a": 1.0, "b": 0.5}, lambda s: 100 * (1 - s["a"]) + 100 * (1 - s["b"]), 120, 0.9)
+    {'a': 0.5333..., 'b': 0.2666...}
+    """
+    positive = [p for p in preferences.values() if p > 0]
+    if not positive:
+        return None
+
+    def at(t: float) -> dict[str, float]:
+        return {k: min(max_sparsity, t * p) for k, p in preferences.items()}
+
+    lo, hi = 0.0, max_sparsity / min(positive)
+    if cost(at(hi)) > target:
+        return None
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if cost(at(mid)) <= target else (mid, hi)
+    return at(hi)
