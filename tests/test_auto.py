@@ -52,7 +52,7 @@ def cnn() -> nn.Module:
     return SmallCNN().eval()
 
 
-def agreement(model: nn.Module, n: int = 64):
+def agreement(model: nn.Module, n: int = 32):
     """``evaluate``: accuracy against ``model``'s own predictions on ``n`` fixed random digits."""
     x = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -209,12 +209,12 @@ def test_sensitivity_cache_is_keyed_by_the_weights(cnn, tmp_path):
 
 def test_search_meets_the_budget_starts_from_uniform_and_keeps_the_user_model(cnn):
     before = {k: v.clone() for k, v in cnn.state_dict().items()}
-    result = search(cnn, INPUT, agreement(cnn), budget=3.0, n_trials=6, progress=False)
+    result = search(cnn, INPUT, agreement(cnn), budget=3.0, n_trials=5, verify=True, progress=False)
     assert result.measured_cost <= result.dense_cost / 3
     assert result.measured_cost == result.predicted_cost
     assert result.uniform_value is not None and result.value >= result.uniform_value
     assert result.value == max(t.value for t in result.study.trials if t.value is not None)
-    assert len(result.study.trials) == 6
+    assert len(result.study.trials) == 5
     assert result.model.conv2.out_channels < 64
     assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
     assert "uniform at the same budget" in result.table()
@@ -227,14 +227,14 @@ def test_search_with_params_budget_and_random_sampler(cnn):
 
 def test_search_with_cmaes_sampler(cnn):
     pytest.importorskip("cmaes")
-    result = search(cnn, INPUT, agreement(cnn), budget=2.0, n_trials=4, sampler="cmaes", progress=False)
+    result = search(cnn, INPUT, agreement(cnn), budget=2.0, n_trials=3, sampler="cmaes", progress=False)
     assert result.measured_cost <= result.dense_cost / 2
 
 
 def test_latency_budget_uses_the_given_table(cnn):
     ws = Workspace.trace(cnn, INPUT)
     table = LatencyTable(10.0, {k: ((0.1, 9.0 / 3), (1.0, 0.0)) for k in ws.keys}, threads=1)
-    result = search(cnn, INPUT, agreement(cnn), budget="latency=2", n_trials=3, latency_table=table, progress=False)
+    result = search(cnn, INPUT, agreement(cnn), budget="latency=2", n_trials=2, latency_table=table, progress=False)
     assert result.predicted_cost <= 5.0 + 1e-9
     assert result.measured_cost > 0  # timed for real
 
@@ -242,8 +242,9 @@ def test_latency_budget_uses_the_given_table(cnn):
 def test_search_resumes_a_study_in_a_journal_file(cnn, tmp_path):
     storage = tmp_path / "study.log"
     first = search(cnn, INPUT, agreement(cnn), 3.0, n_trials=3, storage=storage, study_name="s", progress=False)
+    assert len(first.study.trials) == 3
     again = search(cnn, INPUT, agreement(cnn), 3.0, n_trials=5, storage=storage, study_name="s", progress=False)
-    assert len(first.study.trials) == 3 and len(again.study.trials) == 5
+    assert len(again.study.trials) == 5  # two more, not five more
     with pytest.raises(ConfigError, match="another configuration"):
         search(cnn, INPUT, agreement(cnn), 2.0, n_trials=5, storage=storage, study_name="s", progress=False)
 

