@@ -1,4 +1,4 @@
-"""The command line: ``python -m fxcompress {compress,report,viz,passes} ...``.
+"""The command line: ``python -m fxcompress {compress,report,viz,passes,auto} ...``.
 
 Every subcommand takes a *model file*: a Python file that defines
 
@@ -6,7 +6,8 @@ Every subcommand takes a *model file*: a Python file that defines
 - ``example_inputs()`` returning a tuple of forward() arguments (or a
   module-level ``example_inputs`` tuple or tensor).
 
-``examples/resnet18.py`` is one. A bad path, a file missing either name or
+``examples/resnet18.py`` is one. ``auto`` (automatic per-group sparsity) also
+needs ``evaluate(model) -> float`` in the file (higher is better). A bad path, a file missing either name or
 a malformed pipeline prints one line on stderr and exits with status 2::
 
     $ python -m fxcompress compress examples/resnet18.py --onnx small.onnx \\
@@ -31,7 +32,10 @@ from torch import fx, nn
 from fxcompress.errors import ConfigError, FxCompressError
 from fxcompress.trace import normalize_example_inputs
 
-__all__ = ["ModelFile", "ModelFileError", "load_model_file", "build_parser", "main", "DEFAULT_PIPELINE"]
+__all__ = [
+    "ModelFile", "ModelFileError", "load_model_file", "load_evaluate", "ModelFileSource", "build_parser", "main",
+    "DEFAULT_PIPELINE",
+]
 
 DEFAULT_PIPELINE = "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink"
 
@@ -97,6 +101,28 @@ def load_model_file(path: str | Path) -> ModelFile:
     except FxCompressError as exc:
         raise ModelFileError(f"{path}: {exc}") from exc
     return ModelFile(path, model, inputs)
+
+
+def load_evaluate(path: str | Path):
+    """The ``evaluate(model) -> float`` function of a model file (for ``auto``); not called here."""
+    path = Path(path)
+    evaluate = getattr(_import_file(path), "evaluate", None)
+    if not callable(evaluate):
+        raise ModelFileError(
+            f"model file {path} defines no 'evaluate': define evaluate(model) -> float (higher is better) to use auto"
+        )
+    return evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFileSource:
+    """What ``auto`` search workers load: the model file itself, imported in each worker process."""
+
+    path: str
+
+    def load(self):
+        loaded = load_model_file(self.path)
+        return loaded.model, loaded.example_inputs, load_evaluate(self.path)
 
 
 # ---------------------------------------------------------------------------- hooks used by the commands
@@ -290,6 +316,63 @@ def _write_json(path: str, data: dict) -> None:
     print(f"wrote {path}")
 
 
+def _auto_criterion(args):
+    from fxcompress.prune import PRUNERS, ChannelPruner, make_pruner
+
+    cls = PRUNERS.get(args.criterion)
+    if cls is not None and not issubclass(cls, ChannelPruner):
+        raise ConfigError(f"--criterion {args.criterion!r} is not a channel criterion (try l1, l2, fpgm)")
+    return make_pruner(args.criterion, round_to=args.round_to)
+
+
+def _parse_ladder(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--ladder must be comma-separated sparsities such as 0.25,0.5,0.75, got {text!r}") from None
+
+
+def _auto_sensitivity(args, loaded: ModelFile, evaluate, criterion) -> int:
+    from fxcompress.auto import sensitivity
+
+    result = sensitivity(loaded.model, loaded.example_inputs, evaluate, _parse_ladder(args.ladder),
+                         criterion=criterion, cache=args.cache)
+    print(result.table())
+    print(f"wrote {result.plot(args.sensitivity)} ({result.evaluated} cells evaluated, the rest from the cache)")
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    return 0
+
+
+def cmd_auto(args) -> int:
+    from fxcompress.auto import Budget, run_worker, search
+
+    budget = Budget.parse(args.budget)
+    criterion = _auto_criterion(args)
+    if args.join and not (args.storage and args.study):
+        raise ConfigError("--join needs --storage and --study naming the shared study")
+    if args.join:
+        ran = run_worker(ModelFileSource(args.model), args.study, args.storage, args.trials, index=args.seed,
+                         progress=True)
+        print(f"ran {ran} trials of study {args.study!r}")
+        return 0
+    loaded = load_model_file(args.model)
+    evaluate = load_evaluate(args.model)
+    if args.sensitivity:
+        return _auto_sensitivity(args, loaded, evaluate, criterion)
+    result = search(loaded.model, loaded.example_inputs, evaluate, budget, args.trials, criterion=criterion,
+                    max_sparsity=args.max_sparsity, sampler=args.sampler, seed=args.seed, storage=args.storage,
+                    study_name=args.study, n_workers=args.workers, source=ModelFileSource(args.model))
+    print(result.table())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(result.model, args.out)
+        print(f"saved the compressed GraphModule to {args.out} (load with torch.load(path, weights_only=False))")
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    return 0
+
+
 # ---------------------------------------------------------------------------- the parser
 
 
@@ -314,6 +397,40 @@ def _add_compile_options(parser: argparse.ArgumentParser, pipeline_default: str 
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
 
 
+def _add_auto(commands) -> None:
+    auto = commands.add_parser(
+        "auto", help="search per-group sparsities under a MACs/params/latency budget (or a sensitivity analysis)",
+        description="Find per-group sparsities that maximise the model file's evaluate(model) under a budget, "
+        "with Optuna; print the chosen sparsities and a comparison with uniform sparsity. Several workers "
+        "(--workers, or --join on other machines) can share one study through --storage.")
+    auto.add_argument("model", help=_MODEL_HELP + "; it must also define evaluate(model) -> float (higher is better)")
+    auto.add_argument("--budget", default="macs=2", metavar="METRIC=RATIO",
+                      help="macs, params or latency, and how many times smaller (default: macs=2)")
+    auto.add_argument("--trials", type=int, default=30, help="trials in the study, all workers together (default: 30)")
+    auto.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
+    auto.add_argument("--storage", metavar="PATH|URL",
+                      help="Optuna storage shared by the workers: a journal file path (on a shared file system for "
+                      "several machines) or a database URL such as postgresql://user@host/db (default: in memory, "
+                      "or a temporary journal file with --workers > 1)")
+    auto.add_argument("--study", metavar="NAME", help="study name in the storage; rerunning resumes it")
+    auto.add_argument("--join", action="store_true",
+                      help="only run trials of the existing --study in --storage (start this on other machines)")
+    auto.add_argument("--criterion", default="l1", help="channel ranking inside each group, by name (default: l1)")
+    auto.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N (default: 1)")
+    auto.add_argument("--max-sparsity", type=float, default=0.9,
+                      help="most any group may lose (default: 0.9)")
+    auto.add_argument("--sampler", choices=("tpe", "cmaes", "random"), default="tpe",
+                      help="Optuna sampler (default: tpe; cmaes needs the cmaes package)")
+    auto.add_argument("--seed", type=int, default=0, help="sampler seed (a joining worker's own seed offset)")
+    auto.add_argument("--sensitivity", metavar="PNG",
+                      help="instead of searching, prune each group alone at --ladder and plot the metric to PNG")
+    auto.add_argument("--ladder", default="0.25,0.5,0.75", help="sparsities of --sensitivity (default: 0.25,0.5,0.75)")
+    auto.add_argument("--cache", metavar="JSON", help="sensitivity results cache; a rerun resumes from it")
+    auto.add_argument("--out", metavar="PATH", help="torch.save the best compressed GraphModule to PATH")
+    auto.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    auto.set_defaults(handler=cmd_auto)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fxcompress",
@@ -331,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
               python -m fxcompress report examples/resnet18.py
               python -m fxcompress viz examples/resnet18.py --sparsity 0.5 --out out/resnet18
               python -m fxcompress passes
+              python -m fxcompress auto MODEL.py --budget macs=3 --trials 40   # MODEL.py defines evaluate(model)
 
             exit status: 0 on success, 2 for bad paths, options or pipelines, 1 otherwise."""
         ),
@@ -372,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="layout: Graphviz dot, or networkx + matplotlib (default: graphviz when installed)")
     viz.add_argument("--rankdir", choices=("TB", "LR"), default="TB", help="graph direction (default: TB)")
     viz.set_defaults(handler=cmd_viz)
+
+    _add_auto(commands)
 
     passes = commands.add_parser("passes", help="list the passes and pruners a pipeline can name")
     passes.set_defaults(handler=cmd_passes)

@@ -60,8 +60,8 @@ def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> bool:
 def _alive_positions(mask: torch.Tensor, dim: int) -> np.ndarray:
     """Per index along ``dim``: whether any mask entry in that slice is nonzero."""
     other = [d for d in range(mask.dim()) if d != dim]
-    alive = mask.ne(0).any(dim=other) if other else mask.ne(0)
-    return alive.numpy()
+    peak = mask.amax(dim=other) if other else mask  # prune masks are 0/1: one pass, no bool copy
+    return (peak != 0).numpy()
 
 
 def kept_components(analysis: ChannelAnalysis, masks: dict[str, torch.Tensor]) -> np.ndarray:

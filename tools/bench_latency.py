@@ -13,6 +13,7 @@ dense (or masked) model computes.
     python tools/bench_latency.py                       # ResNet-50, L1 0.5, batch 1, 224x224, 2 threads
     python tools/bench_latency.py --round-to 1 8 16 --json latency.json
     python tools/bench_latency.py --model resnet18 --runs 10 --size 128
+    python tools/bench_latency.py --passes '' fold-batch-norm,channels-last,fuse-conv-activation
 
 Inference passes: ``fold-batch-norm`` (BatchNorm folded into the conv before
 it), ``channels-last`` (conv weights, and so activations, NHWC) and
@@ -96,7 +97,9 @@ def pipeline_text(passes: Sequence) -> str:
     return ",".join(names) or "(eager model, no passes)"
 
 
-def build_variants(model: nn.Module, inputs: tuple, sparsity: float, round_tos: Sequence[int]) -> list[Variant]:
+def build_variants(
+    model: nn.Module, inputs: tuple, sparsity: float, round_tos: Sequence[int], combos: Sequence[str]
+) -> list[Variant]:
     """Dense eager, dense + each inference-pass combination, shrunk (per round_to) + each combination."""
     variants = [Variant("dense", pipeline_text(()), model)]
     bases = [("dense", ())]
@@ -105,7 +108,8 @@ def build_variants(model: nn.Module, inputs: tuple, sparsity: float, round_tos: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for base_label, pruning in bases:
-            for extra_label, extra in INFERENCE_PASSES.items():
+            for extra_label in combos:
+                extra = INFERENCE_PASSES[extra_label]
                 if base_label == "dense" and not extra:
                     continue
                 passes = [*pruning, *extra]
@@ -171,6 +175,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads while timing")
     parser.add_argument("--runs", type=int, default=30, help="timed rounds (every variant once per round)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--passes", nargs="+", choices=list(INFERENCE_PASSES), default=list(INFERENCE_PASSES), metavar="PIPELINE",
+        help="inference-pass combinations to time on the dense and shrunk models ('' = none); default: all of "
+        + ", ".join(repr(k) for k in INFERENCE_PASSES),
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the settings and rows as JSON")
     return parser.parse_args(argv)
@@ -182,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model = torchvision.models.get_model(args.model).eval()
     inputs = (torch.randn(args.batch, 3, args.size, args.size),)
-    variants = build_variants(model, inputs, args.sparsity, args.round_to)
+    variants = build_variants(model, inputs, args.sparsity, args.round_to, args.passes)
     rows = measure(variants, inputs, args.runs, args.warmup, args.threads)
     print(f"{args.model}, L1Norm sparsity {args.sparsity}, batch {args.batch}, {args.size}x{args.size}, "
           f"{args.threads} threads, median of {args.runs} interleaved rounds; "

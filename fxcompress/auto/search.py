@@ -410,6 +410,7 @@ def search(
     latency_table: LatencyTable | None = None,
     verify: bool = False,
     progress: bool = True,
+    source: ModelSource | None = None,
 ) -> SearchResult:
     """Find per-group sparsities that maximise ``evaluate`` under ``budget`` (see the module docstring).
 
@@ -417,7 +418,9 @@ def search(
     (that many times fewer MACs). ``evaluate(model)`` gets each candidate,
     already shrunk and in eval mode, and may modify it (re-estimate batch-norm
     statistics, fine-tune briefly). ``n_workers > 1`` runs trials in spawned
-    processes sharing ``storage`` (a temporary journal file by default).
+    processes sharing ``storage`` (a temporary journal file by default);
+    they get ``source`` (default: the objects themselves, pickled), which the
+    command line uses to make each worker import the model file itself.
     """
     budget = budget if isinstance(budget, Budget) else (
         Budget.parse(budget) if isinstance(budget, str) else Budget(BudgetMetric.MACS, budget))
@@ -434,7 +437,7 @@ def search(
             storage = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "study.log")
         study = _create_study(open_storage(storage), study_name, objective, latency_table)
         if n_workers > 1:
-            _run_parallel(InlineSource(model, ws.example_inputs, evaluate), study, os.fspath(storage), n_trials,
+            _run_parallel(source or InlineSource(model, ws.example_inputs, evaluate), study, os.fspath(storage), n_trials,
                           n_workers, config, progress)
         else:
             study.sampler = make_sampler(config.sampler, seed, n_trials)
