@@ -26,6 +26,7 @@ __all__ = [
     "FoldQDQ",
     "standard_pruning",
     "standard_ptq",
+    "inference_passes",
 ]
 
 
@@ -37,3 +38,13 @@ def standard_pruning(pruner) -> list:
 def standard_ptq(config, calibration_data) -> list:
     """Post-training int8: fold batch norm, observe, calibrate, fake-quantize, fold into QDQ form."""
     return [FoldBatchNorm(), InsertObservers(config), Calibrate(calibration_data), FakeQuantize(), FoldQDQ()]
+
+
+def inference_passes(fuse: bool = False) -> list:
+    """Output-preserving CPU inference passes to run after pruning: fold batch norm, channels-last weights.
+
+    ``fuse=True`` adds ``FuseConvActivation`` (conv + activation as one oneDNN
+    op, through a private torch op); it measured within noise on a shrunk
+    ResNet-50, so it is opt-in.
+    """
+    return [FoldBatchNorm(), ChannelsLast(), *([FuseConvActivation()] if fuse else [])]

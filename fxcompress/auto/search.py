@@ -231,6 +231,7 @@ def run_worker(
     index: int = 0,
     config: SearchConfig | None = None,
     progress: bool = False,
+    barrier=None,
 ) -> int:
     """Join study ``study_name`` and run trials until it holds ``n_trials`` finished ones; return how many ran here.
 
@@ -239,6 +240,8 @@ def run_worker(
     Worker ``index`` seeds its sampler with ``seed + index`` so that workers
     do not propose the same points. As every worker checks the count before
     starting a trial, a study may end with up to ``workers - 1`` extra trials.
+    ``barrier`` (a ``multiprocessing.Barrier``) makes workers started together
+    wait until all are ready, so a slow start does not leave one idle.
     """
     with _quiet_optuna():
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
@@ -251,6 +254,8 @@ def run_worker(
                               "every worker must load the same model")
         study.sampler = make_sampler(config.sampler, config.seed + index, n_trials)
         objective = Objective(ws, evaluate, config, cost_model(ws, config.budget.metric, table))
+        if barrier is not None:
+            barrier.wait()
         ran = 0
         while _finished(study) < n_trials:
             study.optimize(objective, n_trials=1, show_progress_bar=progress)
@@ -259,11 +264,11 @@ def run_worker(
 
 
 def _worker_entry(source: ModelSource, study_name: str, storage: str, n_trials: int, index: int,
-                  config: SearchConfig) -> None:
+                  config: SearchConfig, barrier) -> None:
     import torch
 
     torch.set_num_threads(1)  # several workers share the machine's cores
-    run_worker(source, study_name, storage, n_trials, index, config)
+    run_worker(source, study_name, storage, n_trials, index, config, barrier=barrier)
 
 
 # ---------------------------------------------------------------------------- the result
@@ -378,8 +383,9 @@ def _run_parallel(source: ModelSource, study: optuna.Study, storage_spec: str, n
     from tqdm.auto import tqdm
 
     context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(n_workers, timeout=600)
     workers = [context.Process(target=_worker_entry, args=(source, study.study_name, storage_spec, n_trials, i,
-                                                           config), daemon=True) for i in range(n_workers)]
+                                                           config, barrier), daemon=True) for i in range(n_workers)]
     for w in workers:
         w.start()
     with tqdm(total=n_trials, desc=f"search ({n_workers} workers)", disable=not progress) as bar:
