@@ -86,23 +86,56 @@ def kept_components(analysis: ChannelAnalysis, masks: dict[str, torch.Tensor]) -
     return keep
 
 
-def channel_masks(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: np.ndarray) -> dict[str, torch.Tensor]:
-    """Masks that zero every maskable slice of the removed components (producers, consumers, affine)."""
-    masks: dict[str, torch.Tensor] = {}
-    removed = ~keep
+def _removed_positions(analysis: ChannelAnalysis, removed: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
+    """For each maskable tensor: the positions along each of its dims that belong to removed channels."""
+    found: dict[str, dict[int, np.ndarray]] = {}
     for piece in analysis.slices:
         if not piece.maskable or piece.role is Role.BUFFER:
             continue
         dead = np.flatnonzero(removed[analysis.labels[piece.ids]])
-        if len(dead) == 0:
+        if len(dead):
+            found.setdefault(piece.target, {})[piece.dim] = dead
+    return found
+
+
+def _outer_mask(shape: torch.Size, dead_by_dim: dict[int, np.ndarray]) -> torch.Tensor:
+    """A 0/1 mask of ``shape`` that zeroes the given positions of each dim, built in one pass.
+
+    It is the product of one keep-vector per dim, broadcast to the full shape.
+    """
+    mask = torch.ones((), dtype=torch.float32)
+    for dim, dead in dead_by_dim.items():
+        keep = torch.ones(shape[dim], dtype=torch.float32)
+        keep[torch.from_numpy(dead)] = 0.0
+        mask = mask * keep.view([-1 if d == dim else 1 for d in range(len(shape))])
+    return mask.expand(shape).contiguous()
+
+
+def channel_masks(
+    gm: fx.GraphModule, analysis: ChannelAnalysis, keep: np.ndarray, skip_done: bool = False
+) -> dict[str, torch.Tensor]:
+    """Masks that zero every maskable slice of the removed components (producers, consumers, affine).
+
+    With ``skip_done``, tensors whose current mask already zeroes all those
+    positions are left out (reading only the removed slices), so re-propagating
+    settled masks costs almost nothing.
+    """
+    masks: dict[str, torch.Tensor] = {}
+    for target, dead_by_dim in _removed_positions(analysis, ~keep).items():
+        owner, name = split_target(target)
+        module = gm.get_submodule(owner)
+        if skip_done and _already_zero(getattr(module, name + "_mask", None), dead_by_dim):
             continue
-        owner, name = split_target(piece.target)
-        tensor = getattr(gm.get_submodule(owner), name)
-        mask = masks.get(piece.target)
-        if mask is None:
-            mask = masks[piece.target] = torch.ones_like(tensor, dtype=torch.float32)
-        mask.index_fill_(piece.dim, torch.from_numpy(dead), 0.0)
+        masks[target] = _outer_mask(getattr(module, name).shape, dead_by_dim)
     return masks
+
+
+def _already_zero(mask: torch.Tensor | None, dead_by_dim: dict[int, np.ndarray]) -> bool:
+    if mask is None:
+        return False
+    return all(
+        not bool(mask.index_select(dim, torch.from_numpy(dead)).any()) for dim, dead in dead_by_dim.items()
+    )
 
 
 def remove_masks(module: nn.Module) -> None:

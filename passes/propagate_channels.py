@@ -35,4 +35,4 @@ class PropagateChannels(Pass):
         keep = kept_components(analysis, current_masks(gm))
         if keep.all():
             return False
-        return apply_masks(gm, channel_masks(gm, analysis, keep))
+        return apply_masks(gm, channel_masks(gm, analysis, keep, skip_done=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from typing import ClassVar
 
@@ -33,18 +34,35 @@ def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _slice_tensor(module: nn.Module, name: str, kept_by_dim: dict[int, np.ndarray]) -> None:
     """Index-select a tensor (and its mask, when masked) along each dim that loses channels."""
-    masked = hasattr(module, name + "_orig")
-    names = [name + "_orig", name + "_mask"] if masked else [name]
-    for attr in names:
-        value = getattr(module, attr).detach()
-        for dim, kept in kept_by_dim.items():
-            value = value.index_select(dim, torch.from_numpy(kept))
-        _replace_tensor(module, attr, value.contiguous())
-    if masked:
-        mask = getattr(module, name + "_mask")
-        setattr(module, name, getattr(module, name + "_orig") * mask)
-        if bool(mask.all()):
-            torch_prune.remove(module, name)
+    if not hasattr(module, name + "_orig"):
+        _replace_tensor(module, name, _select(getattr(module, name).detach(), kept_by_dim))
+        return
+    orig, mask = getattr(module, name + "_orig").detach(), getattr(module, name + "_mask")
+    kept_size = math.prod(len(kept_by_dim[d]) if d in kept_by_dim else n for d, n in enumerate(mask.shape))
+    if float(mask.sum(dtype=torch.float64)) == kept_size:  # 0/1 mask, zero on removed channels: all ones on what stays
+        _unmask(module, name, _select(orig, kept_by_dim))
+        return
+    _replace_tensor(module, name + "_orig", _select(orig, kept_by_dim))
+    _replace_tensor(module, name + "_mask", _select(mask, kept_by_dim))
+    setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+
+
+def _select(value: torch.Tensor, kept_by_dim: dict[int, np.ndarray]) -> torch.Tensor:
+    for dim, kept in kept_by_dim.items():
+        value = value.index_select(dim, torch.from_numpy(kept))
+    return value.contiguous()
+
+
+def _unmask(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Drop ``torch.nn.utils.prune``'s re-parametrisation of ``name`` and make ``value`` the plain parameter."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == name:
+            del module._forward_pre_hooks[key]
+    requires_grad = module._parameters[name + "_orig"].requires_grad
+    del module._parameters[name + "_orig"]
+    del module._buffers[name + "_mask"]
+    delattr(module, name)
+    module.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
 
 
 @register_pass

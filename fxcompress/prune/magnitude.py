@@ -58,6 +58,21 @@ def _per_channel(values: torch.Tensor, local: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(local, weights=values.double().numpy(), minlength=n)
 
 
+def _per_index_norms(tensor: torch.Tensor, dim: int, p: int) -> torch.Tensor:
+    """``sum |w|^p`` over every dim but ``dim``, for each index of ``dim``.
+
+    ``vector_norm`` is fastest over contiguous trailing dims (rows) but slow
+    over leading ones (columns), where ``abs().sum`` wins by 4x.
+    """
+    other = [d for d in range(tensor.dim()) if d != dim]
+    if not other:
+        return tensor.abs() ** p
+    if dim == 0:
+        return torch.linalg.vector_norm(tensor, ord=p, dim=other) ** p
+    magnitude = tensor.abs() if p == 1 else tensor.abs() ** p
+    return magnitude.sum(dim=other)
+
+
 def group_norm_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, group: Group, p: int) -> np.ndarray:
     """Group-aware ``p``-norm importance of each channel.
 
@@ -73,11 +88,7 @@ def group_norm_scores(gm: fx.GraphModule, analysis: ChannelAnalysis, group: Grou
         piece = analysis.slices[k]
         if piece.role not in (Role.PRODUCER, Role.CONSUMER, Role.AFFINE):
             continue
-        tensor = effective_tensor(gm, piece.target).float().abs()
-        if p != 1:
-            tensor = tensor.pow(p)
-        other = [d for d in range(tensor.dim()) if d != piece.dim]
-        per_index = tensor.sum(dim=other) if other else tensor
+        per_index = _per_index_norms(effective_tensor(gm, piece.target).float(), piece.dim, p)
         positions, local = analysis.positions(k, group)
         scores = _per_channel(per_index[torch.from_numpy(positions)], local, len(group)) ** (1.0 / p)
         mean = scores.mean()
