@@ -78,6 +78,7 @@ def _export(gm: fx.GraphModule, inputs: tuple, opset: int) -> onnx.ModelProto:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             gm, inputs, buffer, dynamo=False, opset_version=opset,
+            training=torch.onnx.TrainingMode.PRESERVE,  # inference_mode set eval; torch.export graphs refuse .train()
             input_names=[f"input_{i}" for i in range(len(inputs))],
         )
     return onnx.load_from_string(buffer.getvalue())

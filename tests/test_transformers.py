@@ -120,19 +120,28 @@ def test_decomposed_multihead_attention_through_export():
     assert small.self_attn.in_proj_weight.grad is not None
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama-gqa", "hf-vit", "vit_b_16", "swin_t"])
-def test_transformer_zoo_tiny(name):
-    pytest.importorskip("transformers")
+def _zoo():
     import importlib.util
     import pathlib
 
+    if "zoo_transformers" in sys.modules:
+        return sys.modules["zoo_transformers"]
     spec = importlib.util.spec_from_file_location(
         "zoo_transformers", pathlib.Path(__file__).parents[1] / "tools" / "zoo_transformers.py"
     )
     zoo = importlib.util.module_from_spec(spec)
     sys.modules["zoo_transformers"] = zoo  # dataclasses look their module up while the class is built
     spec.loader.exec_module(zoo)
-    row = zoo.run_one(name, size="tiny", latency=False)
+    return zoo
+
+
+ZOO = ["bert", "gpt2", "llama-gqa", "hf-vit", "vit_b_16", "swin_t"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_transformer_zoo_tiny(name):
+    pytest.importorskip("transformers")
+    row = _zoo().run_one(name, size="tiny", latency=False)
     assert row["max_rel_error"] <= 1e-4
     assert row["macs_ratio"] > 1.15  # heads and FFN channels really left
 
@@ -156,3 +165,15 @@ def test_export_frontend_on_request():
     assert error <= 1e-4
     assert any(n.op == "get_attr" for n in small.graph.nodes)  # parameters are get_attr nodes in exported graphs
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_shrunk_transformers_export_to_onnx(name, tmp_path):
+    """The shrunk model exports to ONNX; ``to_onnx`` checks it in ONNX Runtime against the GraphModule."""
+    pytest.importorskip("transformers")
+    case = _zoo().MODELS[name]
+    torch.manual_seed(0)
+    model, inputs = case.build("tiny"), case.inputs("tiny")
+    small, _ = _compile_checked(model, inputs, frontend=case.frontend)
+    result = fxcompress.to_onnx(small, inputs, str(tmp_path / f"{name}.onnx"))
+    assert result.max_error <= 1e-4
