@@ -44,10 +44,9 @@ from dataclasses import dataclass, field
 
 import torch
 from tabulate import tabulate
-from torch import fx, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxcompress.masks import current_masks
 from fxcompress.trace import inference_mode, normalize_example_inputs
 
 __all__ = [

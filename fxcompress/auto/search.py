@@ -47,7 +47,7 @@ from fxcompress.auto.cost import Budget, BudgetMetric, CostModel, LatencyTable, 
 from fxcompress.auto.pergroup import PerGroupSparsity
 from fxcompress.auto.workspace import Workspace
 from fxcompress.errors import ConfigError
-from fxcompress.prune.base import PRUNERS, ChannelPruner
+from fxcompress.prune.base import ChannelPruner
 from fxcompress.prune.magnitude import L1Norm
 
 __all__ = [
