@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HeadPrunedMultiheadAttention"]
+__all__ = ["HeadPrunedMultiheadAttention", "window_attention"]
 
 
 class HeadPrunedMultiheadAttention(nn.Module):
@@ -103,3 +105,65 @@ def _merge_masks(attn_mask, key_padding_mask, q: torch.Tensor):
     if attn_mask is None:
         return key_padding_mask
     return attn_mask if key_padding_mask is None else attn_mask + key_padding_mask
+
+
+def _shift_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int], like: torch.Tensor) -> torch.Tensor:
+    """Additive mask that keeps shifted windows from attending across the regions the roll glued together."""
+    region = torch.zeros(pad_h, pad_w, dtype=like.dtype, device=like.device)
+    bounds_h = (0, pad_h - window[0], pad_h - shift[0], pad_h)
+    bounds_w = (0, pad_w - window[1], pad_w - shift[1], pad_w)
+    for i in range(3):
+        for j in range(3):
+            region[bounds_h[i] : bounds_h[i + 1], bounds_w[j] : bounds_w[j + 1]] = 3 * i + j
+    cells = region.view(pad_h // window[0], window[0], pad_w // window[1], window[1]).permute(0, 2, 1, 3)
+    cells = cells.reshape(-1, window[0] * window[1])
+    differs = (cells.unsqueeze(1) - cells.unsqueeze(2)) != 0
+    return torch.zeros_like(differs, dtype=like.dtype).masked_fill(differs, -100.0)
+
+
+def window_attention(
+    input, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads, shift_size,
+    attention_dropout=0.0, dropout=0.0, qkv_bias=None, proj_bias=None, logit_scale=None, training=True,
+):
+    """Swin's (shifted) window attention with the head width taken from ``qkv_weight``.
+
+    Same arguments and results as ``torchvision.models.swin_transformer.
+    shifted_window_attention``, which derives the head width from the *input*
+    width (``C // num_heads``) and so cannot run with fewer heads; shrinking
+    retargets pruned Swin blocks to this function.
+    """
+    batch, height, width, _ = input.shape
+    head_dim = qkv_weight.shape[0] // (3 * num_heads)
+    inner = num_heads * head_dim
+    pad_r, pad_b = (-width) % window_size[1], (-height) % window_size[0]
+    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_h, pad_w, channels = x.shape
+    shift = [0 if window_size[0] >= pad_h else shift_size[0], 0 if window_size[1] >= pad_w else shift_size[1]]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    n_h, n_w = pad_h // window_size[0], pad_w // window_size[1]
+    tokens = window_size[0] * window_size[1]
+    x = x.view(batch, n_h, window_size[0], n_w, window_size[1], channels).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch * n_h * n_w, tokens, channels)
+    if logit_scale is not None and qkv_bias is not None:  # Swin V2 has no key bias
+        qkv_bias = torch.cat([qkv_bias[:inner], torch.zeros_like(qkv_bias[inner : 2 * inner]), qkv_bias[2 * inner :]])
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).reshape(x.shape[0], tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * head_dim**-0.5) @ k.transpose(-2, -1)
+    attn = attn + relative_position_bias
+    if sum(shift) > 0:
+        mask = _shift_mask(pad_h, pad_w, list(window_size), shift, attn)
+        attn = attn.view(batch, n_h * n_w, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, tokens, tokens)
+    attn = F.dropout(attn.softmax(dim=-1), p=attention_dropout, training=training)
+    x = (attn @ v).transpose(1, 2).reshape(x.shape[0], tokens, inner)
+    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    out_channels = x.shape[-1]
+    x = x.view(batch, n_h, n_w, window_size[0], window_size[1], out_channels).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch, pad_h, pad_w, out_channels)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :height, :width, :].contiguous()

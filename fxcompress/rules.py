@@ -660,6 +660,72 @@ def _fresh_weights(ctx: AnalyzeContext, weights, where: str):
     return None if weights is None else ctx.fresh_frozen(weights.shape, f"attention weights of {where}")
 
 
+@RULES.register("torchvision.models.swin_transformer._get_relative_position_bias")
+def swin_position_bias(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Swin's ``table[(2W-1)^2, heads] -> bias[1, heads, N, N]``: the heads dim carries through."""
+    table = ctx.tensor_channels(node.args[0])
+    ctx.freeze_all(ctx.channels(node.args[1]), f"position index of {ctx.where(node)}")
+    ctx.space.freeze(table[0], f"relative positions of {ctx.where(node)}")
+    one, _, n, m = ctx.shape(node)
+    where = f"window positions of {ctx.where(node)}"
+    return (ctx.space.fresh(one, frozen=where), table[1], ctx.space.fresh(n, frozen=where), ctx.space.fresh(m, frozen=where))
+
+
+_SWIN_HEADS = "fxcompress.swin_heads"
+
+
+def _shrink_swin_attention(ctx: ShrinkContext, node: fx.Node) -> None:
+    """Retarget to :func:`fxcompress.modules.window_attention` (head width from the weights) with fewer heads."""
+    from fxcompress.modules import window_attention
+
+    heads = ctx.new_size(node.meta[_SWIN_HEADS])
+    args = list(node.args)
+    if len(args) > 5:
+        args[5] = heads
+    node.args = tuple(args)
+    if len(args) <= 5:
+        node.kwargs = {**node.kwargs, "num_heads": heads}
+    node.target = window_attention
+    for index, name in ((1, "qkv_weight"), (2, "proj_weight")):
+        layer = ctx.gm.get_submodule(arg(node, index, name).target.rpartition(".")[0])
+        if isinstance(layer, nn.Linear):  # read by get_attr only, but keep its attributes true
+            layer.out_features, layer.in_features = layer.weight.shape
+
+
+@RULES.register("torchvision.models.swin_transformer.shifted_window_attention",
+                "fxcompress.modules.window_attention", shrink=_shrink_swin_attention)
+def swin_attention(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """torchvision's (shifted) window attention, one traced function: heads are channels.
+
+    ``qkv_weight`` rows are ``(q|k|v, head, head_dim)``, ``proj_weight``
+    columns ``(head, head_dim)``; the relative position bias and Swin V2's
+    ``logit_scale`` have a heads dim. Removing a head removes all of them.
+    """
+    x = ctx.tensor_channels(node.args[0])
+    num_heads = arg(node, 5, "num_heads")
+    qkv = _param_channels(ctx, node, 1, "qkv_weight", {0: Role.PRODUCER, 1: Role.CONSUMER})
+    proj = _param_channels(ctx, node, 2, "proj_weight", {0: Role.PRODUCER, 1: Role.CONSUMER})
+    if not isinstance(num_heads, int) or len(qkv[0]) % (3 * num_heads):
+        raise Opaque("unexpected num_heads")
+    heads = ctx.space.fresh(num_heads)
+    node.meta[_SWIN_HEADS] = heads
+    per_head = np.repeat(heads, len(qkv[0]) // (3 * num_heads))
+    ctx.space.couple(qkv[0], np.tile(per_head, 3))
+    ctx.space.couple(qkv[1], x[-1])
+    ctx.space.couple(proj[1], per_head)
+    for index, name, partner in ((9, "qkv_bias", qkv[0]), (10, "proj_bias", proj[0])):
+        bias = _param_channels(ctx, node, index, name, {0: Role.PRODUCER})
+        if bias is not None:
+            ctx.space.couple(bias[0], partner)
+    ctx.space.couple(ctx.tensor_channels(node.args[3])[1], heads)
+    logit_scale = ctx.channels(arg(node, 11, "logit_scale"))
+    if logit_scale is not None:
+        ctx.space.couple(logit_scale[0], heads)
+    for ids in x[:-1]:
+        ctx.space.freeze(ids, f"windowed by {ctx.where(node)}")
+    return tuple(x[:-1]) + (proj[0],)
+
+
 # ---------------------------------------------------------------------------- spatial ops
 
 
