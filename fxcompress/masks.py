@@ -45,7 +45,7 @@ def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> bool:
         if existing is None:
             if bool(mask.all()):
                 continue
-            torch_prune.custom_from_mask(module, name, mask.to(torch.float32))
+            _install_mask(module, name, mask)
             changed = True
             continue
         combined = existing * mask.to(existing.dtype)
@@ -55,6 +55,23 @@ def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> bool:
         setattr(module, name, getattr(module, name + "_orig") * existing)
         changed = True
     return changed
+
+
+def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
+    """What ``torch.nn.utils.prune.custom_from_mask`` does, without its all-ones copy and extra multiply.
+
+    The parameter moves to ``name_orig``, the mask becomes the ``name_mask``
+    buffer, ``name`` is recomputed as ``orig * mask`` before every forward by
+    the same ``CustomFromMask`` hook, so ``prune.remove`` and friends keep working.
+    """
+    mask = mask.to(dtype=getattr(module, name).dtype).contiguous()
+    method = torch_prune.CustomFromMask(mask)
+    method._tensor_name = name
+    orig = module._parameters.pop(name)
+    module.register_parameter(name + "_orig", orig)
+    module.register_buffer(name + "_mask", mask)
+    setattr(module, name, method.apply_mask(module))
+    module.register_forward_pre_hook(method)
 
 
 def _alive_positions(mask: torch.Tensor, dim: int) -> np.ndarray:

@@ -77,6 +77,11 @@ class _ShapeProp(ShapeProp):
             ) from exc
 
 
+#: Above this many parameters, shapes come from fake tensors: no arithmetic, same shapes
+#: (a 640M-parameter RegNet: 0.7 s instead of 3.1 s on 2 cores; a ResNet-50 is faster for real).
+FAKE_SHAPES_ABOVE = 50_000_000
+
+
 @contextlib.contextmanager
 def inference_mode(gm: nn.Module):
     """Eval mode and no grad for the duration, then every module's mode restored.
@@ -110,8 +115,18 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
             f"example_inputs has {len(example_inputs)} items but forward() takes {len(placeholders)} "
             f"({', '.join(placeholders)}). Pass one example per forward() argument."
         )
+    fake_mode = None
+    if sum(p.numel() for p in gm.parameters()) > FAKE_SHAPES_ABOVE:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with inference_mode(gm):
-        _ShapeProp(gm).propagate(*example_inputs)
+        try:
+            _ShapeProp(gm, fake_mode=fake_mode).propagate(*example_inputs)
+        except TraceError:
+            if fake_mode is None:
+                raise
+            _ShapeProp(gm).propagate(*example_inputs)  # an op fake tensors cannot run: do the real thing
 
 
 FRONTENDS = ("auto", "fx", "export")
