@@ -177,3 +177,19 @@ def test_shrunk_transformers_export_to_onnx(name, tmp_path):
     small, _ = _compile_checked(model, inputs, frontend=case.frontend)
     result = fxcompress.to_onnx(small, inputs, str(tmp_path / f"{name}.onnx"))
     assert result.max_error <= 1e-4
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "mean-activation", "l1-global"])
+def test_head_importance_criteria_prune_whole_heads(criterion):
+    """Gradient-, activation- and weight-based criteria (local or global ranking) all remove whole KV groups."""
+    import fxcompress.prune as P
+
+    torch.manual_seed(0)
+    model, x = GQABlock().eval(), torch.randn(4, 16, 64)
+    data = [(torch.randn(4, 16, 64), torch.randn(4, 16, 64)) for _ in range(4)]
+    evaluator = P.Evaluator(data=lambda: iter(data), loss=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), progress=False)
+    pruner = (P.L1Norm(0.5, allocation="global") if criterion == "l1-global"
+              else P.make_pruner(criterion, sparsity=0.5, evaluator=evaluator))
+    small, error = _compile_checked(model, x, pruner)
+    assert error <= 1e-4
+    assert small.k.out_features == 8 and small.q.out_features == 32  # one of two KV heads, with its 4 query heads
