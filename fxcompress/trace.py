@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxcompress import meta
 from fxcompress.errors import TraceError
 
-__all__ = ["trace", "normalize_example_inputs", "propagate_shapes", "describe_node", "FRONTENDS", "inference_mode", "module_type", "copy_model"]
+__all__ = ["trace", "normalize_example_inputs", "propagate_shapes", "describe_node", "FRONTENDS", "inference_mode", "module_type", "copy_model", "module_uses"]
 
 
 def normalize_example_inputs(example_inputs) -> tuple:
@@ -48,6 +49,21 @@ def describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         return f"node '{node.name}' ({node.op} {target})"
     return f"node '{node.name}' ({node.op} {node.target})"
+
+
+def module_uses(gm: fx.GraphModule) -> Counter:
+    """How often each module path is called or has an attribute read by the graph.
+
+    Rewrites that replace a module (BN folding, fusion) must leave alone one
+    that is used more than once.
+    """
+    uses: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            uses[node.target] += 1
+        elif node.op == "get_attr":
+            uses[node.target.rpartition(".")[0]] += 1
+    return uses
 
 
 class _ShapeProp(ShapeProp):

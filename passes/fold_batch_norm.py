@@ -35,6 +35,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from fxcompress import meta
+from fxcompress.trace import module_uses
 from fxcompress.pipeline import Pass, register_pass
 
 __all__ = ["FoldBatchNorm", "FoldBatchNormWarning", "Fold", "FOLDS"]
@@ -73,16 +74,6 @@ _SHOWN = 4  # module names listed per reason in the warning
 
 _BY_TYPES: dict[tuple[type, type], Fold] = {(f.producer, f.norm): f for f in FOLDS}
 
-
-def _module_uses(gm: fx.GraphModule) -> Counter:
-    """How often each module path is called or has an attribute read by the graph."""
-    uses: Counter = Counter()
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            uses[node.target] += 1
-        elif node.op == "get_attr":
-            uses[node.target.rpartition(".")[0]] += 1
-    return uses
 
 
 def _candidate(gm: fx.GraphModule, bn_node: fx.Node) -> tuple[fx.Node, Fold] | None:
@@ -165,7 +156,7 @@ class FoldBatchNorm(Pass):
     preserves_outputs: ClassVar[bool] = True
 
     def run(self, gm: fx.GraphModule) -> bool:
-        uses = _module_uses(gm)
+        uses = module_uses(gm)
         skipped: dict[str, list[str]] = defaultdict(list)
         modified = False
         for bn_node in list(gm.graph.nodes):

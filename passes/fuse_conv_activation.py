@@ -40,6 +40,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
 from fxcompress import meta
+from fxcompress.trace import module_uses
 from fxcompress.pipeline import Pass, register_pass
 
 __all__ = ["FuseConvActivation", "FusedConv2d", "Activation", "ACTIVATIONS", "fused_kernels_available"]
@@ -193,15 +194,6 @@ def _is_add(node: fx.Node) -> bool:
     return spelled and node.target in ADDS and len(node.args) == 2 and not node.kwargs
 
 
-def _module_uses(gm: fx.GraphModule) -> Counter:
-    uses: Counter = Counter()
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            uses[node.target] += 1
-        elif node.op == "get_attr":
-            uses[node.target.rpartition(".")[0]] += 1
-    return uses
-
 
 def _fusable_conv(gm: fx.GraphModule, uses: Counter, node, only_user: fx.Node) -> bool:
     """A plain, unshared, unmasked ``Conv2d`` call whose only reader is ``only_user``."""
@@ -281,7 +273,7 @@ class FuseConvActivation(Pass):
     def run(self, gm: fx.GraphModule) -> bool:
         if not _FUSED:
             return False
-        uses, modified = _module_uses(gm), False
+        uses, modified = module_uses(gm), False
         for node in list(gm.graph.nodes):  # a rewrite only erases nodes before ``node``: the snapshot stays valid
             match = _match(gm, uses, node)
             if match is None:
