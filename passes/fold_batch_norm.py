@@ -35,8 +35,8 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from fxcompress import meta
-from fxcompress.trace import module_uses
 from fxcompress.pipeline import Pass, register_pass
+from fxcompress.trace import module_uses
 
 __all__ = ["FoldBatchNorm", "FoldBatchNormWarning", "Fold", "FOLDS"]
 

@@ -40,8 +40,8 @@ from torch import fx, nn
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
 from fxcompress import meta
-from fxcompress.trace import module_uses
 from fxcompress.pipeline import Pass, register_pass
+from fxcompress.trace import module_uses
 
 __all__ = ["FuseConvActivation", "FusedConv2d", "Activation", "ACTIVATIONS", "fused_kernels_available"]
 
