@@ -1,6 +1,6 @@
 """Errors fxcompress raises. Each message names the construct at fault and what to do."""
 
-__all__ = ["FxCompressError", "TraceError", "ConfigError", "PipelineError", "VerificationError"]
+__all__ = ["FxCompressError", "TraceError", "ConfigError", "PipelineError", "VerificationError", "coerce_enum"]
 
 
 class FxCompressError(Exception):
@@ -21,3 +21,18 @@ class PipelineError(FxCompressError):
 
 class VerificationError(FxCompressError):
     """A pass that must preserve the model's outputs did not."""
+
+
+def coerce_enum(owner: object, field: str, enum_cls: type, what: str | None = None) -> None:
+    """Let a frozen config dataclass accept its enum option as a string (``allocation="global"``).
+
+    An unknown string becomes a ``ConfigError`` that lists the choices.
+    """
+    value = getattr(owner, field)
+    if not isinstance(value, str):
+        return
+    try:
+        object.__setattr__(owner, field, enum_cls(value))
+    except ValueError:
+        known = ", ".join(repr(m.value) for m in enum_cls)
+        raise ConfigError(f"{type(owner).__name__}: unknown {what or field} {value!r}; choose one of {known}") from None

@@ -32,7 +32,7 @@ import numpy as np
 from torch import nn
 
 from fxcompress.auto.workspace import Workspace
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, coerce_enum
 from fxcompress.report import count_macs, count_params, macs_by_module, measure_latencies
 
 __all__ = [
@@ -67,12 +67,7 @@ class Budget:
     ratio: float = 2.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.metric, str):
-            try:
-                object.__setattr__(self, "metric", BudgetMetric(self.metric))
-            except ValueError:
-                known = ", ".join(m.value for m in BudgetMetric)
-                raise ConfigError(f"unknown budget metric {self.metric!r}; choose one of {known}") from None
+        coerce_enum(self, "metric", BudgetMetric, what="budget metric")
         if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ConfigError(f"budget ratio must be a number above 1 (3 = three times smaller), got {self.ratio!r}")
 

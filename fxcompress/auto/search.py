@@ -46,7 +46,7 @@ from torch import fx, nn
 from fxcompress.auto.cost import Budget, BudgetMetric, CostModel, LatencyTable, cost_model, fit_to_budget, measure_cost
 from fxcompress.auto.pergroup import PerGroupSparsity
 from fxcompress.auto.workspace import Workspace
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, coerce_enum
 from fxcompress.prune.base import ChannelPruner
 from fxcompress.prune.magnitude import L1Norm
 
@@ -107,12 +107,7 @@ class SearchConfig:
     verify: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.sampler, str):
-            try:
-                object.__setattr__(self, "sampler", SamplerKind(self.sampler))
-            except ValueError:
-                known = ", ".join(k.value for k in SamplerKind)
-                raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {known}") from None
+        coerce_enum(self, "sampler", SamplerKind)
         if not 0 < self.max_sparsity < 1:
             raise ConfigError(f"max_sparsity must be in (0, 1), got {self.max_sparsity!r}")
         if not isinstance(self.criterion, ChannelPruner):

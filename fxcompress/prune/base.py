@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxcompress.modules import HeadPrunedMultiheadAttention
-from fxcompress.trace import module_type
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, coerce_enum
 from fxcompress.masks import channel_masks, split_target
+from fxcompress.modules import HeadPrunedMultiheadAttention
+from fxcompress.trace import module_type
 
 __all__ = [
     "Pruner",
@@ -162,13 +162,7 @@ class ChannelPruner:
         check_fraction(self, "max_sparsity_per_layer", self.max_sparsity_per_layer, upper_inclusive=True)
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"{type(self).__name__}: round_to must be a positive integer, got {self.round_to!r}")
-        if isinstance(self.allocation, str):
-            try:
-                object.__setattr__(self, "allocation", Allocation(self.allocation))
-            except ValueError:
-                raise ConfigError(
-                    f"{type(self).__name__}: allocation must be 'local' or 'global', got {self.allocation!r}"
-                ) from None
+        coerce_enum(self, "allocation", Allocation)
         normalize_selection(self)
 
     def __init_subclass__(cls, **kwargs):

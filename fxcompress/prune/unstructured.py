@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.analysis import ChannelAnalysis
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, coerce_enum
 from fxcompress.prune.base import (
     DEFAULT_OP_TYPES,
     Allocation,
@@ -92,8 +92,7 @@ class LevelPruner(WeightPruner):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_fraction(self, "max_sparsity_per_layer", self.max_sparsity_per_layer, upper_inclusive=True)
-        if isinstance(self.allocation, str):
-            object.__setattr__(self, "allocation", Allocation(self.allocation))
+        coerce_enum(self, "allocation", Allocation)
 
     def weight_scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """Importance of each weight (higher is kept); subclasses may override (e.g. movement scores)."""
