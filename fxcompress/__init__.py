@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-from fxcompress import prune, quant
+from fxcompress import prune, quant, report
 from fxcompress.errors import ConfigError, FxCompressError, PipelineError, TraceError, VerificationError
 from fxcompress.pipeline import Hook, Pass, VerifyOutputs, parse_pipeline, run_pipeline
 from fxcompress.export import to_onnx
@@ -24,6 +24,7 @@ __all__ = [
     "trace",
     "prune",
     "quant",
+    "report",
     "to_onnx",
     "FxCompressError",
     "TraceError",

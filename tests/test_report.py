@@ -205,3 +205,13 @@ def test_relative_error_is_relative_to_the_reference_scale():
     a = [torch.tensor([10.0, -20.0])]
     assert R.relative_error(a, [torch.tensor([10.0, -19.0])]) == pytest.approx(1 / 20)
     assert R.relative_error(a, [torch.zeros(3)]) == float("inf")
+
+
+def test_readme_quick_start_reaches_report_from_the_package():
+    """The README's quick start calls ``fxcompress.report.compare`` after a bare ``import fxcompress``."""
+    import importlib
+
+    import fxcompress
+
+    assert fxcompress.report is importlib.import_module("fxcompress.report")
+    assert callable(fxcompress.report.compare)
