@@ -107,7 +107,7 @@ def _rewrite(gm: fx.GraphModule) -> None:
         for node in [n for n in gm.graph.nodes if rewrite.matches(n)]:
             rewrite.replace(gm, node)
         gm.recompile()
-        propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS])
+        propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS], exact_layout=True)
 
 
 @register_pass

@@ -1,4 +1,4 @@
-"""The frontend's shape propagation: real forward for small models, fake tensors for large ones."""
+"""The frontend's shape propagation: meta tensors, a real forward where an op needs values."""
 
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ def _shapes(gm) -> dict[str, tuple]:
             if hasattr(n.meta.get(meta.TENSOR_META), "shape")}
 
 
-def test_fake_tensor_shapes_equal_real_ones(monkeypatch):
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "efficientnet_b0", "swin_t"])
+def test_meta_shapes_equal_real_ones(name):
     torchvision = pytest.importorskip("torchvision")
-    model, x = torchvision.models.shufflenet_v2_x0_5().eval(), torch.randn(1, 3, 64, 64)
-    real = _shapes(fxcompress.trace(model, x))
-    monkeypatch.setattr(trace_module, "FAKE_SHAPES_ABOVE", 0)  # every model counts as large
-    assert _shapes(fxcompress.trace(model, x)) == real
+    model, x = torchvision.models.get_model(name).eval(), torch.randn(1, 3, 64, 64)
+    gm = fxcompress.trace(model, x)
+    meta_shapes = _shapes(gm)
+    assert all(t.device.type == "cpu" for t in [*gm.parameters(), *gm.buffers()])  # the meta twins were temporary
+    trace_module.propagate_shapes(gm, (x,), exact_layout=True)  # a real forward
+    assert meta_shapes == _shapes(gm)
 
 
 class DataDependent(nn.Module):
@@ -32,7 +35,6 @@ class DataDependent(nn.Module):
         return x[x > 0].sum() + x  # boolean indexing: the shape depends on the values
 
 
-def test_ops_fake_tensors_cannot_run_fall_back_to_a_real_forward(monkeypatch):
-    monkeypatch.setattr(trace_module, "FAKE_SHAPES_ABOVE", -1)
+def test_ops_meta_tensors_cannot_run_fall_back_to_a_real_forward():
     gm = fxcompress.trace(DataDependent(), torch.randn(4, 3))
     assert _shapes(gm)["add"] == (4, 3)
