@@ -4,9 +4,18 @@ Masks use ``torch.nn.utils.prune``'s re-parametrisation (``weight_orig`` times
 the ``weight_mask`` buffer, recomputed before every forward), so a masked
 ``GraphModule`` can be fine-tuned with masked weights held at zero and saved
 with ``torch.save``.
+
+Structured masks are outer products of one 0/1 keep-vector per dim. The masks
+built here remember those vectors (:func:`mask_factors`), so the questions the
+passes ask of a mask (is it all ones, which channels are alive, is a slice
+already zero) cost a look at the vectors instead of a pass over a tensor as
+large as the weight. The record is dropped with the tensor and ignored once the
+tensor has been modified in place, so any other mask takes the general path.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -16,7 +25,60 @@ from torch import fx, nn
 from fxcompress.analysis import ChannelAnalysis
 from fxcompress.channels import Role
 
-__all__ = ["current_masks", "apply_masks", "channel_masks", "kept_components", "split_target"]
+__all__ = [
+    "current_masks", "apply_masks", "channel_masks", "kept_components", "split_target", "mask_factors",
+    "ones_where_kept",
+]
+
+#: id(mask) -> (mask._version when recorded, {dim: bool keep-vector}); entries leave with their tensor.
+_FACTORS: dict[int, tuple[int, dict[int, np.ndarray]]] = {}
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _record_factors(mask: torch.Tensor, factors: dict[int, np.ndarray]) -> None:
+    """Remember that ``mask`` is the outer product of ``factors`` (dims not named are all ones)."""
+    version = _version(mask)
+    if version is None:
+        return
+    key = id(mask)
+    if key not in _FACTORS:
+        weakref.finalize(mask, _FACTORS.pop, key, None)
+    _FACTORS[key] = (version, factors)
+
+
+def mask_factors(mask: torch.Tensor) -> dict[int, np.ndarray] | None:
+    """The per-dim keep-vectors ``mask`` is the outer product of, if it was built so and not modified since."""
+    record = _FACTORS.get(id(mask))
+    if record is None or record[0] != _version(mask):
+        return None
+    return record[1]
+
+
+def _all_ones(mask: torch.Tensor) -> bool:
+    factors = mask_factors(mask)
+    if factors is not None:
+        return all(keep.all() for keep in factors.values())
+    return bool(mask.all())
+
+
+def ones_where_kept(mask: torch.Tensor, kept_by_dim: dict[int, np.ndarray]) -> bool:
+    """Whether the 0/1 ``mask``, zero outside the kept positions of each dim, is all ones on them.
+
+    That is when shrinking can drop the mask instead of slicing it too.
+    """
+    factors = mask_factors(mask)
+    if factors is not None:
+        return all(keep[kept_by_dim[d]].all() if d in kept_by_dim else keep.all() for d, keep in factors.items())
+    kept_size = 1
+    for d, n in enumerate(mask.shape):
+        kept_size *= len(kept_by_dim[d]) if d in kept_by_dim else n
+    return float(mask.sum(dtype=torch.float64)) == kept_size  # zero on removed channels: all ones on the rest
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -43,18 +105,31 @@ def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> bool:
         module = gm.get_submodule(owner)
         existing = getattr(module, name + "_mask", None)
         if existing is None:
-            if bool(mask.all()):
+            if _all_ones(mask):
                 continue
             _install_mask(module, name, mask)
             changed = True
             continue
-        combined = existing * mask.to(existing.dtype)
-        if torch.equal(combined, existing):
-            continue
-        existing.copy_(combined)
-        setattr(module, name, getattr(module, name + "_orig") * existing)
-        changed = True
+        changed |= _combine(module, name, existing, mask)
     return changed
+
+
+def _combine(module: nn.Module, name: str, existing: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Multiply ``mask`` into the installed ``existing`` mask; return whether it changed."""
+    old, new = mask_factors(existing), mask_factors(mask)
+    factors = None
+    if old is not None and new is not None:
+        factors = {d: old.get(d, True) & new.get(d, True) for d in old.keys() | new.keys()}
+        if all(np.array_equal(factors[d], old[d]) for d in old) and factors.keys() == old.keys():
+            return False
+    combined = existing * mask.to(existing.dtype)
+    if factors is None and torch.equal(combined, existing):
+        return False
+    existing.copy_(combined)
+    if factors is not None:
+        _record_factors(existing, factors)
+    setattr(module, name, getattr(module, name + "_orig") * existing)
+    return True
 
 
 def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
@@ -64,7 +139,10 @@ def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     buffer, ``name`` is recomputed as ``orig * mask`` before every forward by
     the same ``CustomFromMask`` hook, so ``prune.remove`` and friends keep working.
     """
+    factors = mask_factors(mask)
     mask = mask.to(dtype=getattr(module, name).dtype).contiguous()
+    if factors is not None:
+        _record_factors(mask, factors)
     method = torch_prune.CustomFromMask(mask)
     method._tensor_name = name
     orig = module._parameters.pop(name)
@@ -76,6 +154,10 @@ def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
 
 def _alive_positions(mask: torch.Tensor, dim: int) -> np.ndarray:
     """Per index along ``dim``: whether any mask entry in that slice is nonzero."""
+    factors = mask_factors(mask)
+    if factors is not None:
+        alive = factors.get(dim, np.ones(mask.shape[dim], dtype=bool))
+        return alive if all(keep.any() for d, keep in factors.items() if d != dim) else np.zeros_like(alive)
     other = [d for d in range(mask.dim()) if d != dim]
     peak = mask.amax(dim=other) if other else mask  # prune masks are 0/1: one pass, no bool copy
     return (peak != 0).numpy()
@@ -121,11 +203,15 @@ def _outer_mask(shape: torch.Size, dead_by_dim: dict[int, np.ndarray]) -> torch.
     It is the product of one keep-vector per dim, broadcast to the full shape.
     """
     mask = torch.ones((), dtype=torch.float32)
+    factors = {}
     for dim, dead in dead_by_dim.items():
-        keep = torch.ones(shape[dim], dtype=torch.float32)
-        keep[torch.from_numpy(dead)] = 0.0
+        factors[dim] = np.ones(shape[dim], dtype=bool)
+        factors[dim][dead] = False
+        keep = torch.from_numpy(factors[dim]).to(torch.float32)
         mask = mask * keep.view([-1 if d == dim else 1 for d in range(len(shape))])
-    return mask.expand(shape).contiguous()
+    mask = mask.expand(shape).contiguous()
+    _record_factors(mask, factors)
+    return mask
 
 
 def channel_masks(
@@ -150,6 +236,11 @@ def channel_masks(
 def _already_zero(mask: torch.Tensor | None, dead_by_dim: dict[int, np.ndarray]) -> bool:
     if mask is None:
         return False
+    factors = mask_factors(mask)
+    if factors is not None:
+        if not all(keep.any() for keep in factors.values()):
+            return True  # the whole mask is zero
+        return all(dim in factors and not factors[dim][dead].any() for dim, dead in dead_by_dim.items())
     return all(
         not bool(mask.index_select(dim, torch.from_numpy(dead)).any()) for dim, dead in dead_by_dim.items()
     )

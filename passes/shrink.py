@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import defaultdict
 from typing import ClassVar
 
@@ -15,7 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxcompress import meta
 from fxcompress.analysis import get_analysis
-from fxcompress.masks import current_masks, kept_components, split_target
+from fxcompress.masks import current_masks, kept_components, ones_where_kept, split_target
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.rules import RULES, Multi, ShrinkContext
 
@@ -38,8 +37,7 @@ def _slice_tensor(module: nn.Module, name: str, kept_by_dim: dict[int, np.ndarra
         _replace_tensor(module, name, _select(getattr(module, name).detach(), kept_by_dim))
         return
     orig, mask = getattr(module, name + "_orig").detach(), getattr(module, name + "_mask")
-    kept_size = math.prod(len(kept_by_dim[d]) if d in kept_by_dim else n for d, n in enumerate(mask.shape))
-    if float(mask.sum(dtype=torch.float64)) == kept_size:  # 0/1 mask, zero on removed channels: all ones on what stays
+    if ones_where_kept(mask, kept_by_dim):
         _unmask(module, name, _select(orig, kept_by_dim))
         return
     _replace_tensor(module, name + "_orig", _select(orig, kept_by_dim))
