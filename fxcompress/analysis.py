@@ -195,9 +195,10 @@ def _form_groups(slices: list[ParamSlice], solution: Solution):
     rank[order] = np.arange(len(order))
     group_of = np.full(n_comp, -1, dtype=np.int64)
     group_of[members] = rank[inverse]
-    slices_of_group: list[set[int]] = [set() for _ in order]
-    for c, k in zip(group_of[comps].tolist(), owners.tolist()):
-        slices_of_group[c].add(k)
+    pairs = np.unique(group_of[comps] * max(len(slices), 1) + owners)  # (group, slice), sorted by group
+    pair_group, pair_slice = np.divmod(pairs, max(len(slices), 1))
+    bounds = np.searchsorted(pair_group, np.arange(len(order) + 1))
+    slices_of_group = [tuple(pair_slice[bounds[g] : bounds[g + 1]].tolist()) for g in range(len(order))]
     return group_of, slices_of_group
 
 
@@ -221,7 +222,7 @@ def analyze(gm: fx.GraphModule) -> ChannelAnalysis:
         reason = solution.reason(components[0])
         if reason is None and not any(space.slices[k].role is Role.PRODUCER for k in touched):
             reason = "no layer produces these channels"
-        groups.append(Group(gid, components, tuple(sorted(touched)), reason))
+        groups.append(Group(gid, components, touched, reason))
     for op, names in opaque.items():
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         warnings.warn(

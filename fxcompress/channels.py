@@ -112,9 +112,15 @@ class _CarrierState:
         return c
 
     def roots(self, ids: Ids) -> np.ndarray:
-        comps = self.labels[ids]
-        unique, inverse = np.unique(comps, return_inverse=True)
-        return np.array([self.find(c) for c in unique])[inverse]
+        """``find`` of every id's component at once: path halving on whole arrays, O(depth) numpy steps."""
+        parent, comps = self.parent, self.labels[ids]
+        while True:
+            up = parent[comps]
+            if np.array_equal(up, comps):
+                return comps
+            grand = parent[up]
+            parent[comps] = grand
+            comps = grand
 
     def union(self, a: int, b: int) -> None:
         a, b = self.find(a), self.find(b)
