@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MnistSplit", "mnist_split", "SmallCNN", "train_epochs", "accuracy", "batches"]
+__all__ = ["MnistSplit", "mnist_split", "SmallCNN", "train_epochs", "accuracy", "batches", "EpochBatches"]
 
 
 @dataclass
@@ -68,6 +68,30 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle_seed: int
     for start in range(0, len(y), batch_size):
         index = order[start : start + batch_size]
         yield x[index], y[index]
+
+
+@dataclass
+class EpochBatches:
+    """Re-iterable shuffled mini-batches with a length: each pass is an epoch with the next shuffle seed.
+
+    The length lets an :class:`~fxcompress.prune.Evaluator` know its steps per
+    epoch (progress bars, cosine learning-rate schedules).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __iter__(self):
+        self._epoch += 1
+        return batches(self.x, self.y, self.batch_size, shuffle_seed=self.seed + self._epoch - 1)
 
 
 def train_epochs(

@@ -151,3 +151,27 @@ def test_recalibrate_batchnorm_reestimates_statistics_without_training():
     assert torch.allclose(gm.bn1.running_mean, expected, atol=1e-5)
     assert torch.equal(gm.conv1.weight, weights)
     assert gm.bn1.momentum == 0.1
+
+
+def test_cosine_schedule_anneals_the_learning_rate_to_zero_over_the_run():
+    import dataclasses
+
+    from fxcompress.errors import ConfigError
+
+    seen = []
+
+    def sgd(params, lr):
+        seen.append(torch.optim.SGD(params, lr=lr))
+        return seen[-1]
+
+    ev = dataclasses.replace(evaluator(n_batches=4), lr=0.1, optimizer=sgd, lr_schedule="cosine")
+    assert ev.train(traced(), epochs=2) == 8
+    assert seen[-1].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    constant = dataclasses.replace(ev, lr_schedule="constant")
+    constant.train(traced(), epochs=1)
+    assert seen[-1].param_groups[0]["lr"] == 0.1
+    generator_data = dataclasses.replace(ev, data=lambda: iter(evaluator().data))
+    with pytest.raises(ConfigError, match="number of training steps"):
+        generator_data.train(traced())
+    with pytest.raises(ConfigError, match="unknown learning-rate schedule 'linear'"):
+        dataclasses.replace(ev, lr_schedule="linear")

@@ -34,7 +34,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress import prune as P
-from fxcompress.examples import SmallCNN, accuracy, batches, mnist_split, train_epochs
+from fxcompress.examples import EpochBatches, SmallCNN, accuracy, mnist_split, train_epochs
 from fxcompress.passes import standard_pruning
 
 STRUCTURED = ("l1", "l2", "fpgm", "lamp", "slim", "random", "apoz", "mean-activation", "taylor", "obd")
@@ -49,6 +49,7 @@ class Settings:
     base_epochs: int = 6
     finetune_epochs: int = 3
     lr: float = 3e-3  #: Adam's learning rate for fine-tuning and training-aware pruning (1e-3 measured worse)
+    lr_schedule: str = "constant"  #: the fine-tuning learning rate over each run: constant or cosine
     extras: bool = True  #: fine-grained and training-aware rows
     seed: int = 0
 
@@ -90,14 +91,13 @@ def count_params(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------- the steps
 
 
-def make_evaluator(data, n_train: int, seed: int, lr: float) -> P.Evaluator:
-    x, y = data.train_x[:n_train], data.train_y[:n_train]
-    epoch = iter(range(10**9))
+def make_evaluator(data, n_train: int, seed: int, lr: float, schedule: str = "constant") -> P.Evaluator:
     return P.Evaluator(
-        data=lambda: batches(x, y, 64, shuffle_seed=seed + next(epoch)),
+        data=EpochBatches(data.train_x[:n_train], data.train_y[:n_train], 64, seed=seed),
         loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
         progress=False,
         lr=lr,
+        lr_schedule=schedule,
     )
 
 
@@ -228,7 +228,7 @@ def run(settings: Settings) -> list[dict]:
     x = data.train_x[:2]
     model = train_epochs(SmallCNN(), data, settings.base_epochs, seed=settings.seed)
     acc_base = accuracy(model, data.test_x, data.test_y)
-    evaluator = make_evaluator(data, settings.n_train, settings.seed, settings.lr)
+    evaluator = make_evaluator(data, settings.n_train, settings.seed, settings.lr, settings.lr_schedule)
     slim_model = slim_trained(model, evaluator) if "slim" in settings.criteria else model
     rows = []
     for target in settings.ratios:
@@ -256,6 +256,9 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--ratios", default=None, help="comma-separated target MACs ratios, e.g. 10,20,50")
     parser.add_argument("--no-extras", action="store_true", help="skip the fine-grained and training-aware rows")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate for fine-tuning (default 3e-3)")
+    parser.add_argument("--lr-schedule", choices=[s.value for s in P.LRSchedule], default=None,
+                        help="fine-tuning learning rate over each run (default constant)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the data split, training and pruning (default 0)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     settings = Settings()
@@ -270,6 +273,10 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         settings = dataclasses.replace(settings, extras=False)
     if args.lr is not None:
         settings = dataclasses.replace(settings, lr=args.lr)
+    if args.lr_schedule is not None:
+        settings = dataclasses.replace(settings, lr_schedule=args.lr_schedule)
+    if args.seed is not None:
+        settings = dataclasses.replace(settings, seed=args.seed)
     return settings, args
 
 

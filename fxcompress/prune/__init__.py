@@ -27,7 +27,7 @@ lottery ticket      :class:`LotteryTicket`                          training
 from fxcompress.prune.base import PRUNERS, Allocation, ChannelPruner, Combined, Pruner, make_pruner
 from fxcompress.prune.data_aware import OBD, APoZ, MeanActivation, Taylor
 from fxcompress.prune.distill import LayerwiseDistillation
-from fxcompress.prune.evaluator import Evaluator, recalibrate_batchnorm
+from fxcompress.prune.evaluator import Evaluator, LRSchedule, recalibrate_batchnorm
 from fxcompress.prune.finalize import shrink
 from fxcompress.prune.magnitude import FPGM, LAMP, L1Norm, L2Norm, RandomPruner, Slim, slim_penalty
 from fxcompress.prune.nni import from_config_list
@@ -42,6 +42,6 @@ __all__ = [
     "LevelPruner", "NMPruner",
     "Schedule", "LinearSchedule", "AGPSchedule", "ScheduledPruning",
     "MovementPruning", "ADMM", "LotteryTicket",
-    "Evaluator", "recalibrate_batchnorm", "shrink",
+    "Evaluator", "LRSchedule", "recalibrate_batchnorm", "shrink",
     "from_config_list", "LayerwiseDistillation",
 ]

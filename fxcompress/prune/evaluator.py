@@ -13,6 +13,7 @@ function; fxcompress runs the loops, with a progress bar on long ones.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -21,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, coerce_enum
 
-__all__ = ["Evaluator", "recalibrate_batchnorm", "default_inputs"]
+__all__ = ["Evaluator", "LRSchedule", "recalibrate_batchnorm", "default_inputs"]
 
 Batch = Any
 StepHook = Callable[[nn.Module, int], None]
@@ -40,6 +41,13 @@ def _adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
+class LRSchedule(enum.Enum):
+    """The learning rate over one call of :meth:`Evaluator.train`."""
+
+    CONSTANT = "constant"  #: ``lr`` throughout
+    COSINE = "cosine"  #: from ``lr`` down to zero along a half cosine; short recovery fine-tunes end better
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
     """A user's data, loss and (optionally) metric, which fxcompress drives.
@@ -49,7 +57,9 @@ class Evaluator:
     ``loss(model, batch)`` returns a scalar tensor; fxcompress calls
     ``backward`` and the optimizer. ``evaluate(model)`` returns a metric
     (higher is better). ``inputs(batch)`` extracts the model's positional
-    inputs (default: ``batch[0]``).
+    inputs (default: ``batch[0]``). ``lr_schedule="cosine"`` anneals the
+    learning rate to zero over each ``train`` call; it needs to know the
+    number of steps, so ``data`` must have a length (or pass ``max_steps``).
     """
 
     data: Iterable[Batch] | Callable[[], Iterable[Batch]]
@@ -59,8 +69,10 @@ class Evaluator:
     optimizer: Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer] = _adam
     inputs: Callable[[Batch], tuple] = default_inputs
     progress: bool = True
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
 
     def __post_init__(self) -> None:
+        coerce_enum(self, "lr_schedule", LRSchedule, "learning-rate schedule")
         if not callable(self.loss):
             raise ConfigError(f"Evaluator.loss must be a callable loss(model, batch), got {type(self.loss).__name__}")
         if self.evaluate is not None and not callable(self.evaluate):
@@ -107,9 +119,11 @@ class Evaluator:
         Masked weights stay zero: masks are re-applied by every forward.
         """
         optimizer = self.optimizer([p for p in model.parameters() if p.requires_grad], self.lr)
+        total = max_steps or self._total(epochs)
+        scheduler = self._scheduler(optimizer, total)
         model.train()
         step = 0
-        bar = tqdm(total=max_steps or self._total(epochs), desc=desc, disable=not self.progress, leave=False)
+        bar = tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
         for _ in range(epochs):
             for batch in self.batches():
                 if max_steps is not None and step >= max_steps:
@@ -122,6 +136,8 @@ class Evaluator:
                 if before_step is not None:
                     before_step(model, step)
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 step += 1
                 bar.update(1)
                 if after_step is not None:
@@ -129,6 +145,16 @@ class Evaluator:
         bar.close()
         model.eval()
         return step
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer, total: int | None):
+        if self.lr_schedule is LRSchedule.CONSTANT:
+            return None
+        if total is None:
+            raise ConfigError(
+                "Evaluator(lr_schedule='cosine') needs the number of training steps: give data a length "
+                "(a list or a DataLoader rather than a generator function) or pass max_steps"
+            )
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
 
     def _total(self, epochs: int) -> int | None:
         per_epoch = self.steps_per_epoch()
