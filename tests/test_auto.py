@@ -220,6 +220,23 @@ def test_search_meets_the_budget_starts_from_uniform_and_keeps_the_user_model(cn
     assert "uniform at the same budget" in result.table()
 
 
+def test_candidates_spend_the_budget_that_whole_channels_leave(cnn):
+    result = search(cnn, INPUT, agreement(cnn), budget=3.0, n_trials=6, seed=1, progress=False)
+    ws = Workspace.trace(cnn, INPUT)
+    cost = ShapeCost.build(ws, BudgetMetric.MACS)
+    uniform = [t for t in result.study.trials if t.user_attrs.get("baseline") == "uniform"]
+    assert len(set(uniform[0].user_attrs["sparsities"].values())) == 1  # the baseline is not topped up
+    for trial in result.study.trials:
+        if trial.user_attrs.get("baseline"):
+            continue
+        sparsities = trial.user_attrs["sparsities"]
+        assert cost.predict(ws.kept_fractions(sparsities)) <= cost.dense / 3
+        for key, n in ws.sizes.items():  # no group has a channel that would still fit
+            kept = ws.kept_fractions(sparsities)
+            kept[key] += 1 / n
+            assert kept[key] > 1 or cost.predict(kept) > cost.dense / 3
+
+
 def test_search_with_params_budget_and_random_sampler(cnn):
     result = search(cnn, INPUT, agreement(cnn), budget="params=4", n_trials=4, sampler="random", progress=False)
     assert result.measured_cost <= result.dense_cost / 4
