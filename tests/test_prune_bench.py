@@ -42,3 +42,15 @@ def test_count_macs_of_the_small_cnn():
 
     bench = load_bench()
     assert bench.count_macs(SmallCNN(), torch.zeros(1, 1, 28, 28)) == 225792 + 3612672 + 401408 + 1280
+
+
+def test_seed_means_average_each_method_and_target_over_seeds():
+    bench = load_bench()
+    rows = [{"method": "l1", "target": 20.0, "seed": s, "acc_before": b, "acc_finetuned": f}
+            for s, b, f in [(2, 97.0, 96.0), (3, 98.0, 97.5)]]
+    rows.append({"method": "fpgm", "target": 20.0, "seed": 2, "acc_before": 97.0, "acc_finetuned": 96.8})
+    means = {m["method"]: m for m in bench.seed_means(rows)}
+    assert means["l1"]["seeds"] == [2, 3] and means["l1"]["per_seed"] == [96.0, 97.5]
+    assert means["l1"]["acc_before"] == 97.5 and means["l1"]["acc_finetuned"] == 96.75
+    assert abs(means["l1"]["loss"] - 0.75) < 1e-9
+    assert abs(means["fpgm"]["loss"] - 0.2) < 1e-9
