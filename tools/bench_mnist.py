@@ -2,7 +2,9 @@
 
 Trains ``SmallCNN`` (2 conv blocks, 4.24 M MACs) on 4,000 digits, then for each
 structured criterion and each target ratio of fewer MACs (10x, 20x, 50x by
-default): prune, shrink, measure accuracy right after pruning (raw, and with
+default), with the same per-group channel counts for every criterion (a
+common sparsity fitted to the MACs budget, then single channels given back
+while the budget affords them): prune, shrink, measure accuracy right after pruning (raw, and with
 batch-norm statistics re-estimated on 20 training batches), fine-tune for up
 to 3 epochs (Adam, batch 32, learning rate annealed from 6e-3 on a cosine;
 cross-entropy plus logit distillation from the unpruned model) and measure
@@ -37,6 +39,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress import prune as P
+from fxcompress.auto import BudgetMetric, PerGroupSparsity, ShapeCost, Workspace, fit_to_budget, spend_leftover
 from fxcompress.examples import EpochBatches, SmallCNN, accuracy, mnist_split, train_epochs
 from fxcompress.passes import standard_pruning
 
@@ -153,6 +156,21 @@ def sparsity_for(model, x, target: float) -> float:
     return prune_to_ratio(model, x, "random", target, None)[1]
 
 
+def allocation_for(model, x, target: float) -> dict[str, float]:
+    """Per-group sparsities that spend ``target`` times fewer MACs: uniform, then single channels back.
+
+    One sparsity for every group moves in steps of one channel per group at
+    once (at 20x: 7/14/28 channels is 23x, 8/16/32 under 20x); fitting a
+    common sparsity to the budget and giving back the channels it still
+    affords lands on the budget. Every criterion gets the same channel counts.
+    """
+    ws = Workspace.trace(model, x)
+    cost = ShapeCost.build(ws, BudgetMetric.MACS)
+    predict = lambda s: cost.predict(ws.kept_fractions(s))  # noqa: E731 - the cost of sparsities
+    uniform = fit_to_budget({k: 1.0 for k in ws.keys}, predict, cost.dense / target, max_sparsity=0.99)
+    return spend_leftover(ws, uniform, predict, cost.dense / target)
+
+
 # ---------------------------------------------------------------------------- rows
 
 
@@ -170,13 +188,14 @@ def _row(label, ratio_target, base_model, small, x, data, acc_base, acc_raw, acc
     }
 
 
-def structured_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base, sparsity):
+def structured_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base, allocation):
     start = time.perf_counter()
     source = slim_model if name == "slim" else model
-    if name == "lamp":
+    if name == "lamp":  # ranks weights across layers: its own allocation
         small, _ = prune_to_ratio(source, x, name, target, evaluator)
     else:
-        small = fxcompress.compile(source, x, standard_pruning(build_pruner(name, sparsity, evaluator)), verify=False)
+        pruner = PerGroupSparsity(build_pruner(name, 0.0, evaluator), allocation)
+        small = fxcompress.compile(source, x, standard_pruning(pruner), verify=False)
     return _finish(f"{name}", target, model, small, x, data, evaluator, settings, acc_base, start)
 
 
@@ -248,9 +267,10 @@ def run(settings: Settings) -> list[dict]:
     slim_model = slim_trained(model, evaluator) if "slim" in settings.criteria else model
     rows = []
     for target in settings.ratios:
-        sparsity = sparsity_for(model, x, target)
+        allocation = allocation_for(model, x, target)
         for name in settings.criteria:
-            rows.append(structured_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base, sparsity))
+            rows.append(structured_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base,
+                                       allocation))
             print(_fmt(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     if settings.extras:
         rows.extend(extra_rows(model, x, data, evaluator, settings, acc_base, sparsity_for(model, x, 20.0)))

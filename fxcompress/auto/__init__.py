@@ -18,7 +18,7 @@ with a :class:`PerGroupSparsity` pruner compiled in: no per-trial retracing.
 >>> print(result.table())
 """
 
-from fxcompress.auto.cost import Budget, BudgetMetric, LatencyTable, ShapeCost, fit_to_budget, measure_cost
+from fxcompress.auto.cost import Budget, BudgetMetric, LatencyTable, ShapeCost, fit_to_budget, measure_cost, spend_leftover
 from fxcompress.auto.pergroup import PerGroupSparsity, group_key, searchable_groups
 from fxcompress.auto.search import (
     InlineSource,
@@ -36,7 +36,7 @@ from fxcompress.auto.sensitivity import SensitivityCache, SensitivityResult, sen
 from fxcompress.auto.workspace import Workspace
 
 __all__ = [
-    "Budget", "BudgetMetric", "LatencyTable", "ShapeCost", "fit_to_budget", "measure_cost",
+    "Budget", "BudgetMetric", "LatencyTable", "ShapeCost", "fit_to_budget", "measure_cost", "spend_leftover",
     "PerGroupSparsity", "group_key", "searchable_groups", "Workspace",
     "sensitivity", "SensitivityResult", "SensitivityCache",
     "search", "SearchConfig", "SearchResult", "SamplerKind", "run_worker", "open_storage",

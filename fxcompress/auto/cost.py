@@ -44,6 +44,7 @@ __all__ = [
     "cost_model",
     "measure_cost",
     "fit_to_budget",
+    "spend_leftover",
 ]
 
 
@@ -283,3 +284,36 @@ def fit_to_budget(
         mid = 0.5 * (lo + hi)
         lo, hi = (lo, mid) if cost(at(mid)) <= target else (mid, hi)
     return at(hi)
+
+
+def _one_more(ws: Workspace, key: str, sparsity: float) -> float | None:
+    """The largest sparsity below ``sparsity`` at which group ``key`` keeps one more channel (None: all kept)."""
+    n = ws.sizes[key]
+    pruner = ws.pruner({})
+    kept = pruner.kept(n, sparsity)
+    for fewer in range(n - kept - 1, -1, -1):
+        if pruner.kept(n, fewer / n) > kept:
+            return fewer / n
+    return None
+
+
+def spend_leftover(
+    ws: Workspace, sparsities: Mapping[str, float], cost: Callable[[Mapping[str, float]], float], target: float
+) -> dict[str, float]:
+    """Give back single channels while the budget still affords them: to the most pruned group whose next
+    channel fits, until none fits.
+
+    :func:`fit_to_budget` scales all groups together and stops when the group
+    whose next channel would overshoot is reached, while a cheaper group (a
+    classifier layer, a few MACs a channel) could still grow: without this an
+    allocation can spend a few percent less than its budget. ``cost`` takes
+    sparsities, like :func:`fit_to_budget`'s.
+    """
+    current = {k: sparsities.get(k, 0.0) for k in ws.keys}
+    while True:
+        fits = {k: s for k in current if (s := _one_more(ws, k, current[k])) is not None
+                and cost({**current, k: s}) <= target}
+        if not fits:
+            return current
+        key = max(fits, key=lambda k: (current[k], k))
+        current[key] = fits[key]

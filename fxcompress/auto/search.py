@@ -4,7 +4,7 @@ A trial asks the sampler for one *preference* in ``[0, 1]`` per group, scales
 the preferences until the predicted cost meets the budget exactly
 (:func:`~fxcompress.auto.cost.fit_to_budget`), gives back single channels
 while the budget still affords them (whole channels leave some of it
-unspent, :meth:`Objective.top_up`), compiles those sparsities from
+unspent, :func:`~fxcompress.auto.cost.spend_leftover`), compiles those sparsities from
 the shared, once-traced workspace and scores the result with the user's
 ``evaluate(model) -> float`` (higher is better). The first trial of a fresh
 study is uniform sparsity at the same budget, so the search starts from the
@@ -45,7 +45,9 @@ import optuna
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxcompress.auto.cost import Budget, BudgetMetric, CostModel, LatencyTable, cost_model, fit_to_budget, measure_cost
+from fxcompress.auto.cost import (
+    Budget, BudgetMetric, CostModel, LatencyTable, cost_model, fit_to_budget, measure_cost, spend_leftover,
+)
 from fxcompress.auto.pergroup import PerGroupSparsity
 from fxcompress.auto.workspace import Workspace
 from fxcompress.errors import ConfigError, coerce_enum
@@ -195,35 +197,6 @@ class Objective:
     def fit(self, preferences: Mapping[str, float]) -> dict[str, float] | None:
         return fit_to_budget(preferences, self.predict, self.target, self.config.max_sparsity)
 
-    def one_more(self, key: str, sparsity: float) -> float | None:
-        """The largest sparsity below ``sparsity`` at which group ``key`` keeps more channels (None: all kept)."""
-        n = self.ws.sizes[key]
-        pruner = self.ws.pruner({})
-        kept = pruner.kept(n, sparsity)
-        for fewer in range(n - kept - 1, -1, -1):
-            if pruner.kept(n, fewer / n) > kept:
-                return fewer / n
-        return None
-
-    def top_up(self, sparsities: Mapping[str, float]) -> dict[str, float]:
-        """Spend what whole channels leave of the budget: give one channel back at a time, to the most pruned
-        group whose next channel still fits, until none fits.
-
-        ``fit_to_budget`` scales all groups together, so the group whose next
-        channel would overshoot stops it while a cheaper group (a classifier
-        layer, a few MACs a channel) could still grow; without this a
-        candidate can use a few percent fewer MACs than uniform sparsity at
-        the same budget.
-        """
-        current = {k: sparsities.get(k, 0.0) for k in self.ws.keys}
-        while True:
-            fits = {k: s for k in current if (s := self.one_more(k, current[k])) is not None
-                    and self.predict({**current, k: s}) <= self.target}
-            if not fits:
-                return current
-            key = max(fits, key=lambda k: (current[k], k))
-            current[key] = fits[key]
-
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(PID_ATTR, os.getpid())
         preferences = {k: trial.suggest_float(k, 0.0, 1.0) for k in self.ws.keys}
@@ -231,7 +204,7 @@ class Objective:
         if sparsities is None:
             raise optuna.TrialPruned(f"budget unreachable with max_sparsity={self.config.max_sparsity}")
         if trial.user_attrs.get(BASELINE_ATTR) != "uniform":  # the baseline stays uniform
-            sparsities = self.top_up(sparsities)
+            sparsities = spend_leftover(self.ws, sparsities, self.predict, self.target)
         trial.set_user_attr(SPARSITIES_ATTR, sparsities)
         trial.set_user_attr(COST_ATTR, self.predict(sparsities))
         return float(self.evaluate(self.ws.compile(sparsities, verify=self.config.verify)))
