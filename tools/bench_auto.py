@@ -226,7 +226,8 @@ def run(args) -> dict:
         disable_numparse=True,
     )
     print(table)
-    print(f"\nsearch validation accuracy: searched {result.value:.1f}% vs uniform {result.uniform_value:.1f}% "
+    what, unit = ("minus validation cross-entropy", "") if args.score == "loss" else ("validation accuracy", "%")
+    print(f"\nsearch score ({what}): searched {result.value:.3g}{unit} vs uniform {result.uniform_value:.3g}{unit} "
           f"({args.trials} trials; validation = {N_VALIDATION} training digits held out; BN re-estimated before "
           f"scoring; {args.trial_finetune_steps} trial fine-tuning steps)")
     return {"settings": vars(args), "uniform_sparsity": uniform_sparsity, "search": result.to_dict(),
