@@ -195,8 +195,9 @@ def _form_groups(slices: list[ParamSlice], solution: Solution):
     rank[order] = np.arange(len(order))
     group_of = np.full(n_comp, -1, dtype=np.int64)
     group_of[members] = rank[inverse]
-    pairs = np.unique(group_of[comps] * max(len(slices), 1) + owners)  # (group, slice), sorted by group
-    pair_group, pair_slice = np.divmod(pairs, max(len(slices), 1))
+    stride = max(len(slices), 1)
+    pairs = np.unique(group_of[comps] * stride + owners)  # (group, slice), sorted by group
+    pair_group, pair_slice = np.divmod(pairs, stride)
     bounds = np.searchsorted(pair_group, np.arange(len(order) + 1))
     slices_of_group = [tuple(pair_slice[bounds[g] : bounds[g + 1]].tolist()) for g in range(len(order))]
     return group_of, slices_of_group

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MnistSplit", "mnist_split", "SmallCNN", "train_epochs", "accuracy", "batches", "EpochBatches"]
+__all__ = [
+    "MnistSplit", "mnist_split", "SmallCNN", "train_epochs", "accuracy", "batches", "EpochBatches", "parse_seeds",
+]
 
 
 @dataclass
@@ -126,3 +128,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     correct = sum(int((model(bx).argmax(1) == by).sum()) for bx, by in batches(x, y, batch_size))
     model.train(training)
     return 100.0 * correct / len(y)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The benchmarks' ``--seeds``: ``"0-4"`` or ``"0,2,5"``.
+
+    >>> parse_seeds("0-2,7")
+    [0, 1, 2, 7]
+    """
+    seeds = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        seeds.extend(range(int(first), int(last) + 1) if dash else [int(first)])
+    return seeds

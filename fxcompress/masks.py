@@ -15,6 +15,7 @@ tensor has been modified in place, so any other mask takes the general path.
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import numpy as np
@@ -75,9 +76,7 @@ def ones_where_kept(mask: torch.Tensor, kept_by_dim: dict[int, np.ndarray]) -> b
     factors = mask_factors(mask)
     if factors is not None:
         return all(keep[kept_by_dim[d]].all() if d in kept_by_dim else keep.all() for d, keep in factors.items())
-    kept_size = 1
-    for d, n in enumerate(mask.shape):
-        kept_size *= len(kept_by_dim[d]) if d in kept_by_dim else n
+    kept_size = math.prod(len(kept_by_dim[d]) if d in kept_by_dim else n for d, n in enumerate(mask.shape))
     return float(mask.sum(dtype=torch.float64)) == kept_size  # zero on removed channels: all ones on the rest
 
 
@@ -120,7 +119,7 @@ def _combine(module: nn.Module, name: str, existing: torch.Tensor, mask: torch.T
     factors = None
     if old is not None and new is not None:
         factors = {d: old.get(d, True) & new.get(d, True) for d in old.keys() | new.keys()}
-        if all(np.array_equal(factors[d], old[d]) for d in old) and factors.keys() == old.keys():
+        if factors.keys() == old.keys() and all(np.array_equal(factors[d], old[d]) for d in old):
             return False
     combined = existing * mask.to(existing.dtype)
     if factors is None and torch.equal(combined, existing):

@@ -120,7 +120,9 @@ def _is_python_scalar(value) -> bool:
 
 def _on_meta(value):
     """A tensor's meta-device twin (shape, dtype and strides, no storage); anything else as it is."""
-    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta") if isinstance(value, torch.Tensor) else value
+    if not isinstance(value, torch.Tensor):
+        return value
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
 
 
 #: Leaf modules whose output has their input's shape, dtype and layout in eval mode.

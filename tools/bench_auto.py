@@ -52,7 +52,7 @@ from tabulate import tabulate
 from torch import nn
 
 from fxcompress.auto import Budget, BudgetMetric, ShapeCost, Workspace, fit_to_budget, iterative_search, search
-from fxcompress.examples import MnistSplit, SmallCNN, accuracy, batches, mnist_split, train_epochs
+from fxcompress.examples import MnistSplit, SmallCNN, accuracy, batches, mnist_split, parse_seeds, train_epochs
 from fxcompress.prune import Evaluator, recalibrate_batchnorm
 from fxcompress.report import count_macs, count_params
 
@@ -234,15 +234,6 @@ def run(args) -> dict:
           f"scoring; {args.trial_finetune_steps} trial fine-tuning steps)")
     return {"settings": vars(args), "uniform_sparsity": uniform_sparsity, "search": result.to_dict(),
             "rows": [dataclasses.asdict(r) for r in rows], "table": table}
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0-4"`` or ``"0,2,5"``: the seeds ``--seeds`` repeats the bench over."""
-    seeds = []
-    for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        seeds.extend(range(int(first), int(last) + 1) if dash else [int(first)])
-    return seeds
 
 
 def seed_table(runs: list[dict]) -> str:

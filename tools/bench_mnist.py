@@ -40,7 +40,7 @@ from torch import nn
 import fxcompress
 from fxcompress import prune as P
 from fxcompress.auto import BudgetMetric, PerGroupSparsity, ShapeCost, Workspace, fit_to_budget, spend_leftover
-from fxcompress.examples import EpochBatches, SmallCNN, accuracy, mnist_split, train_epochs
+from fxcompress.examples import EpochBatches, SmallCNN, accuracy, mnist_split, parse_seeds, train_epochs
 from fxcompress.passes import standard_pruning
 
 STRUCTURED = ("l1", "l2", "fpgm", "lamp", "slim", "random", "apoz", "mean-activation", "taylor", "obd")
@@ -55,8 +55,8 @@ class Settings:
     base_epochs: int = 6
     finetune_epochs: int = 3
     #: Fine-tuning: Adam's peak learning rate, its schedule over each run and the batch size. Chosen on seeds 0
-    #: and 1 at 20x (mean of fpgm, slim, apoz, l1): batch 32 with cosine from 6e-3 gave 96.5 % against 96.3 %
-    #: for the former batch 64 at a constant 3e-3; cosine from 4e-3 to 1e-2 at batch 32 all gave 96.4-96.5 %.
+    #: and 1 at 20x (fpgm, slim, apoz, l1) among batch 16-64, constant or cosine, peaks 2e-3 to 1e-2; cosine
+    #: peaks from 4e-3 to 1e-2 at batch 32 form a plateau. Compare with --lr, --lr-schedule, --finetune-batch.
     lr: float = 6e-3
     lr_schedule: str = "cosine"
     finetune_batch: int = 32
@@ -327,8 +327,8 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
                         help="fine-tuning learning rate over each run (default cosine)")
     parser.add_argument("--finetune-batch", type=int, default=None, help="fine-tuning batch size (default 32)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the data split, training and pruning (default 0)")
-    parser.add_argument("--seeds", default=None,
-                        help="comma-separated seeds: one full run per seed, then a table of means (overrides --seed)")
+    parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="LIST",
+                        help="seeds (2,3,4 or 0-4): one full run per seed, then a table of means (overrides --seed)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
@@ -356,7 +356,7 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
 def main(argv=None) -> list[dict]:
     settings, args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [settings.seed]
+    seeds = args.seeds or [settings.seed]
     start = time.perf_counter()
     rows = []
     for seed in seeds:
