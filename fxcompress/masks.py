@@ -118,9 +118,11 @@ def _combine(module: nn.Module, name: str, existing: torch.Tensor, mask: torch.T
     old, new = mask_factors(existing), mask_factors(mask)
     factors = None
     if old is not None and new is not None:
+        if not all(keep.any() for keep in old.values()):
+            return False  # all zero already: nothing can change it
         factors = {d: old.get(d, True) & new.get(d, True) for d in old.keys() | new.keys()}
         if factors.keys() == old.keys() and all(np.array_equal(factors[d], old[d]) for d in old):
-            return False
+            return False  # with every factor nonzero somewhere, the product changes iff a factor does
     combined = existing * mask.to(existing.dtype)
     if factors is None and torch.equal(combined, existing):
         return False

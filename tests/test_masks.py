@@ -83,3 +83,16 @@ def test_masks_made_in_inference_mode_are_still_correct(inference):
     with torch.inference_mode(inference):
         mask = _outer_mask(torch.Size((4, 2)), {0: np.array([0, 3])})
     assert np.array_equal(_alive_positions(mask, 0), [False, True, True, False])
+
+
+def test_combining_masks_reports_a_change_exactly_when_the_mask_changes():
+    from fxcompress.masks import apply_masks
+
+    for existing_dead, new_dead in [({0: np.arange(4)}, {1: np.array([0])}),  # already all zero
+                                    ({0: np.array([1])}, {0: np.array([1])}),  # same rows again
+                                    ({0: np.array([1])}, {1: np.array([2])})]:  # a new column
+        gm = fxcompress.trace(torch.nn.Sequential(torch.nn.Linear(3, 4)), torch.randn(1, 3))
+        apply_masks(gm, {"0.weight": _outer_mask(torch.Size((4, 3)), existing_dead)})
+        before = current_masks(gm)["0.weight"].clone()
+        changed = apply_masks(gm, {"0.weight": _outer_mask(torch.Size((4, 3)), new_dead)})
+        assert changed == (not torch.equal(current_masks(gm)["0.weight"], before))
