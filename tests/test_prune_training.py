@@ -91,6 +91,28 @@ def test_scheduled_structured_pruning_grows_to_the_final_sparsity(schedule):
     assert small.conv2.weight.shape[0] == 2
 
 
+@pytest.mark.parametrize("criterion", ["random", "fpgm", "l1"])
+def test_channels_masked_earlier_count_toward_the_next_sparsity(criterion):
+    """Pruning a masked model again removes the earlier channels first, whatever the criterion's ranking."""
+    gm = traced()
+    earlier = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # channels 0 and 2 of conv1 gone
+    fxcompress.masks.apply_masks(gm, {"conv1.weight": earlier.view(-1, 1, 1, 1).expand(8, 1, 3, 3).clone(),
+                                      "conv1.bias": earlier.clone()})
+    pruner = P.make_pruner(criterion, sparsity=0.5)
+    fxcompress.masks.apply_masks(gm, pruner.compute_masks(gm, fxcompress.analysis.get_analysis(gm)))
+    alive = gm.conv1.weight.detach().abs().sum((1, 2, 3)) != 0
+    assert int(alive.sum()) == 4 and not alive[0] and not alive[2]
+
+
+@pytest.mark.parametrize("criterion", ["random", "fpgm"])
+def test_gradual_pruning_reaches_exactly_the_final_sparsity(criterion):
+    gm = traced()
+    P.ScheduledPruning(P.make_pruner(criterion, sparsity=0.75), P.LinearSchedule(end_step=5), every=1).run(
+        gm, evaluator(), epochs=1)
+    small = P.shrink(gm)
+    assert small.conv1.weight.shape[0] == 2 and small.conv2.weight.shape[0] == 2
+
+
 def test_scheduled_level_pruning():
     gm = traced()
     P.ScheduledPruning(P.LevelPruner(0.9), P.AGPSchedule(end_step=4), every=2).run(gm, evaluator(), epochs=1)

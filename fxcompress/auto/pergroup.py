@@ -86,7 +86,7 @@ class PerGroupSparsity:
             )
         keep = np.ones(analysis.solution.num_components, dtype=bool)
         chosen = [(groups[k], s) for k, s in self.sparsities.items() if s > 0]
-        scores = self.criterion.group_scores(gm, analysis, [g for g, _ in chosen]) if chosen else []
+        scores = self.criterion.ranked_scores(gm, analysis, [g for g, _ in chosen]) if chosen else []
         for (group, sparsity), score in zip(chosen, scores):
             n_drop = len(group) - self.kept(len(group), sparsity)
             drop = np.argsort(np.asarray(score, dtype=np.float64), kind="stable")[:n_drop]

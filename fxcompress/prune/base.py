@@ -29,7 +29,7 @@ from torch import fx, nn
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
 from fxcompress.errors import ConfigError, coerce_enum
-from fxcompress.masks import channel_masks, split_target
+from fxcompress.masks import channel_masks, current_masks, kept_components, split_target
 from fxcompress.modules import HeadPrunedMultiheadAttention
 from fxcompress.trace import module_type
 
@@ -179,6 +179,20 @@ class ChannelPruner:
         """Scores of every group at once. Data-aware criteria override this to collect their data once."""
         return [np.asarray(self.channel_scores(gm, analysis, g), dtype=np.float64) for g in groups]
 
+    def ranked_scores(self, gm: fx.GraphModule, analysis: ChannelAnalysis, groups: Sequence[Group]) -> list[np.ndarray]:
+        """:meth:`group_scores`, with channels already masked on ``gm`` scored ``-inf``.
+
+        Gradual pruning masks a model again and again; a channel removed
+        earlier must count toward the new sparsity, or criteria that do not
+        score a zeroed channel lowest (random, FPGM) remove more than asked.
+        """
+        scores = self.group_scores(gm, analysis, groups)
+        masks = current_masks(gm)
+        if not masks:
+            return scores
+        alive = kept_components(analysis, masks)
+        return [np.where(alive[g.components], np.asarray(s, dtype=np.float64), -np.inf) for g, s in zip(groups, scores)]
+
     # -- the shared driver
 
     def selects(self, gm: fx.GraphModule, analysis: ChannelAnalysis, group: Group) -> bool:
@@ -224,7 +238,7 @@ class ChannelPruner:
         groups = [g for g in analysis.prunable_groups() if self.selects(gm, analysis, g)]
         if self.sparsity == 0 or not groups:
             return channel_masks(gm, analysis, keep)
-        scores = self.group_scores(gm, analysis, groups)
+        scores = self.ranked_scores(gm, analysis, groups)
         kept = self.kept_per_group([len(g) for g in groups], scores)
         for group, score, n_keep in zip(groups, scores, kept):
             drop = np.argsort(np.asarray(score, dtype=np.float64), kind="stable")[: len(group) - n_keep]
