@@ -71,24 +71,31 @@ def test_schedules_follow_their_formulas():
 
 @pytest.mark.parametrize("schedule", [P.LinearSchedule(end_step=4), P.AGPSchedule(end_step=4)])
 def test_scheduled_structured_pruning_grows_to_the_final_sparsity(schedule):
+    scheduled = P.ScheduledPruning(P.L1Norm(0.75), schedule, every=1)
+    seen = [scheduled.pruner_at(step).sparsity for step in range(6)]
+    assert seen == sorted(seen) and seen[0] == 0.0 and seen[-1] == 0.75
     gm = traced()
-    seen = []
-    ev = evaluator()
-    original = P.schedule.prune_step
-
-    def spy(gm_, pruner, s):
-        seen.append(s)
-        return original(gm_, pruner, s)
-
-    P.schedule.prune_step = spy
-    try:
-        P.ScheduledPruning(P.L1Norm(0.75), schedule, every=1).run(gm, ev, epochs=1)
-    finally:
-        P.schedule.prune_step = original
-    assert seen == sorted(seen) and seen[-1] == 0.75
+    scheduled.run(gm, evaluator(), epochs=1)
     small = P.shrink(gm)
     assert small.conv1.weight.shape[0] == 8 - math.floor(8 * 0.75)
     assert small.conv2.weight.shape[0] == 2
+
+
+def test_scheduled_per_group_sparsities_each_follow_the_schedule():
+    from fxcompress.auto import PerGroupSparsity
+
+    final = {"conv1.weight[0]": 0.75, "conv2.weight[0]": 0.5}
+    scheduled = P.ScheduledPruning(PerGroupSparsity(P.FPGM(), final), P.LinearSchedule(end_step=4), every=1)
+    assert scheduled.pruner_at(2).sparsities == {"conv1.weight[0]": 0.375, "conv2.weight[0]": 0.25}
+    gm = traced()
+    scheduled.run(gm, evaluator(), epochs=1)
+    small = P.shrink(gm)
+    assert (small.conv1.weight.shape[0], small.conv2.weight.shape[0]) == (2, 4)
+
+
+def test_scheduled_pruning_rejects_a_pruner_without_sparsity():
+    with pytest.raises(fxcompress.ConfigError, match="sparsities mapping"):
+        P.ScheduledPruning(P.Combined(()), P.LinearSchedule(end_step=4))
 
 
 @pytest.mark.parametrize("criterion", ["random", "fpgm", "l1"])

@@ -2,8 +2,11 @@
 
 A schedule maps a training step to the sparsity reached by then. ``ScheduledPruning``
 wraps *any* pruner with a ``sparsity`` field (a channel criterion, level
-pruning) and re-runs it with the scheduled sparsity every ``every`` steps;
-masks only ever shrink, and masked weights stay zero between steps.
+pruning) or a ``sparsities`` mapping (``fxcompress.auto.PerGroupSparsity``:
+each group follows the schedule to its own final sparsity) and re-runs it with
+the scheduled sparsity every ``every`` steps; masks only ever shrink, channels
+removed earlier count toward the next step, and masked weights stay zero
+between steps.
 
 >>> agp = ScheduledPruning(L1Norm(0.8), AGPSchedule(end_step=300), every=25)
 >>> agp.run(gm, evaluator, epochs=2)          # gm is now masked at 80 %
@@ -75,20 +78,31 @@ class AGPSchedule:
 
 def prune_step(gm: fx.GraphModule, pruner: Pruner, sparsity: float) -> bool:
     """Mask ``gm`` further with ``pruner`` at ``sparsity`` (same pruner type, new ``sparsity`` field)."""
-    return apply_masks(gm, dataclasses.replace(pruner, sparsity=sparsity).compute_masks(gm, get_analysis(gm)))
+    return _mask_with(gm, dataclasses.replace(pruner, sparsity=sparsity))
+
+
+def _field_names(pruner: object) -> set[str]:
+    return {f.name for f in dataclasses.fields(pruner)} if dataclasses.is_dataclass(pruner) else set()
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledPruning:
-    """Prune with ``pruner``'s criterion while training, following ``schedule`` up to ``pruner.sparsity``."""
+    """Prune with ``pruner``'s criterion while training, following ``schedule`` up to ``pruner``'s sparsity.
+
+    >>> ScheduledPruning(L1Norm(0.8), LinearSchedule(end_step=100)).pruner_at(50).sparsity
+    0.4
+    """
 
     pruner: Pruner
     schedule: Schedule
     every: int = 10
 
     def __post_init__(self) -> None:
-        if not dataclasses.is_dataclass(self.pruner) or "sparsity" not in {f.name for f in dataclasses.fields(self.pruner)}:
-            raise ConfigError(f"ScheduledPruning needs a pruner with a sparsity field, got {type(self.pruner).__name__}")
+        if not _field_names(self.pruner) & {"sparsity", "sparsities"}:
+            raise ConfigError(
+                f"ScheduledPruning needs a pruner with a sparsity field or a sparsities mapping "
+                f"(PerGroupSparsity), got {type(self.pruner).__name__}"
+            )
         if not isinstance(self.schedule, Schedule):
             raise ConfigError(f"schedule must have sparsity_at(step, final), got {type(self.schedule).__name__}")
         if not isinstance(self.every, int) or self.every < 1:
@@ -97,14 +111,24 @@ class ScheduledPruning:
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.schedule.end_step
 
+    def pruner_at(self, step: int) -> Pruner:
+        """The pruner with the sparsity (or per-group sparsities) the schedule reaches at ``step``."""
+        if "sparsities" in _field_names(self.pruner):
+            at = {key: self.schedule.sparsity_at(step, final) for key, final in self.pruner.sparsities.items()}
+            return dataclasses.replace(self.pruner, sparsities=at)
+        return dataclasses.replace(self.pruner, sparsity=self.schedule.sparsity_at(step, self.pruner.sparsity))
+
     def run(self, gm: fx.GraphModule, evaluator: Evaluator, epochs: int = 1, max_steps: int | None = None):
         """Train ``gm`` in place with ``evaluator``, pruning on schedule; the final sparsity is always applied."""
-        final = self.pruner.sparsity
 
         def after_step(model, step):
             if self.due(step) and step <= self.schedule.end_step:
-                prune_step(gm, self.pruner, self.schedule.sparsity_at(step, final))
+                _mask_with(gm, self.pruner_at(step))
 
         evaluator.train(gm, epochs, max_steps=max_steps, after_step=after_step, desc=f"prune ({type(self.pruner).__name__})")
-        prune_step(gm, self.pruner, final)
+        _mask_with(gm, self.pruner)
         return gm
+
+
+def _mask_with(gm: fx.GraphModule, pruner: Pruner) -> bool:
+    return apply_masks(gm, pruner.compute_masks(gm, get_analysis(gm)))
