@@ -35,6 +35,22 @@ def test_short_benchmark_reaches_the_macs_target_and_reports_every_column(tmp_pa
     assert row["acc_before"] > 50  # the baseline learned something even in the short run
 
 
+def test_gradual_rows_reach_the_same_channel_counts_during_fine_tuning(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "rows.json"
+    bench.main(["--criteria", "fpgm", "--ratios", "10", "--gradual-ratios", "10", "--quick", "--json", str(out)])
+    oneshot, gradual = json.loads(out.read_text())["rows"]
+    assert (oneshot["method"], gradual["method"]) == ("fpgm", "AGP(fpgm)")
+    assert gradual["macs_ratio"] == oneshot["macs_ratio"] >= 10  # the same per-group channel counts
+    assert gradual["acc_pruned"] is None and gradual["acc_pruned_bn"] is None  # pruned while training
+    assert 0 <= gradual["acc_finetuned"] <= 100
+
+
+def test_gradual_epochs_cannot_exceed_the_fine_tuning():
+    with pytest.raises(SystemExit):
+        load_bench().parse_args(["--gradual-epochs", "4"])
+
+
 def test_count_macs_of_the_small_cnn():
     import torch
 
