@@ -142,8 +142,8 @@ def finetune(student, teacher, data, settings: Settings, epochs: int) -> None:
         distilling_evaluator(student, teacher, data, settings).train(student, epochs)
 
 
-def build_pruner(name: str, sparsity: float, evaluator: P.Evaluator) -> P.Pruner:
-    options = {"evaluator": evaluator, "num_batches": 8} if name in DATA_AWARE else {}
+def build_pruner(name: str, sparsity: float, evaluator: P.Evaluator, num_batches: int = 8) -> P.Pruner:
+    options = {"evaluator": evaluator, "num_batches": num_batches} if name in DATA_AWARE else {}
     return P.make_pruner(name, sparsity=sparsity, **options)
 
 
@@ -196,18 +196,14 @@ def _row(label, ratio_target, base_model, small, x, data, acc_base, acc_raw, acc
     }
 
 
-def target_pruner(name, target, source, x, evaluator, allocation) -> P.Pruner:
-    """The pruner that reaches ``target``: the shared channel counts, or LAMP's own global allocation."""
-    if name == "lamp":  # ranks weights across layers: its own allocation
-        return build_pruner(name, prune_to_ratio(source, x, name, target, evaluator)[1], evaluator)
-    return PerGroupSparsity(build_pruner(name, 0.0, evaluator), allocation)
-
-
 def structured_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base, allocation):
     start = time.perf_counter()
     source = slim_model if name == "slim" else model
-    pruner = target_pruner(name, target, source, x, evaluator, allocation)
-    small = fxcompress.compile(source, x, standard_pruning(pruner), verify=False)
+    if name == "lamp":  # ranks weights across layers: its own allocation
+        small, _ = prune_to_ratio(source, x, name, target, evaluator)
+    else:
+        pruner = PerGroupSparsity(build_pruner(name, 0.0, evaluator), allocation)
+        small = fxcompress.compile(source, x, standard_pruning(pruner), verify=False)
     return _finish(f"{name}", target, model, small, x, data, evaluator, settings, acc_base, start)
 
 
@@ -216,14 +212,17 @@ def gradual_row(name, target, model, slim_model, x, data, evaluator, settings, a
 
     Pruning spans the first ``gradual_epochs`` of the ``finetune_epochs``, so
     the row trains exactly as long as the one-shot rows; channels go a few at
-    a time every 5 steps, and the network adapts in between.
+    a time every 5 steps, and the network adapts in between. Data-aware
+    criteria score on 2 batches per step (50 steps see far more data than one
+    shot's 8 batches). LAMP has no gradual row: its global ranking re-allocates
+    channels as the weights train and lands off the MACs target.
     """
     start = time.perf_counter()
     source = slim_model if name == "slim" else model
     gm = fxcompress.trace(source, x)
     steps_per_epoch = math.ceil(settings.n_train / settings.finetune_batch)
     schedule = P.AGPSchedule(end_step=round(settings.gradual_epochs * steps_per_epoch))
-    pruner = target_pruner(name, target, source, x, evaluator, allocation)
+    pruner = PerGroupSparsity(build_pruner(name, 0.0, evaluator, num_batches=2), allocation)
     P.ScheduledPruning(pruner, schedule, every=5).run(gm, distilling_evaluator(gm, model, data, settings),
                                                       epochs=settings.finetune_epochs)
     small = P.shrink(gm, verify=False)
@@ -299,9 +298,11 @@ def run(settings: Settings) -> list[dict]:
     rows = []
     for target in settings.ratios:
         allocation = allocation_for(model, x, target)
-        row_kinds = [structured_row] + ([gradual_row] if target in settings.gradual_ratios else [])
-        for make_row in row_kinds:
-            for name in settings.criteria:
+        row_kinds = [(structured_row, settings.criteria)]
+        if target in settings.gradual_ratios:
+            row_kinds.append((gradual_row, [name for name in settings.criteria if name != "lamp"]))
+        for make_row, names in row_kinds:
+            for name in names:
                 rows.append(make_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base,
                                      allocation))
                 print(_fmt(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
