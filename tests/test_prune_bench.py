@@ -51,6 +51,18 @@ def test_gradual_epochs_cannot_exceed_the_fine_tuning():
         load_bench().parse_args(["--gradual-epochs", "4"])
 
 
+def test_a_row_does_not_depend_on_the_rows_before_it(tmp_path):
+    bench = load_bench()
+    alone, after = tmp_path / "alone.json", tmp_path / "after.json"
+    bench.main(["--criteria", "l1", "--quick", "--json", str(alone)])
+    bench.main(["--criteria", "taylor,l1", "--quick", "--json", str(after)])
+    row = json.loads(alone.read_text())["rows"][0]
+    same = json.loads(after.read_text())["rows"][1]
+    assert same["method"] == "l1"
+    for key in ("acc_pruned", "acc_pruned_bn", "acc_finetuned"):
+        assert same[key] == row[key]
+
+
 def test_count_macs_of_the_small_cnn():
     import torch
 

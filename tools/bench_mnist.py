@@ -240,7 +240,7 @@ def _finish(label, target, model, small, x, data, evaluator, settings, acc_base,
     return _row(label, target, model, small, x, data, acc_base, acc_raw, acc_bn, acc_ft, time.perf_counter() - start)
 
 
-def extra_rows(model, x, data, evaluator, settings, acc_base) -> list[dict]:
+def extra_rows(model, x, data, fresh_evaluator, settings, acc_base) -> list[dict]:
     """Fine-grained and training-aware methods; each trains at most ``finetune_epochs`` epochs in all."""
     rows = []
     epochs = settings.finetune_epochs
@@ -254,19 +254,20 @@ def extra_rows(model, x, data, evaluator, settings, acc_base) -> list[dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             small = fxcompress.compile(model, x, standard_pruning(factory()), verify=False)
-        rows.append(_finish(label, None, model, small, x, data, evaluator, settings, acc_base, start))
+        rows.append(_finish(label, None, model, small, x, data, fresh_evaluator(), settings, acc_base, start))
     steps = epochs * ((settings.n_train + 63) // 64)
     trained: dict[str, Callable] = {
-        "movement 90%": lambda gm: P.MovementPruning(0.9, schedule=P.AGPSchedule(end_step=steps // 2)).run(
-            gm, evaluator, epochs=max(1, epochs - 1)),
-        "ADMM 90%": lambda gm: P.ADMM(0.9, rho=1e-2).run(gm, evaluator, epochs=max(1, epochs - 1)),
-        "lottery 90% (2 rounds)": lambda gm: P.LotteryTicket(0.9, rounds=2, epochs_per_round=1,
-                                                               rewind_steps=20).run(gm, evaluator),
+        "movement 90%": lambda gm, ev: P.MovementPruning(0.9, schedule=P.AGPSchedule(end_step=steps // 2)).run(
+            gm, ev, epochs=max(1, epochs - 1)),
+        "ADMM 90%": lambda gm, ev: P.ADMM(0.9, rho=1e-2).run(gm, ev, epochs=max(1, epochs - 1)),
+        "lottery 90% (2 rounds)": lambda gm, ev: P.LotteryTicket(0.9, rounds=2, epochs_per_round=1,
+                                                                   rewind_steps=20).run(gm, ev),
     }
     for label, method in trained.items():
         start = time.perf_counter()
+        evaluator = fresh_evaluator()
         gm = fxcompress.trace(model, x)
-        method(gm)
+        method(gm, evaluator)
         small = P.shrink(gm, verify=False)
         acc_raw = accuracy(small, data.test_x, data.test_y)
         tune = 0 if label.startswith("lottery") else 1
@@ -293,8 +294,11 @@ def run(settings: Settings) -> list[dict]:
     x = data.train_x[:2]
     model = train_epochs(SmallCNN(), data, settings.base_epochs, seed=settings.seed)
     acc_base = accuracy(model, data.test_x, data.test_y)
-    evaluator = make_evaluator(data, settings.n_train, settings.seed, settings.train_lr)
-    slim_model = slim_trained(model, evaluator) if "slim" in settings.criteria else model
+    def fresh_evaluator() -> P.Evaluator:
+        """Every row gets its own: the batches it sees do not depend on which rows ran before."""
+        return make_evaluator(data, settings.n_train, settings.seed, settings.train_lr)
+
+    slim_model = slim_trained(model, fresh_evaluator()) if "slim" in settings.criteria else model
     rows = []
     for target in settings.ratios:
         allocation = allocation_for(model, x, target)
@@ -303,11 +307,11 @@ def run(settings: Settings) -> list[dict]:
             row_kinds.append((gradual_row, [name for name in settings.criteria if name != "lamp"]))
         for make_row, names in row_kinds:
             for name in names:
-                rows.append(make_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base,
-                                     allocation))
+                rows.append(make_row(name, target, model, slim_model, x, data, fresh_evaluator(), settings,
+                                     acc_base, allocation))
                 print(_fmt(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     if settings.extras:
-        rows.extend(extra_rows(model, x, data, evaluator, settings, acc_base))
+        rows.extend(extra_rows(model, x, data, fresh_evaluator, settings, acc_base))
     for row in rows:
         row["seed"] = settings.seed
     return rows
