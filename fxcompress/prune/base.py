@@ -183,8 +183,9 @@ class ChannelPruner:
         """:meth:`group_scores`, with channels already masked on ``gm`` scored ``-inf``.
 
         Gradual pruning masks a model again and again; a channel removed
-        earlier must count toward the new sparsity, or criteria that do not
-        score a zeroed channel lowest (random, FPGM) remove more than asked.
+        earlier must count toward the new sparsity, or a criterion that need
+        not score a zeroed channel lowest (random; FPGM ranks by distance to
+        the median, not by norm) removes more than asked.
         """
         scores = self.group_scores(gm, analysis, groups)
         masks = current_masks(gm)
