@@ -30,7 +30,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 import warnings
@@ -204,7 +203,7 @@ def structured_row(name, target, model, slim_model, x, data, evaluator, settings
     else:
         pruner = PerGroupSparsity(build_pruner(name, 0.0, evaluator), allocation)
         small = fxcompress.compile(source, x, standard_pruning(pruner), verify=False)
-    return _finish(f"{name}", target, model, small, x, data, evaluator, settings, acc_base, start)
+    return _finish(name, target, model, small, x, data, evaluator, settings, acc_base, start)
 
 
 def gradual_row(name, target, model, slim_model, x, data, evaluator, settings, acc_base, allocation):
@@ -220,11 +219,10 @@ def gradual_row(name, target, model, slim_model, x, data, evaluator, settings, a
     start = time.perf_counter()
     source = slim_model if name == "slim" else model
     gm = fxcompress.trace(source, x)
-    steps_per_epoch = math.ceil(settings.n_train / settings.finetune_batch)
-    schedule = P.AGPSchedule(end_step=round(settings.gradual_epochs * steps_per_epoch))
+    finetuning = distilling_evaluator(gm, model, data, settings)
+    schedule = P.AGPSchedule(end_step=round(settings.gradual_epochs * finetuning.steps_per_epoch()))
     pruner = PerGroupSparsity(build_pruner(name, 0.0, evaluator, num_batches=2), allocation)
-    P.ScheduledPruning(pruner, schedule, every=5).run(gm, distilling_evaluator(gm, model, data, settings),
-                                                      epochs=settings.finetune_epochs)
+    P.ScheduledPruning(pruner, schedule, every=5).run(gm, finetuning, epochs=settings.finetune_epochs)
     small = P.shrink(gm, verify=False)
     acc_ft = accuracy(small, data.test_x, data.test_y)
     return _row(f"AGP({name})", target, model, small, x, data, acc_base, None, None, acc_ft,

@@ -64,7 +64,7 @@ class AGPSchedule:
 
     ``s_t = s_f + (s_i - s_f) * (1 - progress)**3``.
 
-    >>> AGPSchedule(end_step=100).sparsity_at(50, final=0.8)
+    >>> round(AGPSchedule(end_step=100).sparsity_at(50, final=0.8), 6)
     0.7
     """
 
