@@ -8,9 +8,12 @@ the suite checks the equivalence invariant on independent inputs.
 
 from __future__ import annotations
 
+import importlib.util
 import random
+import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +94,26 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` imported as module ``name`` (once); tools import each other by name."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up by name
+        sys.path.insert(0, str(TOOLS))
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        finally:
+            sys.path.remove(str(TOOLS))
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def helpers() -> Callable:
     """The helpers above, for test modules (``helpers.compile_pair(...)``)."""
@@ -104,4 +127,5 @@ def helpers() -> Callable:
         count_macs=count_macs,
         count_params=count_params,
         randomize_norms=randomize_norms,
+        load_tool=load_tool,
     )

@@ -1,28 +1,20 @@
-"""A short run of tools/bench_auto.py on the real MNIST digits (the acceptance run is made by hand)."""
+"""tools/bench_auto.py (a short run on the real MNIST digits; the acceptance run is made by hand) and the
+arithmetic of tools/study_auto_score.py."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("mlxtend")
 
-BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench_auto.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_auto", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_auto", module)  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+def bench(helpers):
+    return helpers.load_tool("bench_auto")
 
 
 def test_short_bench_reports_every_row_at_the_budget(bench, tmp_path):
@@ -53,12 +45,8 @@ def test_constant_schedule_fine_tunes_exactly_as_train_epochs(bench):
 
 
 
-def test_score_study_summary_measures_noise_rank_and_the_best_scored_allocation(bench):
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        from study_auto_score import summary
-    finally:
-        sys.path.remove(str(BENCH.parent))
+def test_score_study_summary_measures_noise_rank_and_the_best_scored_allocation(helpers):
+    summary = helpers.load_tool("study_auto_score").summary
 
     def record(uniform, score, constant, cosine):  # (loss, accuracy) after two fine-tuning seeds
         return {"seed": 0, "uniform": uniform, "score": score, "finetuned": {"constant": constant, "cosine": cosine}}

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import ConfigError, FxCompressError, PipelineError, TraceError
-from fxcompress.passes import AnalyzeGroups, InsertMasks, PropagateChannels, Shrink, standard_pruning
+from fxcompress.passes import AnalyzeGroups, InsertMasks, Shrink, standard_pruning
 from fxcompress.pipeline import parse_pipeline
 from fxcompress.prune import L1Norm, L2Norm, make_pruner
 

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 from typing import ClassVar
 
-import numpy as np
 import pytest
 import torch
 from torch import fx, nn

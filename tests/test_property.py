@@ -19,7 +19,6 @@ but says what is broken).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import NamedTuple
 

