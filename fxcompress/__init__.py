@@ -3,7 +3,9 @@
 >>> import torch, torchvision, fxcompress
 >>> from fxcompress.passes import standard_pruning
 >>> model = torchvision.models.resnet18()
->>> small = fxcompress.compile(model, torch.randn(1, 3, 224, 224), passes=standard_pruning(fxcompress.prune.L1Norm(0.5)))
+>>> small = fxcompress.compile(model, torch.randn(1, 3, 64, 64), passes=standard_pruning(fxcompress.prune.L1Norm(0.5)))
+>>> fxcompress.report.count_params(model), fxcompress.report.count_params(small)
+(11689512, 3055880)
 """
 
 from __future__ import annotations

@@ -10,7 +10,11 @@ The exporter is torch's TorchScript-based one (``dynamo=False``): it takes a
 ``GraphModule`` as is and maps our two custom ops one-to-one, while the
 ``torch.export``-based exporter needs ``onnxscript``.
 
->>> result = to_onnx(gm, x, "model.onnx")
+With ``model`` and its example input ``x`` (a path, ``to_onnx(gm, x,
+"model.onnx")``, also saves the file):
+
+>>> gm = fxcompress.compile(model, x, "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink")
+>>> result = to_onnx(gm, x)
 >>> result.max_error <= result.tolerance
 True
 """

@@ -5,7 +5,15 @@ model) or a tuple of ``forward`` arguments. Only quantizers that have not been
 calibrated yet observe, so running the pass again is a no-op; to recalibrate,
 insert fresh observers.
 
->>> gm = fxcompress.compile(model, x, [InsertObservers(QConfig.int8()), Calibrate(tuple(train_x.split(256)))])
+>>> import torch, fxcompress
+>>> from fxcompress.examples import SmallCNN
+>>> from fxcompress.passes import Calibrate, InsertObservers
+>>> from fxcompress.quant import QConfig
+>>> images = torch.randn(64, 1, 28, 28)   # in practice a few hundred real inputs
+>>> passes = [InsertObservers(QConfig.int8()), Calibrate(tuple(images.split(32)), progress=False)]
+>>> gm = fxcompress.compile(SmallCNN().eval(), images[:1], passes)
+>>> gm.x_aq.calibrated, gm.x_aq.enabled   # the input's quantizer has its range, not yet rounding
+(True, False)
 """
 
 from __future__ import annotations

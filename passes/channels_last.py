@@ -7,12 +7,10 @@ reorders between PyTorch's NCHW and oneDNN's preferred blocked layout go away.
 That matters most for the thin layers a pruned network is made of.
 
 The layout lives in the parameters, not in the graph, so two graph rewrites
-keep the module correct for the contiguous NCHW inputs it was traced with:
+keep the module correct for the contiguous NCHW inputs it was traced with
+(``gm.code`` before and after)::
 
->>> gm = fxcompress.trace(model, x)          # ... x = x.view(n, -1) ... return y
->>> ChannelsLast()(gm).modified
-True
->>> print(gm.code)                           # ... x = x.reshape(n, -1) ... return y.contiguous()
+    x = x.view(n, -1) ... return y      ->      x = x.reshape(n, -1) ... return y.contiguous()
 
 - ``x.view(...)`` becomes ``x.reshape(...)``: the same view where one exists,
   a copy where ``x`` is now channels-last and a view cannot exist (an in-place

@@ -6,7 +6,15 @@ quantizers carry straight-through or learned-step gradients). Weight
 quantizers observe the current weight here, so they need no calibration;
 activation quantizers must have been calibrated.
 
->>> passes = [InsertObservers(QConfig.int8()), Calibrate(batches), FakeQuantize()]
+>>> import torch, fxcompress
+>>> from fxcompress.examples import SmallCNN
+>>> from fxcompress.passes import Calibrate, FakeQuantize, InsertObservers
+>>> from fxcompress.quant import QConfig
+>>> images = torch.randn(64, 1, 28, 28)
+>>> passes = [InsertObservers(QConfig.int8()), Calibrate(tuple(images.split(32)), progress=False), FakeQuantize()]
+>>> gm = fxcompress.compile(SmallCNN().eval(), images[:1], passes)
+>>> gm.x_aq.enabled
+True
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ map can be multiplied into that layer's weight and bias, removing one
 memory-bound pass over the activation per block. The arithmetic is torch's
 own (:func:`torch.nn.utils.fusion.fuse_conv_bn_weights`).
 
+>>> import torch, fxcompress
+>>> from torch import nn
+>>> from fxcompress.passes import FoldBatchNorm
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
 >>> gm = fxcompress.trace(model, torch.randn(1, 3, 8, 8))
 >>> FoldBatchNorm()(gm).modified, [n.target for n in gm.graph.nodes if n.op == "call_module"]

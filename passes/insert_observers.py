@@ -8,6 +8,11 @@ chooses. Quantizers start disabled and not observing, so the model's outputs
 are unchanged; ``calibrate`` then feeds them data and ``fake-quantize`` turns
 rounding on.
 
+>>> import torch, fxcompress
+>>> from fxcompress.examples import SmallCNN
+>>> from fxcompress.passes import FoldBatchNorm, InsertObservers
+>>> from fxcompress.quant import QConfig
+>>> x = torch.randn(1, 1, 28, 28)
 >>> gm = fxcompress.compile(SmallCNN().eval(), x, [FoldBatchNorm(), InsertObservers(QConfig.int8())])
 >>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
 ['x_aq', 'conv1', 'relu_aq', 'pool', 'relu_aq', 'conv2', ...]

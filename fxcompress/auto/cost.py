@@ -15,9 +15,13 @@ on the budget), so cost must be predicted, not measured:
   change. It ignores interactions between groups, so the search reports the
   predicted and the measured latency of its result.
 
+>>> import torch
+>>> from fxcompress.auto import BudgetMetric, ShapeCost, Workspace
+>>> from fxcompress.examples import SmallCNN
+>>> ws = Workspace.trace(SmallCNN(), torch.randn(1, 1, 28, 28))
 >>> cost = ShapeCost.build(ws, BudgetMetric.MACS)
 >>> cost.dense, cost.predict(ws.kept_fractions({"conv2.weight[0]": 0.5}))
-(4241152.0, 2426624.0)
+(4241152.0, 2234112.0)
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ scoring of channels inside a group stays the job of an ordinary criterion
 so a configuration found in one process (or on another machine) applies in
 any other.
 
+>>> import torch, fxcompress
+>>> from fxcompress.examples import SmallCNN
+>>> from fxcompress.passes import standard_pruning
 >>> pruner = PerGroupSparsity(L1Norm(), {"conv1.weight[0]": 0.25, "conv2.weight[0]": 0.5})
 >>> small = fxcompress.compile(SmallCNN(), torch.randn(1, 1, 28, 28), standard_pruning(pruner))
 >>> small.conv2.out_channels

@@ -21,10 +21,20 @@ and :func:`run_worker` (or ``python -m fxcompress auto MODEL --join``) on the
 others with the same ``study_name``. Workers read the budget, criterion and
 latency table from the study itself, so all of them search the same problem.
 
->>> result = search(model, inputs, evaluate, budget=Budget("macs", 3), n_trials=40)
+With ``model``, its example input ``x`` and ``evaluate`` (a real search runs
+tens of trials):
+
+>>> result = search(model, x, evaluate, budget=Budget("macs", 3), n_trials=4, progress=False)
 >>> print(result.table())
->>> result.model          # the compressed GraphModule
->>> result.pruner         # PerGroupSparsity(L1Norm(...), {'conv1.weight[0]': 0.31, ...})
+group              channels    kept  sparsity    uniform sparsity
+---------------  ----------  ------  ----------  ------------------
+conv1.weight[0]          32  ...
+macs (dense)                        4.241e+06
+macs budget (1/3)                   1.414e+06
+...
+>>> small = result.model       # the compressed GraphModule, verified against its masked form
+>>> result.pruner              # the sparsities found, for this model's groups
+PerGroupSparsity(criterion=L1Norm(...), sparsities={'conv1.weight[0]': ..., 'fc1.weight[0]': ...})
 """
 
 from __future__ import annotations

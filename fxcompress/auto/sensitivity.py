@@ -8,13 +8,19 @@ is better). Results are cached in a JSON file under a fingerprint of the
 model's graph, weights and criterion, so an interrupted run resumes where it
 stopped and a rerun with a longer ladder only evaluates the new cells.
 
->>> result = sensitivity(model, inputs, evaluate, sparsities=(0.25, 0.5, 0.75), cache="sens.json")
+With ``model``, its example input ``x`` and ``evaluate`` (here the agreement,
+in percent, with the dense model's predictions; add ``cache="sens.json"`` to
+keep and resume the results):
+
+>>> result = sensitivity(model, x, evaluate, sparsities=(0.25, 0.5, 0.75), progress=False)
 >>> print(result.table())
 group              channels    dense    25%    50%    75%
 ---------------  ----------  -------  -----  -----  -----
-conv1.weight[0]          32     97.1   96.9   95.0   81.2
-...
->>> result.plot("sensitivity.png")
+conv1.weight[0]          32      100  ...
+conv2.weight[0]          64      100  ...
+fc1.weight[0]           128      100  ...
+>>> result.plot("sensitivity.png")  # doctest: +SKIP
+PosixPath('sensitivity.png')
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ copy of that graph with per-group masks inserted (and, usually, shrunk). That
 is the DESIGN invariant "no per-trial retracing", and it makes a trial cost a
 copy plus the mask/shrink passes.
 
+>>> from fxcompress.examples import SmallCNN
 >>> ws = Workspace.trace(SmallCNN(), torch.randn(1, 1, 28, 28))
 >>> ws.sizes
 {'conv1.weight[0]': 32, 'conv2.weight[0]': 64, 'fc1.weight[0]': 128}

@@ -251,7 +251,12 @@ class ChannelPruner:
 class Combined:
     """Several pruners at once (e.g. one per entry of an NNI ``config_list``): their masks multiply.
 
-    >>> Combined((L1Norm(0.5, op_names=("conv*",)), LevelPruner(0.9, op_names=("fc*",))))
+    >>> from fxcompress.prune import L1Norm, LevelPruner
+    >>> from fxcompress.passes import standard_pruning
+    >>> pruner = Combined((L1Norm(0.5, op_names=("conv*",)), LevelPruner(0.9, op_names=("fc*",))))
+    >>> small = fxcompress.compile(model, x, standard_pruning(pruner))
+    >>> small.conv1.out_channels, small.conv2.out_channels, round(float((small.fc2.weight == 0).float().mean()), 2)
+    (16, 32, 0.9)
     """
 
     pruners: tuple[Pruner, ...]

@@ -6,11 +6,18 @@ outputs are matched **by node name where the shapes agree** (a pruned layer's
 output has fewer channels than the teacher's and is skipped); the final
 output (logits) is always distilled with a temperature-softened KL term.
 
+With ``model``, its example input ``x`` and ``data``, a list of ``(images,
+labels)`` batches (here ``fc1`` is left unpruned, so its output can be matched):
+
+>>> from fxcompress.passes import standard_pruning
+>>> from fxcompress.prune import Evaluator, L1Norm
 >>> teacher = fxcompress.trace(model, x)
->>> student = fxcompress.compile(model, x, standard_pruning(L1Norm(0.8)))
+>>> student = fxcompress.compile(model, x, standard_pruning(L1Norm(0.8, exclude=("fc1",))))
 >>> kd = LayerwiseDistillation(teacher, student, task_loss=lambda out, b: F.cross_entropy(out, b[1]))
->>> kd.layers                       # matched intermediate nodes, e.g. ('relu_2',) ... only equal shapes
->>> Evaluator(data, loss=kd).train(student, epochs=3)
+>>> kd.layers                       # matched intermediate nodes: same name, same shape
+('fc1', 'relu_2')
+>>> Evaluator(data, loss=kd, progress=False).train(student, epochs=3)   # optimizer steps taken
+6
 """
 
 from __future__ import annotations

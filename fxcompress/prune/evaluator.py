@@ -6,8 +6,13 @@ Data-aware criteria (activations, gradients) and training-aware methods
 (the body of their training step) and optionally an ``evaluate(model)``
 function; fxcompress runs the loops, with a progress bar on long ones.
 
->>> ev = Evaluator(data=train_batches, loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
->>> ev.train(gm, epochs=1)   # Adam, masks held fixed
+With ``model``, its example input ``x`` and ``data``, a list of ``(images,
+labels)`` batches:
+
+>>> ev = Evaluator(data, loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]), progress=False)
+>>> gm = fxcompress.trace(model, x)
+>>> ev.train(gm, epochs=3)   # Adam, masks held fixed; returns the number of optimizer steps
+6
 """
 
 from __future__ import annotations

@@ -17,8 +17,14 @@ def shrink(gm: fx.GraphModule, verify: bool = True, rtol: float = 1e-4) -> fx.Gr
     the user's model). Fine-grained masks stay on as masks; shapes shrink only
     where whole channels died.
 
-    >>> ScheduledPruning(L1Norm(0.8), AGPSchedule(end_step=200)).run(gm, evaluator)
+    With ``model``, its example input ``x`` and an :class:`~fxcompress.prune.Evaluator` ``evaluator``:
+
+    >>> from fxcompress.prune import AGPSchedule, L1Norm, ScheduledPruning
+    >>> gm = fxcompress.trace(model, x)
+    >>> gm = ScheduledPruning(L1Norm(0.8), AGPSchedule(end_step=4)).run(gm, evaluator, epochs=3)
     >>> small = shrink(gm)
+    >>> small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features
+    (7, 13, 26)
     """
     from fxcompress.passes import AnalyzeGroups, PropagateChannels, Shrink
 

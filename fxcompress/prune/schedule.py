@@ -8,9 +8,16 @@ the scheduled sparsity every ``every`` steps; masks only ever shrink, channels
 removed earlier count toward the next step, and masked weights stay zero
 between steps.
 
->>> agp = ScheduledPruning(L1Norm(0.8), AGPSchedule(end_step=300), every=25)
->>> agp.run(gm, evaluator, epochs=2)          # gm is now masked at 80 %
+With ``model``, its example input ``x`` and an :class:`~fxcompress.prune.Evaluator`
+``evaluator`` (two batches per epoch here; real schedules run hundreds of steps):
+
+>>> from fxcompress.prune import L1Norm
+>>> gm = fxcompress.trace(model, x)
+>>> agp = ScheduledPruning(L1Norm(0.8), AGPSchedule(end_step=6), every=2)
+>>> gm = agp.run(gm, evaluator, epochs=4)          # gm is now masked at 80 %
 >>> small = fxcompress.prune.shrink(gm)
+>>> small.conv1.out_channels, small.conv2.out_channels
+(7, 13)
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ def _field_names(pruner: object) -> set[str]:
 class ScheduledPruning:
     """Prune with ``pruner``'s criterion while training, following ``schedule`` up to ``pruner``'s sparsity.
 
+    >>> from fxcompress.prune import L1Norm
     >>> ScheduledPruning(L1Norm(0.8), LinearSchedule(end_step=100)).pruner_at(50).sparsity
     0.4
     """

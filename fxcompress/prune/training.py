@@ -6,8 +6,12 @@ Each method is a frozen config with ``run(gm, evaluator, ...)``: it trains the
 on its ``weight`` tensors. Layer selection works as for every other pruner
 (``op_types``, ``op_names``, ``exclude``).
 
+With ``model``, its example input ``x`` and an :class:`~fxcompress.prune.Evaluator` ``evaluator``:
+
 >>> gm = fxcompress.trace(model, x)
->>> MovementPruning(sparsity=0.9).run(gm, evaluator, epochs=2)
+>>> gm = MovementPruning(sparsity=0.9).run(gm, evaluator, epochs=2)
+>>> round(float((gm.fc1.weight == 0).float().mean()), 3)
+0.9
 """
 
 from __future__ import annotations
