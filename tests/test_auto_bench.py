@@ -61,3 +61,20 @@ def test_score_study_summary_measures_noise_rank_and_the_best_scored_allocation(
     # best-scored (score -0.20) minus uniform
     assert lines["constant"] == ["0.67", "0.0667", "+0.87", "+0.0000", "+1.00", "0", "/", "1"]
     assert lines["cosine"] == ["0.00", "0.0067", "+1.00", "-0.0300", "+0.50", "1", "/", "1"]
+
+
+@pytest.mark.parametrize("epochs, rounds, steps", [(3, 1, 30), (1, 3, 3)])
+def test_iterative_rounds_share_the_fine_tuning_epochs(bench, epochs, rounds, steps, monkeypatch):
+    """Each round takes its share of ``--finetune-epochs`` in steps, even when the share spans epochs."""
+    import argparse
+
+    from fxcompress.examples import MnistSplit, SmallCNN, mnist_split
+
+    data = mnist_split(seed=3)
+    train = MnistSplit(data.train_x[:640], data.train_y[:640], data.test_x, data.test_y)  # 10 batches
+    taken = []
+    original = bench.Evaluator.train
+    monkeypatch.setattr(bench.Evaluator, "train", lambda self, *a, **k: taken.append(original(self, *a, **k)))
+    args = argparse.Namespace(finetune_epochs=epochs, rounds=rounds, seed=0, finetune_schedule="cosine")
+    bench.make_finetune(train, args)(SmallCNN(8, 16, 32))
+    assert taken == [steps]

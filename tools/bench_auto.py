@@ -203,7 +203,7 @@ def make_finetune(train: MnistSplit, args):
     tuner = fine_tuner(train, args.seed + 7, args.finetune_schedule)
 
     def finetune(model: nn.Module) -> None:
-        tuner.train(model, max_steps=steps)
+        tuner.train(model, epochs=-(-steps // tuner.steps_per_epoch()), max_steps=steps)  # a round may span epochs
 
     return finetune
 
