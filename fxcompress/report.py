@@ -539,7 +539,6 @@ def register_section(name: str) -> Callable[[SectionBuilder], SectionBuilder]:
     ...     return Section("quantization", ["layer", "bits"], rows) if rows else None
     >>> quant_table(nn.Linear(2, 2)) is None   # nothing to say about a float model: no section
     True
-    >>> del SECTION_BUILDERS["quantization"]   # unregister
     """
 
     def decorate(builder: SectionBuilder) -> SectionBuilder:

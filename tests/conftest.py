@@ -12,7 +12,7 @@ import importlib.util
 import random
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,13 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
-    """Same random weights and inputs on every run, whatever order tests run in."""
+def _seed() -> Iterator[None]:
+    """Same random weights and inputs on every run, whatever order tests run in; and the thread count
+    back as it was (the tools' ``main`` sets their own)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
     np.random.seed(0)
     random.seed(0)
 

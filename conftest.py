@@ -1,4 +1,9 @@
-"""Names the ``>>>`` examples in fxcompress's docstrings use without defining them.
+"""Names the ``>>>`` examples in fxcompress's docstrings use without defining them (doctests only).
+
+It lives at the repository root, not in the package, so that the wheel does
+not ship a module that imports pytest. Examples of ``fxcompress.auto`` need
+optuna and those that build torchvision models need torchvision: without
+them, those doctests are skipped, as the tests that need them are.
 
 Every doctest gets fresh objects, built after ``torch.manual_seed(0)``, and runs
 on one intra-op thread (the examples are tiny: on a busy machine one thread is
@@ -15,6 +20,7 @@ several times faster than two, and the printed numbers stay the same):
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +31,9 @@ from torch import nn
 import fxcompress
 from fxcompress.examples import SmallCNN
 from fxcompress.prune import Evaluator
+from fxcompress.report import SECTION_BUILDERS
+
+collect_ignore_glob = [] if importlib.util.find_spec("optuna") else ["fxcompress/auto/*"]
 
 
 @torch.no_grad()
@@ -35,7 +44,15 @@ def _accuracy(model: nn.Module, data: list) -> float:
 
 
 @pytest.fixture(autouse=True)
-def _doctest_objects(doctest_namespace: dict) -> Iterator[None]:
+def _doctest_objects(request: pytest.FixtureRequest) -> Iterator[None]:
+    test = getattr(request.node, "dtest", None)
+    if test is None:  # an ordinary test: tests/conftest.py sets those up
+        yield
+        return
+    if any("torchvision" in example.source for example in test.examples):
+        pytest.importorskip("torchvision")
+    doctest_namespace = request.getfixturevalue("doctest_namespace")
+    sections = dict(SECTION_BUILDERS)  # an example may register a report section
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -54,3 +71,5 @@ def _doctest_objects(doctest_namespace: dict) -> Iterator[None]:
     )
     yield
     torch.set_num_threads(threads)
+    SECTION_BUILDERS.clear()
+    SECTION_BUILDERS.update(sections)
