@@ -44,7 +44,6 @@ def test_constant_schedule_fine_tunes_exactly_as_train_epochs(bench):
         torch.testing.assert_close(a, b)
 
 
-
 def test_score_study_summary_measures_noise_rank_and_the_best_scored_allocation(helpers):
     summary = helpers.load_tool("study_auto_score").summary
 

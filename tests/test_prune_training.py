@@ -196,6 +196,9 @@ def test_cosine_schedule_anneals_the_learning_rate_to_zero_over_the_run():
     ev = dataclasses.replace(evaluator(n_batches=4), lr=0.1, optimizer=sgd, lr_schedule="cosine")
     assert ev.train(traced(), epochs=2) == 8
     assert seen[-1].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    for epochs, max_steps, steps in ((2, 3, 3), (1, 30, 4)):  # it ends where training does: cap or data
+        assert ev.train(traced(), epochs=epochs, max_steps=max_steps) == steps
+        assert seen[-1].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     constant = dataclasses.replace(ev, lr_schedule="constant")
     constant.train(traced(), epochs=1)
     assert seen[-1].param_groups[0]["lr"] == 0.1

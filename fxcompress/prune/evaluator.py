@@ -124,7 +124,9 @@ class Evaluator:
         Masked weights stay zero: masks are re-applied by every forward.
         """
         optimizer = self.optimizer([p for p in model.parameters() if p.requires_grad], self.lr)
-        total = max_steps or self._total(epochs)
+        total = self._total(epochs)
+        if max_steps is not None:  # the schedule ends where training does: the step cap or the data, first
+            total = max_steps if total is None else min(max_steps, total)
         scheduler = self._scheduler(optimizer, total)
         model.train()
         step = 0
