@@ -32,11 +32,11 @@ def _seed() -> Iterator[None]:
     """Same random weights and inputs on every run, whatever order tests run in; and the thread count
     back as it was (the tools' ``main`` sets their own)."""
     torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-    np.random.seed(0)
-    random.seed(0)
 
 
 def masked_pipeline(pruner) -> list:
