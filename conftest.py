@@ -29,18 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress.examples import SmallCNN
+from fxcompress.examples import SmallCNN, accuracy
 from fxcompress.prune import Evaluator
 from fxcompress.report import SECTION_BUILDERS
 
 collect_ignore_glob = [] if importlib.util.find_spec("optuna") else ["fxcompress/auto/*"]
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, data: list) -> float:
-    model.eval()
-    correct = sum(int((model(images).argmax(1) == labels).sum()) for images, labels in data)
-    return 100.0 * correct / sum(len(labels) for _, labels in data)
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +55,7 @@ def _doctest_objects(request: pytest.FixtureRequest) -> Iterator[None]:
         data = [(batch, model(batch).argmax(1)) for batch in images]
 
     def evaluate(m: nn.Module) -> float:
-        return _accuracy(m, data)
+        return accuracy(m, torch.cat(images), torch.cat([labels for _, labels in data]))
 
     doctest_namespace.update(
         torch=torch, nn=nn, F=F, fxcompress=fxcompress, SmallCNN=SmallCNN,
