@@ -19,6 +19,7 @@ from fxcompress import prune, quant, report
 from fxcompress.errors import ConfigError, FxCompressError, PipelineError, TraceError, VerificationError
 from fxcompress.pipeline import Hook, Pass, VerifyOutputs, parse_pipeline, run_pipeline
 from fxcompress.export import to_onnx
+from fxcompress.serialize import load, save
 from fxcompress.trace import trace
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "quant",
     "report",
     "to_onnx",
+    "save",
+    "load",
     "FxCompressError",
     "TraceError",
     "ConfigError",
