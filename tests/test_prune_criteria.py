@@ -177,9 +177,9 @@ def _linear_two_conv(w1, w2):
     return model
 
 
-def test_taylor_scores_are_the_squared_first_order_loss_change():
-    # loss = sum over 2*9 pixels of sum_c w2_c * w1_c, so removing channel c changes it by 18 * w1_c * w2_c,
-    # and sum(g * w) over the group's slices is 2 * 18 * w1_c * w2_c.
+def test_taylor_scores_are_first_order_weight_times_gradient_of_every_slice():
+    # loss = sum over 2*9 pixels of sum_c w2_c * w1_c: |w * g| is 18 * |w1_c * w2_c| on conv1's row and on
+    # conv2's column alike; each slice divided by its mean, the two averaged.
     w1, w2 = [1.0, 10.0, 2.0, 3.0], [1.0, 0.01, 1.0, 1.0]
     model = _linear_two_conv(w1, w2)
     x = torch.ones(2, 1, 3, 3)
@@ -187,7 +187,8 @@ def test_taylor_scores_are_the_squared_first_order_loss_change():
     analysis = get_analysis(gm)
     pruner = P.Taylor(0.25, evaluator=_ones_evaluator())
     group = next(g for g in analysis.prunable_groups() if len(g) == 4)
-    expected = (2 * 18 * np.array(w1) * np.array(w2)) ** 2
+    product = np.array(w1) * np.array(w2)
+    expected = product / product.mean()
     np.testing.assert_allclose(pruner.channel_scores(gm, analysis, group), expected, rtol=1e-5)
     assert removed_rows(masks_of(model, pruner, x), "conv1.weight") == [1]  # smallest product
     assert removed_rows(masks_of(model, P.L1Norm(0.25), x), "conv1.weight") == [0]  # smallest norm
@@ -237,3 +238,73 @@ def test_data_aware_scoring_leaves_batchnorm_statistics_and_gradients_alone():
     P.APoZ(0.5, evaluator=tiny_evaluator()).compute_masks(gm, get_analysis(gm))
     assert torch.equal(gm.bn1.running_mean, before)
     assert all(p.grad is None for p in gm.parameters())
+
+
+# ---------------------------------------------------------------------------- group aggregation
+
+
+def test_normalizers_scale_one_slice_as_documented():
+    s = np.array([1.0, 2.0, 5.0])
+    np.testing.assert_allclose(P.magnitude.normalize(s, "none"), s)
+    np.testing.assert_allclose(P.magnitude.normalize(s, "mean"), s / (8 / 3))
+    np.testing.assert_allclose(P.magnitude.normalize(s, "max"), s / 5)
+    np.testing.assert_allclose(P.magnitude.normalize(s, "sum"), s / 8)
+    np.testing.assert_allclose(P.magnitude.normalize(s, "lamp"), [1 / 30, 4 / 29, 1.0])
+    np.testing.assert_allclose(P.magnitude.normalize(np.zeros(2), "mean"), [0.0, 0.0])
+
+
+def test_reductions_combine_slices_per_channel():
+    slices = [np.array([1.0, 4.0]), np.array([3.0, 0.5])]
+    reduce = P.magnitude.reduce_slices
+    np.testing.assert_allclose(reduce(slices, "sum", 2), [4.0, 4.5])
+    np.testing.assert_allclose(reduce(slices, "mean", 2), [2.0, 2.25])
+    np.testing.assert_allclose(reduce(slices, "max", 2), [3.0, 4.0])
+    np.testing.assert_allclose(reduce(slices, "prod", 2), [3.0, 2.0])
+    np.testing.assert_allclose(reduce([], "mean", 3), [0.0, 0.0, 0.0])
+
+
+def _biased_two_conv():
+    model = TwoConv(c_in=1, bias=True, relu=False)
+    with torch.no_grad():
+        model.conv1.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1))
+        model.conv2.weight.copy_(torch.tensor([4.0, 1.0, 2.0, 1.0]).view(1, 4, 1, 1))
+        model.conv1.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 100.0]))
+    return model
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        # default: conv1 rows / 2.5 and conv2 columns / 2, averaged; the bias is left out
+        ({}, (np.array([1, 2, 3, 4]) / 2.5 + np.array([4, 1, 2, 1]) / 2) / 2),
+        ({"reduction": "sum"}, np.array([1, 2, 3, 4]) / 2.5 + np.array([4, 1, 2, 1]) / 2),
+        ({"normalizer": "none", "reduction": "max"}, np.array([4.0, 2.0, 3.0, 4.0])),
+        ({"normalizer": "max", "reduction": "prod"}, np.array([1, 2, 3, 4]) / 4 * np.array([4, 1, 2, 1]) / 4),
+        # the bias joins as a third slice: 100 / 25 = 4 for channel 3, zero elsewhere
+        ({"include_bias": True}, (np.array([1, 2, 3, 4]) / 2.5 + np.array([4, 1, 2, 1]) / 2 + [0, 0, 0, 4]) / 3),
+    ],
+)
+def test_l1_group_aggregation(options, expected):
+    model = _biased_two_conv()
+    x = torch.ones(1, 1, 2, 2)
+    gm = fxcompress.trace(model, x)
+    analysis = get_analysis(gm)
+    group = next(g for g in analysis.prunable_groups() if len(g) == 4)
+    np.testing.assert_allclose(P.L1Norm(0.25, **options).channel_scores(gm, analysis, group), expected, rtol=1e-6)
+
+
+def test_bias_decides_only_when_included():
+    # scores without the bias (1.2, 0.65, 1.1, 1.05); with it (2.4, 1.3, 2.2, 6.1) / 3
+    x = torch.ones(1, 1, 2, 2)
+    assert removed_rows(masks_of(_biased_two_conv(), P.L1Norm(0.5), x), "conv1.weight") == [1, 3]
+    assert removed_rows(masks_of(_biased_two_conv(), P.L1Norm(0.5, include_bias=True), x), "conv1.weight") == [1, 2]
+
+
+def test_taylor_aggregation_fields_apply():
+    w1, w2 = [1.0, 10.0, 2.0, 3.0], [1.0, 0.01, 1.0, 1.0]
+    model = _linear_two_conv(w1, w2)
+    gm = fxcompress.trace(model, torch.ones(2, 1, 3, 3))
+    analysis = get_analysis(gm)
+    group = next(g for g in analysis.prunable_groups() if len(g) == 4)
+    pruner = P.Taylor(0.25, evaluator=_ones_evaluator(), normalizer="none", reduction="sum")
+    np.testing.assert_allclose(pruner.channel_scores(gm, analysis, group), 2 * 18 * np.array(w1) * np.array(w2), rtol=1e-5)

@@ -27,7 +27,7 @@ from fxcompress.errors import ConfigError
 from fxcompress.masks import split_target
 from fxcompress.prune.base import ChannelPruner
 from fxcompress.prune.evaluator import Evaluator
-from fxcompress.prune.magnitude import effective_tensor
+from fxcompress.prune.magnitude import GroupAggregation, effective_tensor, is_bias, normalize, reduce_slices
 
 __all__ = ["APoZ", "MeanActivation", "Taylor", "OBD", "DataAwarePruner", "ACTIVATION_OPS"]
 
@@ -228,38 +228,48 @@ def each_gradient(gm: fx.GraphModule, evaluator: Evaluator, num_batches: int):
         gm.train(training)
 
 
-@dataclasses.dataclass(frozen=True)
-class Taylor(DataAwarePruner):
-    """First-order Taylor importance (Molchanov et al., 2019): the squared loss change of removing a channel.
+def accumulated_gradients(gm: fx.GraphModule, evaluator: Evaluator, num_batches: int, targets) -> dict:
+    """Sum over ``num_batches`` batches of the gradient of each target tensor (eval mode)."""
+    grads: dict[str, torch.Tensor] = {}
+    for _ in each_gradient(gm, evaluator, num_batches):
+        for target in targets:
+            param = _trainable(gm, target)
+            if param is not None and param.grad is not None:
+                grads[target] = grads.get(target, 0) + param.grad.detach().double()
+    return grads
 
-    Removing a channel zeroes every weight ``w`` of its group slices; to first
-    order the loss changes by ``-sum(g * w)`` over those weights. The score is
-    that sum squared, averaged over ``num_batches`` batches.
+
+@dataclasses.dataclass(frozen=True)
+class Taylor(GroupAggregation, DataAwarePruner):
+    """First-order Taylor importance (Molchanov et al., 2019) over every coupled slice.
+
+    Zeroing weight ``w`` changes the loss by about ``-g * w``. Each weight
+    slice of the group (producer rows, consumer columns, norm gammas; biases
+    only with ``include_bias``) scores a channel by ``sum |w * g|`` over its
+    entries, ``g`` summed over ``num_batches`` batches; slices are combined
+    by ``normalizer`` and ``reduction``. The earlier definition, the square
+    of ``sum(g * w)`` over the whole group, let opposite-signed slices cancel
+    and ranked CREPE's channels 5 points (2x) and 28 points (4x) below
+    Torch-Pruning's per-weight form.
     """
 
     key = "taylor"
     needs: ClassVar[str] = "batches and a loss for gradients"
 
     def group_scores(self, gm, analysis, groups):
-        scores = [np.zeros(len(g)) for g in groups]
-        index = {g.id: i for i, g in enumerate(groups)}
-        pieces = _group_slices(analysis, groups)
-        batches = 0
-        for _ in each_gradient(gm, self.evaluator, self.num_batches):
-            change = [np.zeros(len(g)) for g in groups]
-            for group, k in pieces:
-                piece = analysis.slices[k]
-                param = _trainable(gm, piece.target)
-                if param is None or param.grad is None:
-                    continue
-                positions, local = analysis.positions(k, group)
-                product = effective_tensor(gm, piece.target) * param.grad
-                rows = _rows(product, piece.dim, positions).sum(1).numpy()
-                change[index[group.id]] += np.bincount(local, weights=rows, minlength=len(group))
-            for i, c in enumerate(change):
-                scores[i] += c**2
-            batches += 1
-        return [s / max(batches, 1) for s in scores]
+        pieces = [(g, k) for g, k in _group_slices(analysis, groups) if self.include_bias or not is_bias(analysis, k)]
+        grads = accumulated_gradients(gm, self.evaluator, self.num_batches, {analysis.slices[k].target for _, k in pieces})
+        per_group: dict[int, list[np.ndarray]] = defaultdict(list)
+        for group, k in pieces:
+            piece = analysis.slices[k]
+            if piece.target not in grads:
+                continue
+            positions, local = analysis.positions(k, group)
+            product = (effective_tensor(gm, piece.target).double() * grads[piece.target]).abs()
+            scores = np.bincount(local, weights=_rows(product, piece.dim, positions).sum(1).numpy(), minlength=len(group))
+            if scores.max() > 0:
+                per_group[group.id].append(normalize(scores, self.normalizer))
+        return [reduce_slices(per_group[g.id], self.reduction, len(g)) for g in groups]
 
 
 @dataclasses.dataclass(frozen=True)
