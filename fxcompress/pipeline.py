@@ -28,6 +28,7 @@ from fxcompress import meta
 from fxcompress.analysis import invalidate_analysis
 from fxcompress.errors import ConfigError, PipelineError, VerificationError
 from fxcompress.trace import inference_mode, normalize_example_inputs
+from fxcompress.verify import clone_inputs, nonfinite_leaf, worst_leaf
 
 __all__ = [
     "Pass",
@@ -117,7 +118,10 @@ def parse_pipeline(text: str, option_parsers: dict[str, Callable[[dict], dict]] 
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"option {item!r} of pass {name!r} must look like key=value")
-            options[key.strip().replace("-", "_")] = _parse_value(value.strip())
+            key = key.strip().replace("-", "_")
+            if key in options:  # keeping the last would silently drop the first
+                raise ConfigError(f"option {key!r} of pass {name!r} is given twice")
+            options[key] = _parse_value(value.strip())
         cls = PASS_REGISTRY[name]
         parser = getattr(cls, "from_options", None)
         try:
@@ -131,24 +135,34 @@ def parse_pipeline(text: str, option_parsers: dict[str, Callable[[dict], dict]] 
 Hook = Callable[[Any, fx.GraphModule, Any], None]
 
 
-def _outputs(gm: fx.GraphModule, example_inputs: tuple) -> list[torch.Tensor]:
+def _outputs(gm: fx.GraphModule, example_inputs: tuple):
+    """One forward on copies of the inputs (a forward may write into its input), in eval mode without grad."""
     with inference_mode(gm):
-        out = gm(*example_inputs)
-    flat, _ = torch.utils._pytree.tree_flatten(out)
-    return [t for t in flat if isinstance(t, torch.Tensor)]
+        return gm(*clone_inputs(example_inputs))
+
+
+def _nonfinite_parameter(gm: fx.GraphModule) -> str | None:
+    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            return name
+    return None
 
 
 @dataclasses.dataclass
 class VerifyOutputs:
     """Hook: after a pass that must preserve outputs, check them against the previous pass's.
 
-    The tolerance is relative to the largest output magnitude: ``max|a-b| <=
-    rtol * max|a|``, which is the error model of float reassociation.
+    Every output leaf (tuple, dict, dataclass, Hugging Face ``ModelOutput``) is
+    compared on its own: ``max|a-b| <= rtol * max|a|`` per leaf (the error model
+    of float reassociation) and element-wise against each element's own
+    magnitude (see :mod:`fxcompress.verify`), so a large leaf cannot hide a
+    wrong small one. Before the first pass it checks that a check is possible
+    at all: finite weights and outputs, and a deterministic forward.
     """
 
     example_inputs: tuple
     rtol: float = 1e-4
-    reference: list[torch.Tensor] | None = None
+    reference: Any = None
     #: pass name -> largest output error it caused, relative to the output's scale
     errors: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -157,24 +171,42 @@ class VerifyOutputs:
 
     def __call__(self, previous, gm: fx.GraphModule, next_pass) -> None:
         outputs = _outputs(gm, self.example_inputs)
+        if previous is None:
+            self.check_checkable(gm, outputs)
         if previous is not None and getattr(previous, "preserves_outputs", False) and self.reference is not None:
             self.check(previous, outputs)
         self.reference = outputs
 
-    def check(self, previous, outputs: list[torch.Tensor]) -> None:
-        for i, (a, b) in enumerate(zip(self.reference, outputs)):
-            if a.shape != b.shape:
-                raise VerificationError(
-                    f"pass '{previous.name}' changed output {i}'s shape from {tuple(a.shape)} to {tuple(b.shape)}"
-                )
-            scale = a.abs().max().item() or 1.0
-            error = (a - b).abs().max().item() / scale
-            self.errors[previous.name] = max(error, self.errors.get(previous.name, 0.0))
-            if not error <= self.rtol:
-                raise VerificationError(
-                    f"pass '{previous.name}' changed output {i} by {error:.2e} relative to its scale "
-                    f"(tolerance {self.rtol:.0e}); please report this with the model"
-                )
+    def check_checkable(self, gm: fx.GraphModule, outputs) -> None:
+        """Name the cause when the model itself makes verification meaningless."""
+        bad = _nonfinite_parameter(gm)
+        if bad is not None:
+            raise VerificationError(f"the model's {bad!r} holds nan or inf values; fix the weights before compressing")
+        leaf = nonfinite_leaf(outputs)
+        if leaf is not None:
+            raise VerificationError(
+                f"the model's output {leaf} holds nan or inf on example_inputs; verification needs finite outputs "
+                "(check the inputs and weights, or pass verify=False)"
+            )
+        again = worst_leaf(outputs, _outputs(gm, self.example_inputs), self.rtol)
+        if again is not None:
+            raise VerificationError(
+                f"the model gives different outputs on the same inputs (output {again.leaf} at {again.index}): "
+                "it is stochastic, e.g. dropout captured in training mode; call model.eval() before compiling"
+            )
+
+    def check(self, previous, outputs) -> None:
+        worst = worst_leaf(self.reference, outputs, self.rtol)
+        self.errors[previous.name] = max(worst.error if worst else 0.0, self.errors.get(previous.name, 0.0))
+        if worst is None:
+            return
+        if worst.kind == "shape":
+            raise VerificationError(f"pass '{previous.name}' changed output {worst.leaf}'s shape or removed it")
+        raise VerificationError(
+            f"pass '{previous.name}' changed output {worst.leaf} by {worst.error:.2e} relative to its {worst.kind} "
+            f"(tolerance {self.rtol:.0e}) at index {worst.index}: {worst.expected:.6g} became {worst.got:.6g}; "
+            "please report this with the model"
+        )
 
 
 @dataclasses.dataclass

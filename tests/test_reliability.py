@@ -1,0 +1,132 @@
+"""Reliability: verification that can fail, inputs never modified, faults named by their cause (issue 15).
+
+The verification cases live in the ``test_verify_*`` functions below; save/load
+cases belong in their own functions.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import VerificationError
+from fxcompress.passes import standard_pruning
+from fxcompress.pipeline import Pass, VerifyOutputs, run_pipeline
+from fxcompress.prune import L1Norm
+from fxcompress.verify import clone_inputs, leaf_error, output_leaves, worst_leaf
+
+
+class _Scale(Pass):
+    """A pass that breaks output-preservation on purpose: scales one parameter."""
+
+    name = "scale-one"
+
+    def __init__(self, target: str, factor: float, index=None) -> None:
+        self.target, self.factor, self.index = target, factor, index
+
+    def run(self, gm) -> bool:
+        with torch.no_grad():
+            p = gm.get_parameter(self.target)
+            if self.index is None:
+                p.mul_(self.factor)
+            else:
+                p[self.index] *= self.factor
+        return True
+
+
+class TwoHeads(nn.Module):
+    """A large-valued and a small-valued output: the small one must be checked on its own scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big, self.small = nn.Linear(4, 3), nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        return {"logits": self.big(x) * 1000.0, "aux": (self.small(x),)}
+
+
+def _verify(model, x, passes):
+    gm = fxcompress.trace(model, x)
+    return run_pipeline(gm, passes, [VerifyOutputs((x,))])
+
+
+def test_verify_small_leaf_error_is_not_hidden_by_a_large_leaf():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    with pytest.raises(VerificationError, match=r"changed output \['aux'\]\[0\] by 2\.00e-01 relative to its scale"):
+        _verify(TwoHeads(), x, [_Scale("small.weight", 1.2)])
+
+
+def test_verify_names_leaf_and_index():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    with pytest.raises(VerificationError, match=r"changed output \['logits'\] .* at index \(\d, 1\)"):
+        _verify(TwoHeads(), x, [_Scale("big.weight", 2.0, index=1)])
+
+
+def test_verify_elementwise_catches_error_on_small_elements():
+    a = torch.tensor([1000.0, 1.0])
+    err = leaf_error("0", a, torch.tensor([1000.0, 1.3]), rtol=1e-4)
+    assert (err.kind, err.index, err.expected) == ("element", (1,), 1.0)
+    assert err.error == pytest.approx(0.3 / 1.0 / 100.0)
+    assert worst_leaf(a, a.clone() + torch.tensor([1e-3, 0.0]), rtol=1e-4) is None
+
+
+def test_verify_leaves_of_dataclass_and_model_output():
+    from transformers.modeling_outputs import BaseModelOutput
+
+    out = BaseModelOutput(last_hidden_state=torch.ones(2), hidden_states=(torch.zeros(1),))
+    assert list(output_leaves(out)) == ["['last_hidden_state']", "['hidden_states'][0]"]
+    assert list(output_leaves(torch.ones(1))) == ["0"]
+
+
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_verify_never_changes_the_users_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    before = x.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = fxcompress.compile(InPlace().eval(), x, standard_pruning(L1Norm(0.5)))
+    assert torch.equal(x, before)
+    assert small.fc1.out_features == 8
+    y = (x,)
+    assert clone_inputs(y)[0] is not x and torch.equal(clone_inputs(y)[0], x)
+
+
+def test_verify_nonfinite_weights_named():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(VerificationError, match=r"the model's '0\.weight' holds nan or inf values"):
+        fxcompress.compile(model, torch.randn(2, 4), standard_pruning(L1Norm(0.5)))
+
+
+class Pow(nn.Module):
+    def forward(self, x):
+        return x.pow(-0.5)
+
+
+def test_verify_nonfinite_outputs_named():
+    with pytest.raises(VerificationError, match=r"output 0 holds nan or inf on example_inputs"):
+        fxcompress.compile(Pow(), torch.tensor([[0.0, 1.0]]), standard_pruning(L1Norm(0.5)))
+
+
+def test_verify_train_mode_dropout_asks_for_eval():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    with pytest.raises(VerificationError, match=r"stochastic.*call model\.eval\(\) before compiling"):
+        fxcompress.compile(model, torch.randn(2, 4), standard_pruning(L1Norm(0.5)), frontend="export")
