@@ -20,12 +20,12 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import fx, nn
 
 from fxcompress.errors import ConfigError, FxCompressError
@@ -61,6 +61,9 @@ def _import_file(path: Path):
     sys.path.insert(0, str(path.parent.resolve()))  # the file may import its neighbours
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:  # not a reason to end the command with status 0, having done nothing
+        raise ModelFileError(f"importing model file {path} called sys.exit({exc.code!r}): a model file must "
+                             "only define model() and example_inputs()") from None
     except Exception as exc:
         raise ModelFileError(f"importing model file {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
@@ -99,7 +102,25 @@ def load_model_file(path: str | Path) -> ModelFile:
         inputs = normalize_example_inputs(_attribute(module, "example_inputs", path))
     except FxCompressError as exc:
         raise ModelFileError(f"{path}: {exc}") from exc
+    _check_forward(path, model, inputs)
     return ModelFile(path, model, inputs)
+
+
+def _check_forward(path: Path, model: nn.Module, inputs: tuple) -> None:
+    """Run the model once on its example inputs, so that a wrong shape is one clear line, not a trace failure.
+
+    Buffers are cloned for the call (``functional_call``): batch-norm statistics of a model in train mode
+    stay as they were.
+    """
+    import torch
+
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, buffers, inputs, strict=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelFileError(f"{path}: model()(*example_inputs()) failed: {type(exc).__name__}: {first}") from exc
 
 
 def load_evaluate(path: str | Path):
@@ -201,9 +222,7 @@ def cmd_compress(args) -> int:
                          show=False)
     print(comparison.table())
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(gm, args.out)
-        print(f"saved the compressed GraphModule to {args.out} (load with torch.load(path, weights_only=False))")
+        _save(gm, args.out)
     if args.onnx:
         remove_masks(gm)  # ONNX wants plain weights: make any remaining masks permanent
         how = _export_onnx(gm, loaded.example_inputs, Path(args.onnx))
@@ -286,6 +305,38 @@ def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
 
 
+def _save(gm: fx.GraphModule, path: str) -> None:
+    import fxcompress
+
+    fxcompress.save(gm, path)
+    print(f"saved the compressed model to {path} (load with fxcompress.load(path): no pickle, checksummed)")
+
+
+def _check_writable(option: str, path: str | None, directory: bool = False) -> None:
+    """Fail before any work when an output path cannot be written (not after a whole compile or search)."""
+    if not path:
+        return
+    target = Path(path)
+    folder = target if directory else target.parent
+    if not directory and target.is_dir():
+        raise ConfigError(f"{option} {path} is a directory: give a file path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"{option} {path} is not writable")
+
+
+def _check_outputs(args) -> None:
+    for option in ("out", "onnx", "json"):
+        _check_writable(f"--{option}", getattr(args, option, None))
+    _check_writable("--trace-passes", getattr(args, "trace_passes", None), directory=True)
+    rtol = getattr(args, "rtol", None)
+    if rtol is not None and not rtol > 0:
+        raise ConfigError(f"--rtol must be positive, got {rtol!r}")
+
+
 def _write_json(path: str, data: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
@@ -320,30 +371,51 @@ def _auto_sensitivity(args, loaded: ModelFile, evaluate, criterion) -> int:
     return 0
 
 
+def _auto_storage(args) -> str:
+    """``--storage``, or a journal file in the output directory (kept: a rerun with ``--resume`` continues it)."""
+    from fxcompress.auto.search import default_storage
+
+    if args.storage:
+        return args.storage
+    folder = Path(args.out or args.json or "fxcompress-auto/x").parent
+    return default_storage(folder, args.study)
+
+
 def cmd_auto(args) -> int:
-    from fxcompress.auto import Budget, run_worker, search
+    import uuid
+
+    from fxcompress.auto import Budget, Heartbeat, run_worker, search
 
     budget = Budget.parse(args.budget)
     criterion = _auto_criterion(args)
+    heartbeat = Heartbeat(args.heartbeat_interval, args.grace_period)
     if args.join and not (args.storage and args.study):
         raise ConfigError("--join needs --storage and --study naming the shared study")
+    if args.resume and not args.study:
+        raise ConfigError("--resume needs --study naming the study to continue")
     if args.join:
         ran = run_worker(ModelFileSource(args.model), args.study, args.storage, args.trials, index=args.seed,
-                         progress=True)
+                         progress=True, heartbeat=heartbeat)
         print(f"ran {ran} trials of study {args.study!r}")
         return 0
+    args.study = args.study or f"fxcompress-{uuid.uuid4().hex[:8]}"
+    storage = _auto_storage(args)
+    if args.resume:
+        from fxcompress.auto.search import _load_study
+
+        _load_study(args.study, storage)  # a clear error when there is nothing to resume
+    print(f"study {args.study!r} in {storage} (rerun with --study {args.study} --resume to continue it)")
     loaded = load_model_file(args.model)
     evaluate = load_evaluate(args.model)
     if args.sensitivity:
         return _auto_sensitivity(args, loaded, evaluate, criterion)
     result = search(loaded.model, loaded.example_inputs, evaluate, budget, args.trials, criterion=criterion,
-                    max_sparsity=args.max_sparsity, sampler=args.sampler, seed=args.seed, storage=args.storage,
-                    study_name=args.study, n_workers=args.workers, source=ModelFileSource(args.model))
+                    max_sparsity=args.max_sparsity, sampler=args.sampler, seed=args.seed, storage=storage,
+                    study_name=args.study, n_workers=args.workers, source=ModelFileSource(args.model),
+                    heartbeat=heartbeat)
     print(result.table())
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result.model, args.out)
-        print(f"saved the compressed GraphModule to {args.out} (load with torch.load(path, weights_only=False))")
+        _save(result.model, args.out)
     if args.json:
         _write_json(args.json, result.to_dict())
     return 0
@@ -386,9 +458,17 @@ def _add_auto(commands) -> None:
     auto.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
     auto.add_argument("--storage", metavar="PATH|URL",
                       help="Optuna storage shared by the workers: a journal file path (on a shared file system for "
-                      "several machines) or a database URL such as postgresql://user@host/db (default: in memory, "
-                      "or a temporary journal file with --workers > 1)")
+                      "several machines) or a database URL such as postgresql://user@host/db (default: the journal "
+                      "file STUDY.journal in the folder of --out, else of --json, else fxcompress-auto/; kept, "
+                      "so completed trials survive any failure)")
     auto.add_argument("--study", metavar="NAME", help="study name in the storage; rerunning resumes it")
+    auto.add_argument("--resume", action="store_true",
+                      help="continue the existing --study (an error when the storage holds no such study)")
+    auto.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS",
+                      help="how often a running trial stamps that its worker is alive (default: 10)")
+    auto.add_argument("--grace-period", type=float, default=60.0, metavar="SECONDS",
+                      help="a running trial silent this long belongs to a dead worker: it is failed and "
+                      "retried once (default: 60)")
     auto.add_argument("--join", action="store_true",
                       help="only run trials of the existing --study in --storage (start this on other machines)")
     auto.add_argument("--criterion", default="l1", help="channel ranking inside each group, by name (default: l1)")
@@ -402,7 +482,7 @@ def _add_auto(commands) -> None:
                       help="instead of searching, prune each group alone at --ladder and plot the metric to PNG")
     auto.add_argument("--ladder", default="0.25,0.5,0.75", help="sparsities of --sensitivity (default: 0.25,0.5,0.75)")
     auto.add_argument("--cache", metavar="JSON", help="sensitivity results cache; a rerun resumes from it")
-    auto.add_argument("--out", metavar="PATH", help="torch.save the best compressed GraphModule to PATH")
+    auto.add_argument("--out", metavar="PATH", help="fxcompress.save the best compressed model to PATH")
     auto.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     auto.set_defaults(handler=cmd_auto)
 
@@ -436,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "before/after table (params, MACs, size, latency).")
     compress.add_argument("model", help=_MODEL_HELP)
     _add_compile_options(compress, DEFAULT_PIPELINE)
-    compress.add_argument("--out", metavar="PATH", help="torch.save the compressed GraphModule to PATH")
+    compress.add_argument("--out", metavar="PATH", help="fxcompress.save the compressed model to PATH "
+                          "(safetensors weights + torch.export program; load with fxcompress.load)")
     compress.add_argument("--onnx", metavar="PATH", help="export the compressed model to ONNX at PATH")
     compress.set_defaults(handler=cmd_compress)
 
@@ -479,9 +560,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_outputs(args)
         return args.handler(args)
     except FxCompressError as exc:
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message's own layout
+        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
         return USAGE_ERROR if not _is_internal(exc) else 1
 
 

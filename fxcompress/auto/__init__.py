@@ -25,6 +25,7 @@ True
 from fxcompress.auto.cost import Budget, BudgetMetric, LatencyTable, ShapeCost, fit_to_budget, measure_cost, spend_leftover
 from fxcompress.auto.pergroup import PerGroupSparsity, group_key, searchable_groups
 from fxcompress.auto.search import (
+    Heartbeat,
     InlineSource,
     IterativeResult,
     ModelSource,
@@ -43,6 +44,6 @@ __all__ = [
     "Budget", "BudgetMetric", "LatencyTable", "ShapeCost", "fit_to_budget", "measure_cost", "spend_leftover",
     "PerGroupSparsity", "group_key", "searchable_groups", "Workspace",
     "sensitivity", "SensitivityResult", "SensitivityCache",
-    "search", "SearchConfig", "SearchResult", "SamplerKind", "run_worker", "open_storage",
+    "search", "SearchConfig", "SearchResult", "SamplerKind", "run_worker", "open_storage", "Heartbeat",
     "ModelSource", "InlineSource", "iterative_search", "IterativeResult",
 ]

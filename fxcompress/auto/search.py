@@ -44,9 +44,10 @@ import dataclasses
 import enum
 import multiprocessing
 import os
-import tempfile
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -71,6 +72,8 @@ __all__ = [
     "ModelSource",
     "InlineSource",
     "open_storage",
+    "default_storage",
+    "Heartbeat",
     "search",
     "run_worker",
     "iterative_search",
@@ -85,6 +88,60 @@ LATENCY_ATTR = "fxcompress.latency_table"
 GROUPS_ATTR = "fxcompress.groups"
 #: Trial user attributes.
 SPARSITIES_ATTR, COST_ATTR, PID_ATTR, BASELINE_ATTR = "sparsities", "predicted_cost", "worker_pid", "baseline"
+#: Trial user attribute: when the worker running it last said it is alive (seconds since the epoch).
+HEARTBEAT_ATTR = "heartbeat"
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat:
+    """How a running trial proves its worker alive, on every storage (journal files have no heartbeat of
+    their own): every ``interval`` seconds it stamps ``HEARTBEAT_ATTR``; a RUNNING trial silent for
+    ``grace_period`` seconds belongs to a dead worker and is failed, and retried once (Optuna's
+    ``RetryFailedTrialCallback``)."""
+
+    interval: float = 10.0
+    grace_period: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.interval < self.grace_period:
+            raise ConfigError(f"heartbeat interval must be positive and below the grace period, got "
+                              f"{self.interval!r} and {self.grace_period!r}")
+
+    @contextlib.contextmanager
+    def beating(self, trial: optuna.Trial) -> Iterator[None]:
+        """Stamp the trial now and every ``interval`` seconds until the block ends."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while True:
+                trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+                if stop.wait(self.interval):
+                    return
+
+        thread = threading.Thread(target=beat, daemon=True)
+        trial.set_user_attr(HEARTBEAT_ATTR, time.time())  # a retried trial carries its dead run's stamp
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def fail_stale(self, study: optuna.Study) -> list[int]:
+        """Fail and re-enqueue RUNNING trials whose worker stopped beating; return their numbers."""
+        now, failed = time.time(), []
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            last = trial.user_attrs.get(HEARTBEAT_ATTR, trial.datetime_start.timestamp())
+            if now - last <= self.grace_period:
+                continue
+            try:
+                if not study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+                    continue
+            except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # another worker failed (or the worker finished) it first
+            failed.append(trial.number)
+            optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, study._storage.get_trial(trial._trial_id))
+        return failed
 
 
 class SamplerKind(enum.Enum):
@@ -196,6 +253,7 @@ class Objective:
     evaluate: Evaluate
     config: SearchConfig
     cost: CostModel
+    heartbeat: Heartbeat = dataclasses.field(default_factory=Heartbeat)
 
     @property
     def target(self) -> float:
@@ -208,6 +266,10 @@ class Objective:
         return fit_to_budget(preferences, self.predict, self.target, self.config.max_sparsity)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        with self.heartbeat.beating(trial):
+            return self.run(trial)
+
+    def run(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(PID_ATTR, os.getpid())
         preferences = {k: trial.suggest_float(k, 0.0, 1.0) for k in self.ws.keys}
         sparsities = self.fit(preferences)
@@ -243,6 +305,7 @@ def run_worker(
     config: SearchConfig | None = None,
     progress: bool = False,
     barrier=None,
+    heartbeat: Heartbeat | None = None,
 ) -> int:
     """Join study ``study_name`` and run trials until it holds ``n_trials`` finished ones; return how many ran here.
 
@@ -253,9 +316,12 @@ def run_worker(
     starting a trial, a study may end with up to ``workers - 1`` extra trials.
     ``barrier`` (a ``multiprocessing.Barrier``) makes workers started together
     wait until all are ready, so a slow start does not leave one idle.
+    Before each trial the worker fails (and re-enqueues) trials of dead
+    workers (see :class:`Heartbeat`).
     """
+    heartbeat = heartbeat or Heartbeat()
     with _quiet_optuna():
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        study = _load_study(study_name, storage)
         stored, table, keys = _study_config(study)
         config = config or stored
         model, example_inputs, evaluate = source.load()
@@ -264,22 +330,31 @@ def run_worker(
             raise ConfigError(f"worker {index}: this model's groups {ws.keys} differ from the study's {keys}: "
                               "every worker must load the same model")
         study.sampler = make_sampler(config.sampler, config.seed + index, n_trials)
-        objective = Objective(ws, evaluate, config, cost_model(ws, config.budget.metric, table))
+        objective = Objective(ws, evaluate, config, cost_model(ws, config.budget.metric, table), heartbeat)
         if barrier is not None:
             barrier.wait()
         ran = 0
         while _finished(study) < n_trials:
+            heartbeat.fail_stale(study)
             study.optimize(objective, n_trials=1, show_progress_bar=progress)
             ran += 1
     return ran
 
 
+def _load_study(study_name: str, storage: str | os.PathLike) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:
+        raise ConfigError(f"no study {study_name!r} in storage {os.fspath(storage)!r}: start the search there "
+                          "first (without --join / --resume), or check the name") from None
+
+
 def _worker_entry(source: ModelSource, study_name: str, storage: str, n_trials: int, index: int,
-                  config: SearchConfig, barrier) -> None:
+                  config: SearchConfig, barrier, heartbeat: Heartbeat) -> None:
     import torch
 
     torch.set_num_threads(1)  # several workers share the machine's cores
-    run_worker(source, study_name, storage, n_trials, index, config, barrier=barrier)
+    run_worker(source, study_name, storage, n_trials, index, config, barrier=barrier, heartbeat=heartbeat)
 
 
 # ---------------------------------------------------------------------------- the result
@@ -370,6 +445,11 @@ def _result(study: optuna.Study, objective: Objective) -> SearchResult:
 # ---------------------------------------------------------------------------- the drivers
 
 
+def default_storage(output_dir: str | os.PathLike, study_name: str) -> str:
+    """The journal file a study lives in when no storage is given: in the output directory, never deleted."""
+    return os.path.join(os.fspath(output_dir), f"{study_name}.journal")
+
+
 def _create_study(storage, study_name: str, objective: Objective, table: LatencyTable | None) -> optuna.Study:
     study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True)
     if CONFIG_ATTR in study.user_attrs:
@@ -389,14 +469,20 @@ def _create_study(storage, study_name: str, objective: Objective, table: Latency
 
 
 def _run_parallel(source: ModelSource, study: optuna.Study, storage_spec: str, n_trials: int, n_workers: int,
-                  config: SearchConfig, progress: bool) -> None:
-    """Spawn ``n_workers`` processes on the shared storage and show their joint progress."""
+                  config: SearchConfig, progress: bool, heartbeat: Heartbeat) -> None:
+    """Spawn ``n_workers`` processes on the shared storage and show their joint progress.
+
+    A worker that dies costs only its running trial: the others go on, and its
+    trial is failed once its heartbeat is stale. The search fails only when no
+    worker finished its share.
+    """
     from tqdm.auto import tqdm
 
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(n_workers, timeout=600)
     workers = [context.Process(target=_worker_entry, args=(source, study.study_name, storage_spec, n_trials, i,
-                                                           config, barrier), daemon=True) for i in range(n_workers)]
+                                                           config, barrier, heartbeat), daemon=True)
+               for i in range(n_workers)]
     for w in workers:
         w.start()
     with tqdm(total=n_trials, desc=f"search ({n_workers} workers)", disable=not progress) as bar:
@@ -405,9 +491,22 @@ def _run_parallel(source: ModelSource, study: optuna.Study, storage_spec: str, n
             bar.n = min(n_trials, _finished(study))
             bar.refresh()
     failed = [i for i, w in enumerate(workers) if w.exitcode != 0]
-    if failed:
-        raise ConfigError(f"search workers {failed} failed (exit codes {[workers[i].exitcode for i in failed]}); "
+    if len(failed) == n_workers:
+        raise ConfigError(f"every search worker failed (exit codes {[w.exitcode for w in workers]}); "
                           "their traceback is above")
+    if failed:
+        warnings.warn(f"search workers {failed} died (exit codes {[workers[i].exitcode for i in failed]}); "
+                      "the others finished the study", stacklevel=2)
+        _fail_orphans(study, heartbeat)
+
+
+def _fail_orphans(study: optuna.Study, heartbeat: Heartbeat) -> None:
+    """Wait out the grace period of trials left RUNNING by dead workers, then fail them (no worker is left)."""
+    deadline = time.time() + heartbeat.grace_period + heartbeat.interval
+    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) and time.time() < deadline:
+        heartbeat.fail_stale(study)
+        time.sleep(min(0.5, heartbeat.interval))
+    heartbeat.fail_stale(study)
 
 
 def search(
@@ -428,6 +527,8 @@ def search(
     verify: bool = False,
     progress: bool = True,
     source: ModelSource | None = None,
+    heartbeat: Heartbeat | None = None,
+    output_dir: str | os.PathLike = "fxcompress-auto",
 ) -> SearchResult:
     """Find per-group sparsities that maximise ``evaluate`` under ``budget`` (see the module docstring).
 
@@ -435,7 +536,9 @@ def search(
     (that many times fewer MACs). ``evaluate(model)`` gets each candidate,
     already shrunk and in eval mode, and may modify it (re-estimate batch-norm
     statistics, fine-tune briefly). ``n_workers > 1`` runs trials in spawned
-    processes sharing ``storage`` (a temporary journal file by default);
+    processes sharing ``storage`` (by default the journal file
+    ``output_dir/<study_name>.journal``, kept after the run so that completed
+    trials survive any failure and a rerun with the same ``study_name`` resumes);
     they get ``source`` (default: the objects themselves, pickled), which the
     command line uses to make each worker import the model file itself.
     """
@@ -449,14 +552,17 @@ def search(
         latency_table = LatencyTable.measure(ws, progress=progress)
     objective = Objective(ws, evaluate, config, cost_model(ws, budget.metric, latency_table))
     study_name = study_name or f"fxcompress-{uuid.uuid4().hex[:8]}"
-    with _quiet_optuna(), contextlib.ExitStack() as stack:
-        if n_workers > 1 and storage is None:
-            storage = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "study.log")
+    heartbeat = heartbeat or Heartbeat()
+    objective.heartbeat = heartbeat
+    if n_workers > 1 and storage is None:
+        storage = default_storage(output_dir, study_name)
+    with _quiet_optuna():
         study = _create_study(open_storage(storage), study_name, objective, latency_table)
         if n_workers > 1:
-            _run_parallel(source or InlineSource(model, ws.example_inputs, evaluate), study, os.fspath(storage), n_trials,
-                          n_workers, config, progress)
+            _run_parallel(source or InlineSource(model, ws.example_inputs, evaluate), study, os.fspath(storage),
+                          n_trials, n_workers, config, progress, heartbeat)
         else:
+            heartbeat.fail_stale(study)  # a resumed study may hold trials of a run that died
             study.sampler = make_sampler(config.sampler, seed, n_trials)
             remaining = max(0, n_trials - _finished(study))
             study.optimize(objective, n_trials=remaining, show_progress_bar=progress and remaining > 0)
