@@ -184,3 +184,30 @@ def test_not_a_zip_is_refused(tmp_path):
 def test_plain_module_needs_example_inputs(tmp_path):
     with pytest.raises(SavedModelError, match=r"save needs example_inputs"):
         fxcompress.save(nn.Linear(2, 2), tmp_path / "x.fxc")
+
+
+def test_readme_example(tmp_path, monkeypatch):
+    """The README's "Saving and shipping a compressed model" example, as written there."""
+    monkeypatch.chdir(tmp_path)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    # --- README example starts
+    small = fxcompress.compile(model, x, standard_pruning(L1Norm(0.5)))
+    fxcompress.save(small, "small.fxc")      # one zip: torch.export program (JSON) + safetensors weights
+    loaded = fxcompress.load("small.fxc")    # unpickles nothing: safe on a file from anywhere
+    assert torch.equal(loaded(x), small(x))  # bit for bit
+    # --- README example ends
+    assert (tmp_path / "small.fxc").exists()
+
+
+def test_readme_example_is_the_tested_one():
+    """The README shows exactly the lines ``test_readme_example`` runs."""
+    import inspect
+    import pathlib
+    import textwrap
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Saving and shipping a compressed model\n\n```python\n", 1)[1].split("```", 1)[0]
+    source = inspect.getsource(test_readme_example)
+    tested = source.split("# --- README example starts\n", 1)[1].split("    # --- README example ends", 1)[0]
+    assert textwrap.dedent(tested) == block
