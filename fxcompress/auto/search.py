@@ -13,7 +13,9 @@ baseline it has to beat and reports it.
 Scaling out: every worker is a process that loads the study by name from one
 Optuna storage and runs trials until the study holds ``n_trials`` finished
 ones. ``search(..., n_workers=4)`` starts the workers on this machine (a
-journal file in a temporary folder unless ``storage`` is given). To use more
+journal file in ``output_dir`` unless ``storage`` is given, kept so that a
+rerun resumes). A worker that dies loses only its running trial: its
+heartbeat stops, the trial is failed and queued again (:class:`Heartbeat`). To use more
 machines, give every machine the same storage: a journal file on a shared
 file system (``storage="/nfs/study.log"``) or a database URL Optuna accepts
 (``storage="postgresql://user@host/db"``); start the search on one machine
