@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxcompress import meta
 from fxcompress.analysis import invalidate_analysis
 from fxcompress.errors import ConfigError, PipelineError, VerificationError
 from fxcompress.trace import inference_mode, normalize_example_inputs
-from fxcompress.verify import clone_inputs, nonfinite_leaf, worst_leaf
+from fxcompress.verify import forward, nonfinite_leaf, oracle_outputs, unreachable_error, worst_leaf
 
 __all__ = [
     "Pass",
@@ -135,12 +135,6 @@ def parse_pipeline(text: str, option_parsers: dict[str, Callable[[dict], dict]] 
 Hook = Callable[[Any, fx.GraphModule, Any], None]
 
 
-def _outputs(gm: fx.GraphModule, example_inputs: tuple):
-    """One forward on copies of the inputs (a forward may write into its input), in eval mode without grad."""
-    with inference_mode(gm):
-        return gm(*clone_inputs(example_inputs))
-
-
 def _nonfinite_parameter(gm: fx.GraphModule) -> str | None:
     for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
         if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
@@ -158,11 +152,19 @@ class VerifyOutputs:
     magnitude (see :mod:`fxcompress.verify`), so a large leaf cannot hide a
     wrong small one. Before the first pass it checks that a check is possible
     at all: finite weights and outputs, and a deterministic forward.
+
+    Shrunk-against-masked follows from the rule table on both sides, so after
+    ``propagate-channels`` two checks that do not: channels declared removed
+    are filled with noise and must not move any output, and, given
+    ``original`` (the user's module), the original run with the masked
+    tensors must give the masked model's outputs. One extra forward each.
     """
 
     example_inputs: tuple
     rtol: float = 1e-4
     reference: Any = None
+    #: the user's module, for the oracle; None skips it
+    original: nn.Module | None = None
     #: pass name -> largest output error it caused, relative to the output's scale
     errors: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -170,12 +172,32 @@ class VerifyOutputs:
         self.example_inputs = normalize_example_inputs(self.example_inputs)
 
     def __call__(self, previous, gm: fx.GraphModule, next_pass) -> None:
-        outputs = _outputs(gm, self.example_inputs)
+        outputs = forward(gm, self.example_inputs)
         if previous is None:
             self.check_checkable(gm, outputs)
         if previous is not None and getattr(previous, "preserves_outputs", False) and self.reference is not None:
             self.check(previous, outputs)
+        if getattr(previous, "name", None) == "propagate-channels":
+            self.check_masked(gm, outputs)
         self.reference = outputs
+
+    def check_masked(self, gm: fx.GraphModule, outputs) -> None:
+        """The checks independent of the rule table, on the masked model (see the class docstring)."""
+        moved = unreachable_error(gm, self.example_inputs, outputs, self.rtol)
+        if moved is not None:
+            raise VerificationError(
+                f"channels declared removed reach output {moved.leaf} (at {moved.index}, moved by {moved.error:.2e} "
+                "when they hold noise): an op rule couples too little; please report this with the model"
+            )
+        if self.original is None:
+            return
+        wrong = worst_leaf(oracle_outputs(self.original, gm, self.example_inputs), outputs, self.rtol)
+        if wrong is not None:
+            raise VerificationError(
+                f"the original model run with the masked weights disagrees with the masked graph on output "
+                f"{wrong.leaf} at {wrong.index} ({wrong.expected:.6g} vs {wrong.got:.6g}, error {wrong.error:.2e}): "
+                "an op rule treats channels wrongly; please report this with the model"
+            )
 
     def check_checkable(self, gm: fx.GraphModule, outputs) -> None:
         """Name the cause when the model itself makes verification meaningless."""
@@ -188,7 +210,7 @@ class VerifyOutputs:
                 f"the model's output {leaf} holds nan or inf on example_inputs; verification needs finite outputs "
                 "(check the inputs and weights, or pass verify=False)"
             )
-        again = worst_leaf(outputs, _outputs(gm, self.example_inputs), self.rtol)
+        again = worst_leaf(outputs, forward(gm, self.example_inputs), self.rtol)
         if again is not None:
             raise VerificationError(
                 f"the model gives different outputs on the same inputs (output {again.leaf} at {again.index}): "

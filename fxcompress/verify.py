@@ -13,12 +13,24 @@ reassociation noise dominates).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
+import numpy as np
 import torch
+from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["LeafError", "output_leaves", "leaf_error", "worst_leaf", "clone_inputs", "nonfinite_leaf", "ELEMENT_FLOOR"]
+from fxcompress.analysis import get_analysis
+from fxcompress.channels import Role
+from fxcompress.errors import VerificationError
+from fxcompress.masks import current_masks, kept_components, split_target
+from fxcompress.trace import inference_mode
+
+__all__ = [
+    "LeafError", "output_leaves", "leaf_error", "worst_leaf", "clone_inputs", "nonfinite_leaf", "ELEMENT_FLOOR",
+    "forward", "masked_tensors", "original_names", "oracle_outputs", "perturbed_removed_channels", "unreachable_error",
+]
 
 #: elements smaller than this fraction of their leaf's largest magnitude are compared against that floor
 ELEMENT_FLOOR = 1e-3
@@ -96,3 +108,111 @@ def nonfinite_leaf(outputs) -> str | None:
         if t.is_floating_point() and not torch.isfinite(t).all():
             return name
     return None
+
+
+# ---------------------------------------------------------------------------- oracles independent of the rule table
+
+
+def masked_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every masked tensor of ``gm`` as the forward sees it (``orig * mask``), by fully qualified name."""
+    found = {}
+    for target, mask in current_masks(gm).items():
+        owner, name = split_target(target)
+        module = gm.get_submodule(owner)
+        found[target] = (getattr(module, name + "_orig") * mask).detach()
+    return found
+
+
+def original_names(original: nn.Module, targets) -> dict[str, str]:
+    """Map each masked target of the graph to the original module's parameter or buffer name.
+
+    ``symbolic_trace`` keeps module paths and unlifted ``torch.export`` modules
+    keep the original fully qualified names, so the names usually agree; an
+    exported graph may spell a path with ``_`` where the module has ``.``, which
+    is matched as a fallback. A target with no counterpart is an error naming it.
+    """
+    names = {n for n, _ in original.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in original.named_buffers(remove_duplicate=False)}
+    by_flat = {n.replace(".", "_"): n for n in names}
+    mapping = {}
+    for target in targets:
+        match = target if target in names else by_flat.get(target.replace(".", "_"))
+        if match is None:
+            raise VerificationError(f"the masked tensor {target!r} has no counterpart in the original model")
+        mapping[target] = match
+    return mapping
+
+
+def oracle_outputs(original: nn.Module, gm: fx.GraphModule, example_inputs: tuple):
+    """The user's original module run with the masked graph's masked tensors (``torch.func.functional_call``).
+
+    Nothing of the rule table is involved: if a rule let a masked model differ
+    from the original architecture with the same zeros, this disagrees with it.
+    """
+    tensors = masked_tensors(gm)
+    mapping = original_names(original, tensors)
+    swapped = {mapping[t]: value for t, value in tensors.items()}
+    with inference_mode(original):
+        return torch.func.functional_call(original, swapped, clone_inputs(example_inputs), strict=False)
+
+
+def _removed_slices(gm: fx.GraphModule) -> list[tuple[str, int, np.ndarray]]:
+    """``(target, dim, positions)`` of every masked producer or affine slice of a removed channel."""
+    masks = current_masks(gm)
+    if not masks:
+        return []
+    analysis = get_analysis(gm)
+    removed = ~kept_components(analysis, masks)
+    found = []
+    for piece in analysis.slices:
+        if piece.role not in (Role.PRODUCER, Role.AFFINE) or piece.target not in masks:
+            continue
+        dead = np.flatnonzero(removed[analysis.labels[piece.ids]])
+        if len(dead):
+            found.append((piece.target, piece.dim, dead))
+    return found
+
+
+@contextlib.contextmanager
+def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
+    """Within the block, removed channels' producer and affine slices hold random non-zero values.
+
+    A channel declared removed must not reach any output, whatever it holds;
+    on leaving, masks, weights and the tensors the forward reads are restored.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    saved = []
+    try:
+        for target, dim, dead in _removed_slices(gm):
+            owner, name = split_target(target)
+            module = gm.get_submodule(owner)
+            orig, mask = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+            saved.append((module, name, orig.detach().clone(), mask.clone(), getattr(module, name)))
+            index = torch.from_numpy(dead)
+            with torch.no_grad():
+                shape = list(orig.shape)
+                shape[dim] = len(dead)
+                scale = orig.abs().max().item() or 1.0
+                orig.index_copy_(dim, index, scale * (torch.rand(shape, generator=generator) + 0.5).to(orig.dtype))
+                mask.index_fill_(dim, index, 1.0)
+            setattr(module, name, orig * mask)
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, orig, mask, tensor in reversed(saved):
+                getattr(module, name + "_orig").copy_(orig)
+                getattr(module, name + "_mask").copy_(mask)
+                setattr(module, name, tensor)
+
+
+def forward(gm: nn.Module, example_inputs: tuple):
+    """One forward on copies of the inputs (a forward may write into its input), in eval mode without grad."""
+    with inference_mode(gm):
+        return gm(*clone_inputs(example_inputs))
+
+
+def unreachable_error(gm: fx.GraphModule, example_inputs: tuple, reference, rtol: float, seed: int = 0) -> LeafError | None:
+    """How far the outputs move when removed channels carry noise (None: not beyond ``rtol``)."""
+    with perturbed_removed_channels(gm, seed):
+        moved = forward(gm, example_inputs)
+    return worst_leaf(reference, moved, rtol)

@@ -130,3 +130,51 @@ def test_verify_train_mode_dropout_asks_for_eval():
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
     with pytest.raises(VerificationError, match=r"stochastic.*call model\.eval\(\) before compiling"):
         fxcompress.compile(model, torch.randn(2, 4), standard_pruning(L1Norm(0.5)), frontend="export")
+
+
+def _masked_hook(model, x, original):
+    from fxcompress.passes import AnalyzeGroups, InsertMasks, PropagateChannels
+
+    gm = fxcompress.trace(model, x)
+    hook = VerifyOutputs(gm.meta["fxcompress.example_inputs"], original=original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masked = run_pipeline(gm, [InsertMasks(L1Norm(0.5)), AnalyzeGroups(), PropagateChannels()], [hook])
+    return masked, hook
+
+
+def test_verify_oracle_matches_original_with_masked_weights_for_both_frontends():
+    from transformers import BertConfig, BertModel
+
+    from fxcompress.verify import oracle_outputs, unreachable_error, forward
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+    cases = [(InPlace().eval(), (torch.randn(2, 8),)), (bert.eval(), (torch.randint(0, 100, (1, 8)),))]
+    for model, x in cases:
+        masked, _ = _masked_hook(model, x, model)
+        out = forward(masked, x)
+        assert worst_leaf(oracle_outputs(model, masked, x), out, 1e-4) is None
+        assert unreachable_error(masked, x, out, 1e-4) is None
+
+
+def test_verify_oracle_catches_a_masked_graph_that_differs_from_the_original():
+    torch.manual_seed(0)
+    model, x = InPlace().eval(), torch.randn(2, 8)
+    other = InPlace().eval()  # different weights: the oracle must disagree
+    with pytest.raises(VerificationError, match=r"the original model run with the masked weights disagrees .* output 0"):
+        _masked_hook(model, x, other)
+
+
+def test_verify_perturbation_restores_the_masked_model():
+    from fxcompress.verify import forward, perturbed_removed_channels
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 8),)
+    masked, _ = _masked_hook(InPlace().eval(), x, None)
+    before = {k: v.clone() for k, v in masked.state_dict().items()}
+    out = forward(masked, x)
+    with perturbed_removed_channels(masked):
+        assert not torch.equal(masked.fc1.weight, masked.fc1.weight_orig * before["fc1.weight_mask"])
+    assert all(torch.equal(before[k], v) for k, v in masked.state_dict().items())
+    assert torch.equal(forward(masked, x), out)
