@@ -404,11 +404,11 @@ def cmd_auto(args) -> int:
         from fxcompress.auto.search import _load_study
 
         _load_study(args.study, storage)  # a clear error when there is nothing to resume
-    print(f"study {args.study!r} in {storage} (rerun with --study {args.study} --resume to continue it)")
     loaded = load_model_file(args.model)
     evaluate = load_evaluate(args.model)
     if args.sensitivity:
         return _auto_sensitivity(args, loaded, evaluate, criterion)
+    print(f"study {args.study!r} in {storage} (rerun with --study {args.study} --resume to continue it)")
     result = search(loaded.model, loaded.example_inputs, evaluate, budget, args.trials, criterion=criterion,
                     max_sparsity=args.max_sparsity, sampler=args.sampler, seed=args.seed, storage=storage,
                     study_name=args.study, n_workers=args.workers, source=ModelFileSource(args.model),
