@@ -69,6 +69,13 @@ def test_unwritable_output_fails_before_compiling(tmp_path, readonly, option, ca
 
 
 @pytest.mark.parametrize("option", ["--out", "--onnx", "--json"])
+def test_output_under_a_file_fails_before_compiling(tmp_path, option, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _fails(["compress", _file(tmp_path), option, str(blocker / "x")], capsys, f"{option} {blocker / 'x'}: cannot create")
+
+
+@pytest.mark.parametrize("option", ["--out", "--onnx", "--json"])
 def test_output_path_that_is_a_directory_fails_before_compiling(tmp_path, option, capsys):
     _fails(["compress", _file(tmp_path), option, str(tmp_path)], capsys, f"{option} {tmp_path} is a directory")
 
