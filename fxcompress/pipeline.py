@@ -172,7 +172,7 @@ class VerifyOutputs:
         self.example_inputs = normalize_example_inputs(self.example_inputs)
 
     def __call__(self, previous, gm: fx.GraphModule, next_pass) -> None:
-        outputs = forward(gm, self.example_inputs)
+        outputs = self.run(previous, gm)
         if previous is None:
             self.check_checkable(gm, outputs)
         if previous is not None and getattr(previous, "preserves_outputs", False) and self.reference is not None:
@@ -183,6 +183,12 @@ class VerifyOutputs:
 
     def check_masked(self, gm: fx.GraphModule, outputs) -> None:
         """The checks independent of the rule table, on the masked model (see the class docstring)."""
+        leaf = nonfinite_leaf(outputs)
+        if leaf is not None:
+            raise VerificationError(
+                f"masking made output {leaf} non-finite: a removed (zeroed) channel reaches an op that is "
+                "infinite at zero; an op rule forgot to freeze it; please report this with the model"
+            )
         moved = unreachable_error(gm, self.example_inputs, outputs, self.rtol)
         if moved is not None:
             raise VerificationError(
@@ -198,6 +204,17 @@ class VerifyOutputs:
                 f"{wrong.leaf} at {wrong.index} ({wrong.expected:.6g} vs {wrong.got:.6g}, error {wrong.error:.2e}): "
                 "an op rule treats channels wrongly; please report this with the model"
             )
+
+    def run(self, previous, gm: fx.GraphModule):
+        """The outputs on the example inputs; a pass after which the model no longer runs failed verification."""
+        if previous is None:
+            return forward(gm, self.example_inputs)
+        try:
+            return forward(gm, self.example_inputs)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise VerificationError(
+                f"after pass '{previous.name}' the model fails on example_inputs: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def check_checkable(self, gm: fx.GraphModule, outputs) -> None:
         """Name the cause when the model itself makes verification meaningless."""
