@@ -29,7 +29,7 @@ from fxcompress.prune.data_aware import OBD, APoZ, MeanActivation, Taylor
 from fxcompress.prune.distill import LayerwiseDistillation
 from fxcompress.prune.evaluator import Evaluator, LRSchedule, recalibrate_batchnorm
 from fxcompress.prune.finalize import shrink
-from fxcompress.prune.magnitude import FPGM, LAMP, L1Norm, L2Norm, RandomPruner, Slim, slim_penalty
+from fxcompress.prune.magnitude import FPGM, LAMP, L1Norm, L2Norm, Normalizer, RandomPruner, Reduction, Slim, slim_penalty
 from fxcompress.prune.nni import from_config_list
 from fxcompress.prune.schedule import AGPSchedule, LinearSchedule, Schedule, ScheduledPruning
 from fxcompress.prune.training import ADMM, LotteryTicket, MovementPruning
@@ -37,7 +37,7 @@ from fxcompress.prune.unstructured import LevelPruner, NMPruner
 
 __all__ = [
     "Pruner", "ChannelPruner", "Allocation", "Combined", "PRUNERS", "make_pruner",
-    "L1Norm", "L2Norm", "FPGM", "LAMP", "Slim", "slim_penalty", "RandomPruner",
+    "L1Norm", "L2Norm", "FPGM", "LAMP", "Slim", "slim_penalty", "RandomPruner", "Normalizer", "Reduction",
     "APoZ", "MeanActivation", "Taylor", "OBD",
     "LevelPruner", "NMPruner",
     "Schedule", "LinearSchedule", "AGPSchedule", "ScheduledPruning",
