@@ -221,8 +221,11 @@ def channelwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
 
     Only functions that stay finite at 0 belong here: a removed channel may
     carry any finite value in the masked model (its consumers' columns are
-    zero), but an inf or nan would leak through ``0 * inf``.
+    zero), but an inf or nan would leak through ``0 * inf``. A second tensor
+    operand (``pow(x, exponent_tensor)``) is coupled like an elementwise operand.
     """
+    if any(isinstance(ctx.channels(a), tuple) for a in node.args[1:]):
+        return broadcast_into(ctx, ctx.shape(node), [a for a in node.args if isinstance(a, fx.Node)], ctx.where(node))
     return same_shape_passthrough(ctx, node, node.args[0])
 
 

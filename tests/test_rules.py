@@ -133,6 +133,17 @@ class Embed(nn.Module):
         return self.out(torch.relu(self.embed(ids)))
 
 
+class PowTensorExponent(nn.Module):
+    """``pow(base, exponent)`` with base and exponent from different convs: both operands' channels are coupled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base, self.exponent, self.tail = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), conv_tail()
+
+    def forward(self, x):
+        return self.tail(torch.pow(self.base(x).abs() + 1, self.exponent(x) * 0.1))
+
+
 def conv_tail(c: int = 8) -> nn.Module:
     return nn.Conv2d(c, 4, 1)
 
@@ -235,6 +246,8 @@ CASES: dict[str, Case] = {
                          ([INPUT_FROZEN, OUTPUT_FROZEN, (8, None)])),
     "sum-spatial": Case(lambda: Wrap(lambda x: x.sum(dim=-1), nn.Conv1d(8, 4, 1)),
                         ([INPUT_FROZEN, OUTPUT_FROZEN, (8, None)])),
+    # a second tensor operand of a channel-wise op couples like an elementwise one
+    "pow-tensor-exponent": Case(PowTensorExponent, [INPUT_FROZEN, OUTPUT_FROZEN, (8, None)]),
     "mean-over-channels": Case(lambda: Wrap(lambda x: x.mean(1, keepdim=True), conv_tail(1)),
                                ([INPUT_FROZEN, OUTPUT_FROZEN, (1, "reduced"), (8, "reduced over")])),
 }
