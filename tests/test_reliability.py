@@ -178,3 +178,42 @@ def test_verify_perturbation_restores_the_masked_model():
         assert not torch.equal(masked.fc1.weight, masked.fc1.weight_orig * before["fc1.weight_mask"])
     assert all(torch.equal(before[k], v) for k, v in masked.state_dict().items())
     assert torch.equal(forward(masked, x), out)
+
+
+class SizeAsNumber(nn.Module):
+    """``y / y.shape[1]``: a channel count used as a number changes when channels are removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.head(y / y.shape[1])
+
+
+def test_verify_refuses_a_channel_count_used_as_a_number():
+    """Until the rule table freezes such dims, verification must refuse the wrong shrunk model (16/8 = 2x off)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(VerificationError, match=r"pass 'shrink' changed output 0 by 2\.\d\de-01 relative to its scale"):
+            fxcompress.compile(SizeAsNumber().eval(), torch.randn(4, 8), standard_pruning(L1Norm(0.5)))
+
+
+class PowExponent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.pow(self.a(x).abs() + 1, self.b(x)))
+
+
+def test_verify_pow_with_tensor_exponent_compiles_correctly():
+    """The issue's reproduction: base and exponent channels are coupled, so the pruned model is verified and smaller."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = fxcompress.compile(PowExponent().eval(), torch.randn(4, 8), standard_pruning(L1Norm(0.5)))
+    assert (small.a.out_features, small.b.out_features, small.head.in_features) == (8, 8, 8)
