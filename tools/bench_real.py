@@ -364,6 +364,8 @@ def run_model(capacity: str, args) -> list[dict]:
             if c.name not in ("LAMP", "APoZ"):
                 allocations["LAMP-normalised global"] = global_keep(model, lamp, ratio)
             for allocation, keep in allocations.items():
+                if args.allocations and allocation not in args.allocations:
+                    continue
                 kept = {k: int(v.sum()) for k, v in keep.items()}
                 row = {"model": capacity, "tool": c.tool, "criterion": c.name, "allocation": allocation,
                        "MACs ratio": crepe_macs(model, {}) / crepe_macs(model, kept), "score s": seconds}
@@ -399,6 +401,8 @@ def parse(argv=None):
     parser.add_argument("--calibration", type=int, default=128, help="calibration tones (BN, Taylor, APoZ, recovery)")
     parser.add_argument("--recover-steps", type=int, default=20)
     parser.add_argument("--criteria", default="", type=lambda s: [c.strip().lower() for c in s.split(",") if c])
+    parser.add_argument("--allocations", default="", type=lambda s: [a.strip() for a in s.split(",") if a],
+                        help="uniform, global, LAMP-normalised global (default: all)")
     parser.add_argument("--capture", default="direct", choices=("direct", "fx-wrapper"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fast", action="store_true", help="tiny, 2x, 20 tones, L1 only, 1 recovery step")
