@@ -216,7 +216,10 @@ class ChannelSpace:
             return
         seen = self.slices[index]
         self.couple(seen.ids, ids)
-        if _ROLE_STRENGTH[role] > _ROLE_STRENGTH[seen.role]:  # a get_attr weight read by F.linear
+        # A get_attr read records a provisional slice (not maskable); the rule of the op that
+        # reads the tensor (F.linear's weight, F.batch_norm's running mean) says what it is.
+        provisional = not seen.maskable and maskable
+        if provisional or _ROLE_STRENGTH[role] > _ROLE_STRENGTH[seen.role]:
             self.slices[index] = ParamSlice(owner, name, dim, seen.ids, role, maskable)
 
     def reshape(self, big: Ids, grid: tuple[int, ...], pieces: list[Ids], where: str) -> None:

@@ -665,7 +665,7 @@ class PruningCheck:
         return {**dataclasses.asdict(self), "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio}
 
 
-def check_pruning(model: nn.Module, example_inputs, pruner) -> PruningCheck:
+def check_pruning(model: nn.Module, example_inputs, pruner, frontend: str = "auto") -> PruningCheck:
     """Compile ``model`` with ``standard_pruning(pruner)`` and compare the masked and the shrunk model.
 
     One compile serves both: the pipeline runs up to ``Shrink``, the masked
@@ -673,6 +673,7 @@ def check_pruning(model: nn.Module, example_inputs, pruner) -> PruningCheck:
     inside ``compile``. ``compile_s`` is the time of both parts (trace →
     shrink, ``verify=False``), without the forward pass in between. Dense
     figures are measured on ``model`` itself, which is not modified.
+    ``frontend`` is :func:`fxcompress.compile`'s.
     """
     import fxcompress
     from fxcompress.analysis import get_analysis
@@ -682,7 +683,7 @@ def check_pruning(model: nn.Module, example_inputs, pruner) -> PruningCheck:
     inputs = normalize_example_inputs(example_inputs)
     *masking, shrink = standard_pruning(pruner)
     start, start_cpu = time.perf_counter(), time.process_time()
-    gm = fxcompress.compile(model, inputs, masking, verify=False)
+    gm = fxcompress.compile(model, inputs, masking, verify=False, frontend=frontend)
     compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     masked_out = _flat_outputs(gm, inputs)
     why = frozen_summary(get_analysis(gm))

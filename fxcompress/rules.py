@@ -149,12 +149,14 @@ class RuleTable:
         if node.op == "call_module":
             return self._module_rule(type(gm.get_submodule(node.target)))
         if node.op == "call_method":
-            return self._rules.get("." + node.target)
+            return self._rules.get("." + node.target) or self._rules.get("." + _out_of_place(node.target))
         if node.op == "call_function":
             rule = self._rules.get(node.target)
             if rule is None:
                 qualname = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
                 rule = self._rules.get(qualname)
+            if rule is None and isinstance(node.target, torch._ops.OpOverload):
+                rule = self._rules.get(_functional_overload(node.target))
             return rule
         return None
 
@@ -165,6 +167,25 @@ class RuleTable:
                 # a subclass that overrides forward() may compute anything: not ours to guess
                 return rule if cls.forward is base.forward else None
         return None
+
+
+def _out_of_place(name: str) -> str:
+    """``add_`` -> ``add``: an in-place op treats channels as its functional twin does.
+
+    The result aliases ``self``, whose ids it keeps (the op cannot change
+    ``self``'s shape), so later readers of ``self`` see the same channels.
+    Dunder names (``__and__``) are not in-place spellings.
+    """
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def _functional_overload(op: torch._ops.OpOverload):
+    """``aten.relu_.default`` -> ``aten.relu.default`` (None when no such overload exists)."""
+    packet = op.overloadpacket.__name__
+    functional = _out_of_place(packet)
+    if functional == packet:
+        return None
+    return getattr(getattr(torch.ops.aten, functional, None), op._overloadname, None)
 
 
 RULES = RuleTable()
@@ -215,6 +236,11 @@ def same_shape_passthrough(ctx: AnalyzeContext, node: fx.Node, source) -> Channe
     aten.detach.default, aten.alias.default, aten._to_copy.default, aten.to.dtype, aten.contiguous.default,
     aten.exp.default, aten.cos.default, aten.sin.default, aten.pow.Tensor_Scalar, torch.pow, ".pow",
     aten.to.dtype_layout, aten.to.device, aten.type_as.default,
+    aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, F.hardtanh,
+    aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.softplus.default, aten.relu6.default,
+    aten.abs.default, aten.erf.default, aten.sqrt.default, aten.square.default,
+    aten.feature_dropout.default, aten.alpha_dropout.default, aten.lift_fresh_copy.default,
+    torch.abs, ".abs", torch.erf, ".erf", torch.sqrt, ".sqrt", torch.square, ".square", F.softplus,
 )
 def channelwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``y[..., c, ...] = f(x[..., c, ...])``: output channel ``c`` is input channel ``c``.
@@ -394,12 +420,64 @@ def group_norm(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return channels
 
 
+@dataclass(frozen=True)
+class _NormArgs:
+    """Where a functional per-channel norm takes its tensors (positions in its schema)."""
+
+    weight: int
+    bias: int
+    running_mean: int | None = None
+    running_var: int | None = None
+
+
+#: Every spelling of per-channel batch/instance norm and where its tensors are.
+_NORM_ARGS: dict = {
+    F.batch_norm: _NormArgs(weight=3, bias=4, running_mean=1, running_var=2),
+    F.instance_norm: _NormArgs(weight=3, bias=4, running_mean=1, running_var=2),
+    aten.batch_norm.default: _NormArgs(1, 2, 3, 4),
+    aten.instance_norm.default: _NormArgs(1, 2, 3, 4),
+    aten.native_batch_norm.default: _NormArgs(1, 2, 3, 4),
+    aten._native_batch_norm_legit.default: _NormArgs(1, 2, 3, 4),
+    aten._native_batch_norm_legit.no_stats: _NormArgs(1, 2),
+    aten._native_batch_norm_legit_no_training.default: _NormArgs(1, 2, 3, 4),
+    aten._native_batch_norm_legit_functional.default: _NormArgs(1, 2, 3, 4),
+}
+
+@RULES.register(*_NORM_ARGS)
+def batch_norm_function(ctx: AnalyzeContext, node: fx.Node):
+    """Functional per-channel norm (``F.batch_norm``, timm's ``BatchNormAct2d``, every export spelling).
+
+    Like the module: channels pass through dim 1, weight and bias are
+    per-channel affine parameters, running statistics per-channel buffers.
+    The aten forms that return ``(out, save_mean, save_rstd, ...)`` give the
+    per-channel extras the input's channel ids too.
+    """
+    channels = ctx.tensor_channels(node.args[0])
+    if len(channels) < 2:
+        raise Opaque("unbatched input")
+    positions = _NORM_ARGS[node.target]
+    roles = {"weight": Role.AFFINE, "bias": Role.AFFINE, "running_mean": Role.BUFFER, "running_var": Role.BUFFER}
+    for name, role in roles.items():
+        index = getattr(positions, name)
+        if index is not None:
+            param = _param_channels(ctx, node, index, name, {0: role})
+            if param is not None:
+                ctx.space.couple(param[0], channels[1])
+    output = node.meta.get(meta.TENSOR_META)
+    if isinstance(output, TensorMetadata):
+        return same_shape_passthrough(ctx, node, node.args[0])
+    extras = [channels[1:2] if tuple(tm.shape) == (len(channels[1]),) else ctx.fresh_frozen(tm.shape, f"statistics of {ctx.where(node)}")
+              for tm in output[1:]]
+    return Multi([channels, *extras])
+
+
 # ---------------------------------------------------------------------------- layers with weights
 
 
-def _conv_spatial(ctx: AnalyzeContext, node: fx.Node, channels: Channels, nspatial: int) -> tuple[list, int]:
+def _conv_spatial(ctx: AnalyzeContext, node: fx.Node, channels: Channels, nspatial: int,
+                  out_shape: tuple[int, ...] | None = None) -> tuple[list, int]:
     """Batch dims pass through, input spatial dims freeze, output spatial dims are new and frozen."""
-    out_shape = ctx.shape(node)
+    out_shape = ctx.shape(node) if out_shape is None else out_shape
     cdim = len(channels) - nspatial - 1
     for ids in channels[cdim + 1 :]:
         ctx.space.freeze(ids, f"spatial dimension of {ctx.where(node)}")
@@ -418,33 +496,36 @@ def _shrink_conv(ctx: ShrinkContext, node: fx.Node) -> None:
     conv.out_channels = conv.weight.shape[1] * conv.groups if conv.transposed else conv.weight.shape[0]
 
 
-@RULES.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, shrink=_shrink_conv)
-def conv(ctx: AnalyzeContext, node: fx.Node) -> Channels:
-    """Convolution: consumes input channels, produces output channels.
+def _grouped_channels(ctx: AnalyzeContext, in_ids: np.ndarray, groups: int, c_out: int):
+    """``(output ids, ids the weight's columns read)`` of a convolution with ``groups``.
 
-    * ``groups == 1``: output channels are new ids (weight rows, bias), input
-      channels are read by the weight's columns.
+    * ``groups == 1``: new output ids; the columns read every input channel.
     * depthwise-like (one input channel per group, ``m`` outputs each): output
-      channel ``j`` depends only on input ``j // m`` and is coupled to it.
+      channel ``j`` is input ``j // m``; the weight has one column, read by none.
     * other grouped convolutions: the same local index is pruned in every
       group (input and output), so all groups keep equal sizes.
     """
+    if groups == 1:
+        return ctx.space.fresh(c_out), in_ids
+    if len(in_ids) // groups == 1:
+        return np.repeat(in_ids, c_out // groups), None
+    in_local = in_ids.reshape(groups, -1)
+    ctx.space.couple(in_local[1:].ravel(), np.tile(in_local[0], groups - 1))
+    return np.tile(ctx.space.fresh(c_out // groups), groups), in_local[0]
+
+
+@RULES.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, shrink=_shrink_conv)
+def conv(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Convolution: consumes input channels (weight columns), produces output channels (weight rows,
+    bias); grouped and depthwise as :func:`_grouped_channels` says."""
     module = ctx.module(node)
     channels = ctx.tensor_channels(node.args[0])
     nspatial = module.weight.dim() - 2
     out, cdim = _conv_spatial(ctx, node, channels, nspatial)
     in_ids = channels[cdim]
-    groups, c_out = module.groups, module.out_channels
-    if groups == 1:
-        out_ids = ctx.space.fresh(c_out)
-        ctx.space.add_slice(node.target, "weight", 1, in_ids, Role.CONSUMER)
-    elif module.in_channels // groups == 1:
-        out_ids = np.repeat(in_ids, c_out // groups)
-    else:
-        in_local = in_ids.reshape(groups, -1)
-        ctx.space.couple(in_local[1:].ravel(), np.tile(in_local[0], groups - 1))
-        out_ids = np.tile(ctx.space.fresh(c_out // groups), groups)
-        ctx.space.add_slice(node.target, "weight", 1, in_local[0], Role.CONSUMER)
+    out_ids, read = _grouped_channels(ctx, in_ids, module.groups, module.out_channels)
+    if read is not None:
+        ctx.space.add_slice(node.target, "weight", 1, read, Role.CONSUMER)
     ctx.space.add_slice(node.target, "weight", 0, out_ids, Role.PRODUCER)
     if module.bias is not None:
         ctx.space.add_slice(node.target, "bias", 0, out_ids, Role.PRODUCER)
@@ -545,16 +626,38 @@ def addmm(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return (channels[0], weight[1])
 
 
-@RULES.register(F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+def _shrink_conv_function(ctx: ShrinkContext, node: fx.Node) -> None:
+    """A depthwise-like functional convolution has one group per input channel: ``groups`` follows them."""
+    groups = arg(node, 6, "groups", 1)
+    weight = node.args[1].meta[meta.CHANNELS]
+    if groups == 1 or len(weight[1]) != 1:
+        return
+    new_groups = ctx.new_size(node.args[0].meta[meta.CHANNELS][-len(weight) + 1])
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], new_groups, *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "groups": new_groups}
+
+
+@RULES.register(F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                shrink=_shrink_conv_function)
 def conv_function(ctx: AnalyzeContext, node: fx.Node) -> Channels:
-    """``conv(x, w, b, stride, padding, dilation, groups)`` with parameter arguments, ``groups == 1``."""
-    if arg(node, 6, "groups", 1) != 1:
-        raise Opaque("grouped functional convolution")
+    """``conv(x, w, b, stride, padding, dilation, groups)`` with parameter arguments, as ``nn.Conv2d``."""
     channels = ctx.tensor_channels(node.args[0])
+    groups = arg(node, 6, "groups", 1)
+    if not isinstance(groups, int):
+        raise Opaque("groups computed in the graph")
     weight = _param_channels(ctx, node, 1, "weight", {0: Role.PRODUCER, 1: Role.CONSUMER})
     bias = _param_channels(ctx, node, 2, "bias", {0: Role.PRODUCER})
     out, cdim = _conv_spatial(ctx, node, channels, len(weight) - 2)
-    ctx.space.couple(weight[1], channels[cdim])
+    out_ids, read = _grouped_channels(ctx, channels[cdim], groups, len(weight[0]))
+    for ids in weight[2:]:
+        ctx.space.freeze(ids, f"kernel window of {ctx.where(node)}")
+    ctx.space.couple(weight[0], out_ids)
+    if read is not None:
+        ctx.space.couple(weight[1], read)
+    else:
+        ctx.space.freeze(weight[1], f"the single input column of depthwise {ctx.where(node)}")
     if bias is not None:
         ctx.space.couple(bias[0], weight[0])
     out[cdim] = weight[0]
@@ -735,11 +838,15 @@ def swin_attention(ctx: AnalyzeContext, node: fx.Node) -> Channels:
 def spatial(nspatial: int) -> AnalyzeFn:
     """Pooling and resizing over the last ``nspatial`` dims: channel and batch dims pass through."""
 
-    def analyze(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    def analyze(ctx: AnalyzeContext, node: fx.Node) -> Channels | Multi:
         channels = ctx.tensor_channels(node.args[0])
-        out, cdim = _conv_spatial(ctx, node, channels, nspatial)
+        output = node.meta.get(meta.TENSOR_META)
+        # max pooling's (values, argmax positions); a single TensorMetadata is itself a NamedTuple
+        with_indices = isinstance(output, (tuple, list)) and not isinstance(output, TensorMetadata)
+        out_shape = tuple(output[0].shape) if with_indices else None
+        out, cdim = _conv_spatial(ctx, node, channels, nspatial, out_shape)
         out[cdim] = channels[cdim]
-        return tuple(out)
+        return Multi([tuple(out), tuple(out)]) if with_indices else tuple(out)
 
     return analyze
 
@@ -755,9 +862,58 @@ for _n, _keys in {
     RULES.register(*_keys)(spatial(_n))
 
 
+for _n, _keys in {
+    1: (aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default),
+    2: (aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+        aten._adaptive_avg_pool2d.default, aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default,
+        aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default, aten.upsample_bicubic2d.vec,
+        aten._upsample_bilinear2d_aa.vec),
+    3: (aten.max_pool3d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool3d.default,
+        aten._adaptive_avg_pool3d.default),
+}.items():
+    RULES.register(*_keys)(spatial(_n))
+
+
 @RULES.register(F.interpolate)
 def interpolate(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return spatial(len(ctx.shape(node)) - 2)(ctx, node)
+
+
+@RULES.register(aten.max_pool1d_with_indices.default, aten.max_pool2d_with_indices.default,
+                aten.max_pool3d_with_indices.default, aten.adaptive_max_pool1d.default,
+                aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
+def pool_with_indices(ctx: AnalyzeContext, node: fx.Node) -> Multi:
+    """Max pooling that also returns the argmax positions: both outputs keep batch and channel ids."""
+    nspatial = int(node.target.overloadpacket.__name__.split("pool")[1][0])  # max_pool2d_with_indices -> 2
+    return spatial(nspatial)(ctx, node)
+
+
+def _padded_dims(node: fx.Node, ndim: int) -> list[int]:
+    """Dims a pad list ``(left_last, right_last, left_second_last, ...)`` touches with a non-zero width."""
+    pad = arg(node, 1, "pad")
+    if not isinstance(pad, (tuple, list)) or not all(isinstance(p, int) for p in pad):
+        raise Opaque("pad widths computed in the graph")
+    return [ndim - 1 - k for k in range(len(pad) // 2) if pad[2 * k] or pad[2 * k + 1]]
+
+
+@RULES.register(F.pad, aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad1d.default,
+                aten.reflection_pad2d.default, aten.reflection_pad3d.default, aten.replication_pad1d.default,
+                aten.replication_pad2d.default, aten.replication_pad3d.default)
+def pad(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Padding: padded dims get new (frozen) indices at their edges; every other dim passes through.
+
+    A padded dim is frozen on both sides, so pruning never has to move the
+    pad (padding a channel dim adds channels no layer produces).
+    """
+    channels = ctx.tensor_channels(node.args[0])
+    out = list(channels)
+    out_shape = ctx.shape(node)
+    for d in _padded_dims(node, len(channels)):
+        ctx.space.freeze(channels[d], f"padded by {ctx.where(node)}")
+        out[d] = ctx.space.fresh(out_shape[d], frozen=f"padded by {ctx.where(node)}")
+    if tuple(len(ids) for ids in out) != out_shape:
+        raise Opaque("unexpected padded shape")
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------- shape ops

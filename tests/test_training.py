@@ -77,7 +77,9 @@ def test_shrunk_model_trains(pair):
     # a conv bias right before a batch norm in train mode has an exactly-zero gradient: BN subtracts the mean
     learning = {k for k, p in shrunk.named_parameters() if p.grad.abs().max() > 1e-5}
     assert learning >= {k for k in before if k.endswith("weight")}
-    changed = {k for k, p in shrunk.named_parameters() if not torch.equal(p.detach(), before[k])}
+    # SGD at lr 0.1 moves a parameter by 0.1 * grad: more than 1e-6 exactly for the learning ones (float noise
+    # leaves the BN-cancelled conv bias a ~1e-9 gradient, which moves it by far less)
+    changed = {k for k, p in shrunk.named_parameters() if (p.detach() - before[k]).abs().max() > 1e-6}
     assert changed == learning
 
 

@@ -12,6 +12,7 @@ for models that prune little (MACs ratio < 1.5) or fail, why.
     python tools/zoo.py                      # all 80 models (10-20 minutes on 2 cores)
     python tools/zoo.py --fast --size 96     # the fast subset the tests also run
     python tools/zoo.py --models resnet50,vit_b_16 --json /tmp/zoo.json
+    python tools/zoo.py --frontend export    # the same sweep captured by torch.export
 
 The per-model check is :func:`fxcompress.report.check_pruning`; the model
 table here (:data:`FAST`, :func:`spec`, :func:`build`) is shared with
@@ -95,19 +96,19 @@ def build(zoo_spec: ZooSpec) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, x
 
 
-def run_model(zoo_spec: ZooSpec, sparsity: float = 0.5) -> PruningCheck:
+def run_model(zoo_spec: ZooSpec, sparsity: float = 0.5, frontend: str = "auto") -> PruningCheck:
     """Build one model and check it with ``L1Norm(sparsity)``; the model is freed on return."""
     model, x = build(zoo_spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opaque-op warnings show up in the "why" column instead
-        return check_pruning(model, x, L1Norm(sparsity))
+        return check_pruning(model, x, L1Norm(sparsity), frontend=frontend)
 
 
-def _row(zoo_spec: ZooSpec, sparsity: float) -> dict:
+def _row(zoo_spec: ZooSpec, sparsity: float, frontend: str) -> dict:
     """One table row; a failure becomes a row with its error message, never an exception."""
     row = {"model": zoo_spec.name, "input": zoo_spec.size}
     try:
-        check = run_model(zoo_spec, sparsity)
+        check = run_model(zoo_spec, sparsity, frontend)
     except Exception as exc:  # noqa: BLE001 - the sweep reports every failure and goes on
         return {**row, "status": "FAIL", "why": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
     finally:
@@ -127,7 +128,8 @@ def _warm_up() -> None:
 
 
 def sweep(
-    specs: list[ZooSpec], sparsity: float = 0.5, progress: bool = True, on_row: Callable[[list[dict]], None] | None = None
+    specs: list[ZooSpec], sparsity: float = 0.5, progress: bool = True, on_row: Callable[[list[dict]], None] | None = None,
+    frontend: str = "auto",
 ) -> list[dict]:
     """Run every spec, one model alive at a time, printing one progress line per model to stderr.
 
@@ -138,7 +140,7 @@ def sweep(
     rows = []
     for i, zoo_spec in enumerate(specs, 1):
         start = time.perf_counter()
-        row = _row(zoo_spec, sparsity)
+        row = _row(zoo_spec, sparsity, frontend)
         rows.append(row)
         if on_row is not None:
             on_row(rows)
@@ -201,6 +203,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="the tests' small inputs and configurations")
     parser.add_argument("--sparsity", type=float, default=0.5, help="L1Norm sparsity (default 0.5)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
+                        help="how models are captured (fxcompress.compile's frontend; default auto)")
     parser.add_argument("--json", metavar="PATH", help="also write rows and summary as JSON")
     return parser.parse_args(argv)
 
@@ -222,7 +226,8 @@ def _json_writer(path: str | None, args: argparse.Namespace) -> Callable[[list[d
         return None
 
     def write(rows: list[dict]) -> None:
-        data = {"sparsity": args.sparsity, "threads": args.threads, "rows": rows, "summary": summarize(rows)}
+        data = {"sparsity": args.sparsity, "threads": args.threads, "frontend": args.frontend, "rows": rows,
+                "summary": summarize(rows)}
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
 
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     specs = [spec(name, args.size, args.small) for name in _names(args)]
-    rows = sweep(specs, args.sparsity, on_row=_json_writer(args.json, args))
+    rows = sweep(specs, args.sparsity, on_row=_json_writer(args.json, args), frontend=args.frontend)
     summary = summarize(rows)
     print(format_table(rows))
     print(format_summary(summary))
