@@ -77,5 +77,5 @@ def compile(
     if verify:
         from fxcompress.meta import EXAMPLE_INPUTS
 
-        all_hooks.insert(0, VerifyOutputs(gm.meta[EXAMPLE_INPUTS], rtol=rtol))
+        all_hooks.insert(0, VerifyOutputs(gm.meta[EXAMPLE_INPUTS], rtol=rtol, original=model))
     return run_pipeline(gm, list(passes), all_hooks)

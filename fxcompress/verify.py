@@ -29,7 +29,7 @@ from fxcompress.trace import inference_mode
 
 __all__ = [
     "LeafError", "output_leaves", "leaf_error", "worst_leaf", "clone_inputs", "nonfinite_leaf", "ELEMENT_FLOOR",
-    "forward", "masked_tensors", "original_names", "oracle_outputs", "perturbed_removed_channels", "unreachable_error",
+    "forward", "masked_tensors", "graph_state", "original_names", "oracle_outputs", "perturbed_removed_channels", "unreachable_error",
 ]
 
 #: elements smaller than this fraction of their leaf's largest magnitude are compared against that floor
@@ -123,13 +123,24 @@ def masked_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return found
 
 
-def original_names(original: nn.Module, targets) -> dict[str, str]:
-    """Map each masked target of the graph to the original module's parameter or buffer name.
+def graph_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``gm`` as its forward sees it: masked tensors as ``orig * mask`` under
+    their own name, the ``_orig``/``_mask`` pairs that implement them left out."""
+    masked = masked_tensors(gm)
+    hidden = {f"{t}_orig" for t in masked} | {f"{t}_mask" for t in masked}
+    state = {n: t.detach() for n, t in gm.named_parameters(remove_duplicate=False) if n not in hidden}
+    state |= {n: t for n, t in gm.named_buffers(remove_duplicate=False) if n not in hidden}
+    return state | masked
+
+
+def original_names(original: nn.Module, targets) -> dict[str, str] | None:
+    """Map each tensor name of the graph to the original module's parameter or buffer name, or None.
 
     ``symbolic_trace`` keeps module paths and unlifted ``torch.export`` modules
     keep the original fully qualified names, so the names usually agree; an
     exported graph may spell a path with ``_`` where the module has ``.``, which
-    is matched as a fallback. A target with no counterpart is an error naming it.
+    is matched as a fallback. None when the two do not correspond one to one
+    (a pass folded, fused or added tensors): the original then is no oracle.
     """
     names = {n for n, _ in original.named_parameters(remove_duplicate=False)}
     names |= {n for n, _ in original.named_buffers(remove_duplicate=False)}
@@ -138,20 +149,27 @@ def original_names(original: nn.Module, targets) -> dict[str, str]:
     for target in targets:
         match = target if target in names else by_flat.get(target.replace(".", "_"))
         if match is None:
-            raise VerificationError(f"the masked tensor {target!r} has no counterpart in the original model")
+            return None
         mapping[target] = match
-    return mapping
+    return mapping if set(mapping.values()) == names else None
 
 
 def oracle_outputs(original: nn.Module, gm: fx.GraphModule, example_inputs: tuple):
-    """The user's original module run with the masked graph's masked tensors (``torch.func.functional_call``).
+    """The user's original module run with the masked graph's tensors (``torch.func.functional_call``), or
+    None when the graph's tensors no longer correspond one to one with the original's.
 
     Nothing of the rule table is involved: if a rule let a masked model differ
     from the original architecture with the same zeros, this disagrees with it.
+    Every tensor is swapped, not only the masked ones, so passes that trained
+    or calibrated the graph before masking do not make the oracle stale.
     """
-    tensors = masked_tensors(gm)
-    mapping = original_names(original, tensors)
-    swapped = {mapping[t]: value for t, value in tensors.items()}
+    state = graph_state(gm)
+    mapping = original_names(original, state)
+    if mapping is None:
+        return None
+    swapped = {mapping[t]: value for t, value in state.items()}
+    if any(swapped[n].shape != t.shape for n, t in original.state_dict(keep_vars=True).items() if n in swapped):
+        return None
     with inference_mode(original):
         return torch.func.functional_call(original, swapped, clone_inputs(example_inputs), strict=False)
 

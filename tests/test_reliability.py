@@ -158,12 +158,28 @@ def test_verify_oracle_matches_original_with_masked_weights_for_both_frontends()
         assert unreachable_error(masked, x, out, 1e-4) is None
 
 
+class InPlaceTanh(InPlace):
+    """Same tensors as ``InPlace``, different computation: stands in for a graph a rule got wrong."""
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x * 2)))
+
+
 def test_verify_oracle_catches_a_masked_graph_that_differs_from_the_original():
     torch.manual_seed(0)
     model, x = InPlace().eval(), torch.randn(2, 8)
-    other = InPlace().eval()  # different weights: the oracle must disagree
     with pytest.raises(VerificationError, match=r"the original model run with the masked weights disagrees .* output 0"):
-        _masked_hook(model, x, other)
+        _masked_hook(model, x, InPlaceTanh().eval())
+
+
+def test_verify_oracle_steps_aside_when_the_tensors_no_longer_correspond():
+    from fxcompress.verify import oracle_outputs
+
+    torch.manual_seed(0)
+    model, x = InPlace().eval(), (torch.randn(2, 8),)
+    masked, _ = _masked_hook(model, x, None)
+    extra = nn.Sequential(InPlace(), nn.Linear(4, 4)).eval()  # a tensor the graph lacks, as after folding
+    assert oracle_outputs(extra, masked, x) is None
 
 
 def test_verify_perturbation_restores_the_masked_model():

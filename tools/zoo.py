@@ -104,7 +104,7 @@ def run_model(zoo_spec: ZooSpec, sparsity: float = 0.5, frontend: str = "auto") 
         return check_pruning(model, x, L1Norm(sparsity), frontend=frontend)
 
 
-def _row(zoo_spec: ZooSpec, sparsity: float, frontend: str) -> dict:
+def _row(zoo_spec: ZooSpec, sparsity: float, frontend: str = "auto") -> dict:
     """One table row; a failure becomes a row with its error message, never an exception."""
     row = {"model": zoo_spec.name, "input": zoo_spec.size}
     try:
