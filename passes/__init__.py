@@ -30,9 +30,26 @@ __all__ = [
 ]
 
 
-def standard_pruning(pruner) -> list:
-    """The standard structured-pruning pipeline: mask, analyse, propagate, shrink."""
-    return [InsertMasks(pruner), AnalyzeGroups(), PropagateChannels(), Shrink()]
+def standard_pruning(pruner, target=None) -> list:
+    """The standard structured-pruning pipeline: mask, analyse, propagate, shrink.
+
+    ``target="macs=2"`` (or ``"params=2"``, or a :class:`fxcompress.prune.Budget`)
+    replaces the channel criterion's sparsity by a search that makes the
+    model that many times smaller (see :class:`fxcompress.prune.Targeted`):
+
+    >>> import torch, fxcompress
+    >>> from fxcompress.examples import SmallCNN
+    >>> from fxcompress.prune import L1Norm
+    >>> from fxcompress.report import count_params
+    >>> model = SmallCNN()
+    >>> small = fxcompress.compile(model, torch.randn(1, 1, 28, 28), standard_pruning(L1Norm(), target="params=3"))
+    >>> round(count_params(model) / count_params(small), 2)
+    3.0
+    """
+    from fxcompress.prune import Targeted
+
+    masks = InsertMasks(pruner if target is None else Targeted(pruner, target))
+    return [masks, AnalyzeGroups(), PropagateChannels(), Shrink()]
 
 
 def standard_ptq(config, calibration_data) -> list:

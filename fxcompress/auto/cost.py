@@ -3,12 +3,12 @@
 A search proposes per-group sparsities many times per trial (to land exactly
 on the budget), so cost must be predicted, not measured:
 
-- :class:`ShapeCost` predicts MACs or parameters from tensor shapes. Every
-  parameter tensor shrinks along each channel dimension by the kept fraction
-  of the groups there, and a layer's MACs scale with the size of its weight
-  (MACs of conv and linear layers are ``weight.numel() * output positions``).
-  Dense MACs per layer are measured once with ``fxcompress.report``. For
-  convolutional and linear networks the prediction is exact.
+- :class:`ShapeCost` (defined with :class:`Budget` in
+  :mod:`fxcompress.prune.budget`, which targets share) predicts MACs or
+  parameters from tensor shapes: every parameter tensor shrinks along each
+  channel dimension by the kept fraction of the groups there, and every
+  node's MACs (measured once) scale with the channels it touches. For
+  convolutional, linear and attention networks the prediction is exact.
 - :class:`LatencyTable` is a lookup measured once on this machine: the
   latency of the model with one group shrunk at a few sparsities; a
   candidate's latency is the dense latency plus each group's interpolated
@@ -27,8 +27,6 @@ on the budget), so cost must be predicted, not measured:
 from __future__ import annotations
 
 import dataclasses
-import enum
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
@@ -36,8 +34,8 @@ import numpy as np
 from torch import nn
 
 from fxcompress.auto.workspace import Workspace
-from fxcompress.errors import ConfigError, coerce_enum
-from fxcompress.report import count_macs, count_params, macs_by_module, measure_latencies
+from fxcompress.prune.budget import Budget, BudgetMetric, ShapeCost
+from fxcompress.report import count_macs, count_params, measure_latencies
 
 __all__ = [
     "BudgetMetric",
@@ -52,50 +50,6 @@ __all__ = [
 ]
 
 
-class BudgetMetric(enum.Enum):
-    """What a budget limits."""
-
-    MACS = "macs"  #: multiply-accumulates of one forward pass on the example inputs
-    PARAMS = "params"  #: parameter elements
-    LATENCY = "latency"  #: median forward latency on this machine, predicted by a :class:`LatencyTable`
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """Make ``metric`` ``ratio`` times smaller than the dense model's (``Budget("macs", 3)``: 3x fewer MACs).
-
-    >>> Budget.parse("params=2.5")
-    Budget(metric=<BudgetMetric.PARAMS: 'params'>, ratio=2.5)
-    """
-
-    metric: BudgetMetric = BudgetMetric.MACS
-    ratio: float = 2.0
-
-    def __post_init__(self) -> None:
-        coerce_enum(self, "metric", BudgetMetric, what="budget metric")
-        if not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
-            raise ConfigError(f"budget ratio must be a number above 1 (3 = three times smaller), got {self.ratio!r}")
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """``"macs=3"``, ``"params=2"`` or ``"latency=1.5"``."""
-        metric, sep, ratio = text.partition("=")
-        try:
-            value = float(ratio)
-        except ValueError:
-            value = None
-        if not sep or value is None:
-            raise ConfigError(f"budget {text!r} must look like METRIC=RATIO, e.g. macs=3")
-        return cls(metric.strip(), value)
-
-    def to_dict(self) -> dict:
-        return {"metric": self.metric.value, "ratio": self.ratio}
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> Budget:
-        return cls(data["metric"], float(data["ratio"]))
-
-
 class CostModel(Protocol):
     """Predicts a cost from per-group kept fractions (``Workspace.kept_fractions``)."""
 
@@ -103,90 +57,6 @@ class CostModel(Protocol):
     dense: float
 
     def predict(self, kept: Mapping[str, float]) -> float: ...
-
-
-# ---------------------------------------------------------------------------- MACs and parameters
-
-
-@dataclasses.dataclass(frozen=True)
-class _Dim:
-    """One channel dimension of a tensor: positions outside every searched group, and per group."""
-
-    fixed: int
-    per_group: tuple[tuple[str, int], ...]
-
-    def kept(self, kept: Mapping[str, float]) -> float:
-        return self.fixed + sum(count * kept.get(key, 1.0) for key, count in self.per_group)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Term:
-    """``coefficient * (size of the tensor once shrunk)``: one parameter tensor, or one layer's MACs."""
-
-    coefficient: float
-    fixed_size: int  #: product of the dimensions no group shrinks
-    dims: tuple[_Dim, ...]
-
-    def value(self, kept: Mapping[str, float]) -> float:
-        return self.coefficient * self.fixed_size * math.prod(d.kept(kept) for d in self.dims)
-
-
-def _channel_dims(ws: Workspace) -> dict[str, dict[int, _Dim]]:
-    """Per tensor (fully qualified name) and dimension: how its positions split over the searched groups."""
-    analysis = ws.analysis
-    key_of = {g.id: k for k, g in ws.groups.items()}
-    found: dict[str, dict[int, _Dim]] = {}
-    for piece in analysis.slices:
-        group_ids = analysis.group_of[analysis.labels[piece.ids]]
-        ids, counts = np.unique(group_ids, return_counts=True)
-        per_group = tuple((key_of[i], int(c)) for i, c in zip(ids.tolist(), counts.tolist()) if i in key_of)
-        fixed = len(piece.ids) - sum(c for _, c in per_group)
-        found.setdefault(piece.target, {})[piece.dim] = _Dim(fixed, per_group)
-    return found
-
-
-def _term(shape: Sequence[int], dims: Mapping[int, _Dim], coefficient: float) -> _Term:
-    fixed = math.prod(n for d, n in enumerate(shape) if d not in dims)
-    return _Term(coefficient, fixed, tuple(dims[d] for d in sorted(dims)))
-
-
-@dataclasses.dataclass(frozen=True)
-class ShapeCost:
-    """MACs or parameters predicted from shapes (see the module docstring); exact for conv/linear networks."""
-
-    metric: BudgetMetric
-    dense: float
-    constant: float  #: cost no group changes (parameters of frozen layers, MACs of weightless ops)
-    terms: tuple[_Term, ...]
-
-    @classmethod
-    def build(cls, ws: Workspace, metric: BudgetMetric) -> ShapeCost:
-        if metric is BudgetMetric.LATENCY:
-            raise ConfigError("ShapeCost predicts MACs or params; latency needs LatencyTable.measure(ws)")
-        dims = _channel_dims(ws)
-        if metric is BudgetMetric.PARAMS:
-            terms = [_term(p.shape, dims.get(name, {}), 1.0) for name, p in ws.gm.named_parameters()]
-            dense = float(count_params(ws.gm))
-        else:
-            terms, dense = cls._mac_terms(ws, dims), float(count_macs(ws.gm, ws.example_inputs))
-        covered = sum(t.value({}) for t in terms)
-        return cls(metric, dense, dense - covered, tuple(terms))
-
-    @staticmethod
-    def _mac_terms(ws: Workspace, dims: Mapping[str, Mapping[int, _Dim]]) -> list[_Term]:
-        """One term per leaf layer with MACs and a weight: its dense MACs, scaled by its weight's kept size."""
-        terms = []
-        for path, macs in macs_by_module(ws.gm, ws.example_inputs).items():
-            module = ws.gm.get_submodule(path) if path else ws.gm
-            weight = getattr(module, "weight", None)
-            if not path or not macs or next(module.children(), None) is not None or weight is None:
-                continue
-            name = f"{path}.weight"
-            terms.append(_term(weight.shape, dims.get(name, {}), macs / weight.numel()))
-        return terms
-
-    def predict(self, kept: Mapping[str, float]) -> float:
-        return self.constant + sum(t.value(kept) for t in self.terms)
 
 
 # ---------------------------------------------------------------------------- latency

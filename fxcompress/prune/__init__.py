@@ -19,12 +19,14 @@ Taylor (g x w)      :class:`Taylor`                                 batches+loss
 OBD (Hessian diag)  :class:`OBD`                                    batches+loss
 level / N:M         :class:`LevelPruner`, :class:`NMPruner`         no
 schedules           :class:`ScheduledPruning` + Linear/AGP          training
+to a target         :class:`Targeted` (any channel criterion)       as criterion
 movement, ADMM      :class:`MovementPruning`, :class:`ADMM`         training
 lottery ticket      :class:`LotteryTicket`                          training
 ==================  ==============================================  ==========
 """
 
 from fxcompress.prune.base import PRUNERS, Allocation, ChannelPruner, Combined, Pruner, make_pruner
+from fxcompress.prune.budget import Budget, BudgetMetric, ShapeCost
 from fxcompress.prune.data_aware import OBD, APoZ, MeanActivation, Taylor
 from fxcompress.prune.distill import LayerwiseDistillation
 from fxcompress.prune.evaluator import Evaluator, LRSchedule, recalibrate_batchnorm
@@ -32,6 +34,7 @@ from fxcompress.prune.finalize import shrink
 from fxcompress.prune.magnitude import FPGM, LAMP, L1Norm, L2Norm, Normalizer, RandomPruner, Reduction, Slim, slim_penalty
 from fxcompress.prune.nni import from_config_list
 from fxcompress.prune.schedule import AGPSchedule, LinearSchedule, Schedule, ScheduledPruning
+from fxcompress.prune.target import Targeted, TargetFit, TargetWarning
 from fxcompress.prune.training import ADMM, LotteryTicket, MovementPruning
 from fxcompress.prune.unstructured import LevelPruner, NMPruner
 
@@ -44,4 +47,5 @@ __all__ = [
     "MovementPruning", "ADMM", "LotteryTicket",
     "Evaluator", "LRSchedule", "recalibrate_batchnorm", "shrink",
     "from_config_list", "LayerwiseDistillation",
+    "Targeted", "TargetFit", "TargetWarning", "Budget", "BudgetMetric", "ShapeCost",
 ]

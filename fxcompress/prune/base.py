@@ -224,27 +224,40 @@ class ChannelPruner:
 
     def _global_kept(self, sizes: list[int], scores: list[np.ndarray]) -> list[int]:
         """Remove the ``sparsity`` fraction of all channels, lowest scores first, honouring the per-group floor."""
-        candidates = []  # (score, group) of every channel that may go, i.e. beyond each group's floor
+        values, owners = [], []  # the score and group of every channel that may go (beyond each group's floor)
         for g, (n, s) in enumerate(zip(sizes, scores)):
-            ordered = np.sort(s)[: n - self.min_kept(n)]
-            candidates.extend((float(v), g) for v in ordered)
+            ordered = np.sort(np.asarray(s, dtype=np.float64))[: n - self.min_kept(n)]
+            values.append(ordered)
+            owners.append(np.full(len(ordered), g, dtype=np.int64))
+        if not values:
+            return []
         budget = math.floor(sum(sizes) * self.sparsity + 1e-9)
-        removed = [0] * len(sizes)
-        for _, g in sorted(candidates, key=lambda c: c[0])[:budget]:
-            removed[g] += 1
-        return [self.round_kept(n, n - r) for n, r in zip(sizes, removed)]
+        lowest = np.argsort(np.concatenate(values), kind="stable")[:budget]
+        removed = np.bincount(np.concatenate(owners)[lowest], minlength=len(sizes))
+        return [self.round_kept(n, n - int(r)) for n, r in zip(sizes, removed)]
 
-    def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
+    def selected_groups(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> list[Group]:
+        """The prunable groups this pruner's layer selection picks, in graph order."""
+        return [g for g in analysis.prunable_groups() if self.selects(gm, analysis, g)]
+
+    @staticmethod
+    def keep_lowest_dropped(
+        analysis: ChannelAnalysis, groups: Sequence[Group], scores: Sequence[np.ndarray], kept: Sequence[int]
+    ) -> np.ndarray:
+        """Per component, whether it stays when each group keeps its ``kept`` highest-scoring channels."""
         keep = np.ones(analysis.solution.num_components, dtype=bool)
-        groups = [g for g in analysis.prunable_groups() if self.selects(gm, analysis, g)]
-        if self.sparsity == 0 or not groups:
-            return channel_masks(gm, analysis, keep)
-        scores = self.ranked_scores(gm, analysis, groups)
-        kept = self.kept_per_group([len(g) for g in groups], scores)
         for group, score, n_keep in zip(groups, scores, kept):
             drop = np.argsort(np.asarray(score, dtype=np.float64), kind="stable")[: len(group) - n_keep]
             keep[group.components[drop]] = False
-        return channel_masks(gm, analysis, keep)
+        return keep
+
+    def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
+        groups = self.selected_groups(gm, analysis)
+        if self.sparsity == 0 or not groups:
+            return channel_masks(gm, analysis, np.ones(analysis.solution.num_components, dtype=bool))
+        scores = self.ranked_scores(gm, analysis, groups)
+        kept = self.kept_per_group([len(g) for g in groups], scores)
+        return channel_masks(gm, analysis, self.keep_lowest_dropped(analysis, groups, scores, kept))
 
 
 @dataclasses.dataclass(frozen=True)
