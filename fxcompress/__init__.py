@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from fxcompress import prune, quant, report
-from fxcompress.errors import ConfigError, FxCompressError, PipelineError, TraceError, VerificationError
+from fxcompress.analysis import LowCoverageWarning, OpaqueOpWarning, collect_coverage
+from fxcompress.errors import (
+    ConfigError, FxCompressError, LowCoverageError, PipelineError, TraceError, VerificationError,
+)
 from fxcompress.pipeline import Hook, Pass, VerifyOutputs, parse_pipeline, run_pipeline
 from fxcompress.export import to_onnx
 from fxcompress.serialize import load, save
@@ -36,6 +39,9 @@ __all__ = [
     "ConfigError",
     "PipelineError",
     "VerificationError",
+    "LowCoverageError",
+    "LowCoverageWarning",
+    "OpaqueOpWarning",
 ]
 
 
@@ -49,6 +55,7 @@ def compile(
     hooks: Sequence[Hook] = (),
     frontend: str = "auto",
     trace_passes: str | os.PathLike | None = None,
+    strict: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model`` and run ``passes`` on it; return a new ``GraphModule``.
 
@@ -60,6 +67,14 @@ def compile(
     ``frontend`` picks how the model is captured (see :func:`fxcompress.trace`).
     ``trace_passes=dir`` writes the graph (text and picture) after every pass
     and a table of per-pass timings into ``dir``.
+
+    A compile that prunes (almost) nothing says so in one warning: when the
+    pruner removed less than half of the share it asked for (more than half
+    of the channels it may prune are frozen), a :class:`LowCoverageWarning`
+    gives the removed and requested shares and names the ops that froze the
+    most channels; ops without a channel rule are named in the same warning
+    (or, when coverage is fine, in one :class:`OpaqueOpWarning`).
+    ``strict=True`` makes low coverage a :class:`LowCoverageError`.
     """
     import fxcompress.passes  # noqa: F401  (registers the passes by name)
 
@@ -78,4 +93,7 @@ def compile(
         from fxcompress.meta import EXAMPLE_INPUTS
 
         all_hooks.insert(0, VerifyOutputs(gm.meta[EXAMPLE_INPUTS], rtol=rtol, original=model))
-    return run_pipeline(gm, list(passes), all_hooks)
+    with collect_coverage(strict=strict) as log:
+        result = run_pipeline(gm, list(passes), all_hooks)
+    log.warn(stacklevel=2)
+    return result

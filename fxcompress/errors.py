@@ -1,6 +1,9 @@
 """Errors fxcompress raises. Each message names the construct at fault and what to do."""
 
-__all__ = ["FxCompressError", "TraceError", "ConfigError", "PipelineError", "VerificationError", "coerce_enum"]
+__all__ = [
+    "FxCompressError", "TraceError", "ConfigError", "PipelineError", "VerificationError", "LowCoverageError",
+    "coerce_enum",
+]
 
 
 class FxCompressError(Exception):
@@ -21,6 +24,14 @@ class PipelineError(FxCompressError):
 
 class VerificationError(FxCompressError):
     """A pass that must preserve the model's outputs did not."""
+
+
+class LowCoverageError(FxCompressError):
+    """``compile(..., strict=True)``: the pruning removed less than half of what its pruner asked for.
+
+    The message names the ops that froze the channels (see
+    :class:`fxcompress.analysis.LowCoverageWarning`, the non-strict form).
+    """
 
 
 def coerce_enum(owner: object, field: str, enum_cls: type, what: str | None = None) -> None:

@@ -7,11 +7,11 @@ from typing import ClassVar
 
 from torch import fx
 
-from fxcompress.analysis import get_analysis
+from fxcompress.analysis import get_analysis, report_coverage
 from fxcompress.errors import ConfigError
-from fxcompress.masks import apply_masks
+from fxcompress.masks import apply_masks, current_masks, kept_components
 from fxcompress.pipeline import Pass, register_pass
-from fxcompress.prune import Pruner, make_pruner
+from fxcompress.prune import ChannelPruner, Pruner, Targeted, make_pruner
 
 __all__ = ["InsertMasks"]
 
@@ -24,6 +24,13 @@ class InsertMasks(Pass):
     The graph itself does not change; masked weights read as zero from now on.
     Running it again with the same pruner yields the same masks (the masked
     channels score lowest), so the second run reports no change.
+
+    After masking it reports the pruning's coverage (how much of what the
+    pruner asked for was removed, and which ops froze the rest) to the
+    compile, which warns once when it is low (see
+    :class:`fxcompress.analysis.LowCoverageWarning`). A pruner with a target
+    (:class:`fxcompress.prune.Targeted`) searches its sparsity inside
+    ``compute_masks``; this pass only installs the result.
     """
 
     pruner: Pruner
@@ -40,12 +47,29 @@ class InsertMasks(Pass):
 
     @classmethod
     def from_options(cls, options: dict) -> InsertMasks:
-        """``insert-masks{pruner=l1,sparsity=0.5}`` in a textual pipeline."""
+        """``insert-masks{pruner=l1,sparsity=0.5}`` (or ``target=macs=2``) in a textual pipeline."""
         options = dict(options)
         name = options.pop("pruner", None)
+        target = options.pop("target", None)
         if name is None:
             raise ConfigError("insert-masks needs a pruner option, e.g. insert-masks{pruner=l1,sparsity=0.5}")
-        return cls(make_pruner(str(name), **options))
+        pruner = make_pruner(str(name), **options)
+        return cls(Targeted(pruner, str(target)) if target is not None else pruner)
 
     def run(self, gm: fx.GraphModule) -> bool:
-        return apply_masks(gm, self.pruner.compute_masks(gm, get_analysis(gm)))
+        analysis = get_analysis(gm)
+        modified = apply_masks(gm, self.pruner.compute_masks(gm, analysis))
+        report_coverage(self.coverage(gm), stacklevel=4)
+        return modified
+
+    def coverage(self, gm: fx.GraphModule):
+        """The pruning's :class:`~fxcompress.analysis.Coverage` on the masked ``gm``."""
+        from fxcompress.report import count_nonzero_params, count_params
+
+        analysis = get_analysis(gm)
+        keep = kept_components(analysis, current_masks(gm))
+        requested, selected = None, None
+        if isinstance(self.pruner, ChannelPruner):
+            requested, selected = self.pruner.sparsity, lambda g: self.pruner.selects(gm, analysis, g)
+        ratio = count_params(gm) / max(count_nonzero_params(gm), 1)
+        return analysis.coverage(keep, requested, selected, type(self.pruner).__name__, ratio)
