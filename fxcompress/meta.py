@@ -15,6 +15,7 @@ __all__ = [
     "MODULE_TYPES",
     "VALUE",
     "PASS_SECONDS",
+    "STATISTICS",
 ]
 
 #: Written by ``torch.fx.passes.shape_prop.ShapeProp``: shape and dtype of the node's output.
@@ -45,3 +46,8 @@ VALUE = "fxcompress.value"
 
 #: On the module: ``[(pass name, seconds), ...]``, the wall time of each pass itself (hooks excluded).
 PASS_SECONDS = "fxcompress.pass_seconds"
+
+#: On a norm or mean node that computes statistics over a prunable dimension:
+#: that dimension's channel ids. When some are removed, masking switches the
+#: node to statistics over the kept channels (``fxcompress.modules.MASKED_STATISTICS``).
+STATISTICS = "fxcompress.statistics"

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HeadPrunedMultiheadAttention", "window_attention"]
+__all__ = [
+    "HeadPrunedMultiheadAttention", "window_attention", "masked_layer_norm", "masked_rms_norm", "masked_mean",
+    "MaskedLayerNorm", "MaskedRMSNorm", "MASKED_STATISTICS", "has_masked_statistics",
+]
 
 
 class HeadPrunedMultiheadAttention(nn.Module):
@@ -167,3 +170,90 @@ def window_attention(
     if sum(shift) > 0:
         x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
     return x[:, :height, :width, :].contiguous()
+
+
+# ---------------------------------------------------------------------------- statistics over kept channels
+#
+# A norm or mean over a prunable dimension computes its statistics over every
+# channel, so zeroing a removed channel is not enough for the masked model to
+# compute what the shrunk one will (the mean would still count it). These ops
+# take a 0/1 ``keep`` vector over the last (or ``dim``) dimension and compute
+# the statistics over the kept channels only; removed channels come out as 0.
+# With ``keep`` all ones they equal their torch twins up to float reassociation.
+
+
+def _kept_only(x: torch.Tensor, keep: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``x`` with the channels ``keep`` drops along ``dim`` set to zero (also when they hold inf or nan)."""
+    dropped = keep.view([-1 if d == dim % x.dim() else 1 for d in range(x.dim())]) == 0
+    return x.masked_fill(dropped, 0)
+
+
+def masked_layer_norm(x, normalized_shape, weight, bias, eps: float, keep: torch.Tensor):
+    """``F.layer_norm`` over the last dim, with mean and variance over the channels ``keep`` marks.
+
+    >>> x, keep = torch.randn(2, 4), torch.tensor([1.0, 0.0, 1.0, 1.0])
+    >>> y = masked_layer_norm(x, (4,), None, None, 1e-5, keep)
+    >>> torch.allclose(y[:, [0, 2, 3]], F.layer_norm(x[:, [0, 2, 3]], (3,)), atol=1e-6), bool((y[:, 1] == 0).all())
+    (True, True)
+    """
+    count = keep.sum().to(x.dtype)
+    x = _kept_only(x, keep)
+    centred = _kept_only(x - x.sum(-1, keepdim=True) / count, keep)
+    y = centred * torch.rsqrt((centred * centred).sum(-1, keepdim=True) / count + eps)
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + _kept_only(bias, keep)
+
+
+def masked_rms_norm(x, normalized_shape, weight, eps: float | None, keep: torch.Tensor):
+    """``F.rms_norm`` over the last dim, with the mean square over the channels ``keep`` marks."""
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    x = _kept_only(x, keep)
+    y = x * torch.rsqrt((x * x).sum(-1, keepdim=True) / keep.sum().to(x.dtype) + eps)
+    return y if weight is None else y * weight
+
+
+def masked_mean(x, dim: int, keepdim: bool, keep: torch.Tensor):
+    """``x.mean(dim, keepdim)`` over the entries of ``dim`` that ``keep`` marks."""
+    return _kept_only(x, keep, dim).sum(dim, keepdim=keepdim) / keep.sum().to(x.dtype)
+
+
+class MaskedLayerNorm(nn.LayerNorm):
+    """An ``nn.LayerNorm`` whose statistics cover the kept channels of its ``channel_keep`` buffer only.
+
+    Masking turns a ``LayerNorm`` whose normalised channels lose some into one
+    of these (same parameters, hooks and state-dict names plus the buffer);
+    shrinking turns it back into a plain, smaller ``LayerNorm``.
+    """
+
+    channel_keep: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.channel_keep)
+
+
+class MaskedRMSNorm(nn.RMSNorm):
+    """An ``nn.RMSNorm`` whose mean square covers the kept channels of its ``channel_keep`` buffer only."""
+
+    channel_keep: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_rms_norm(x, self.normalized_shape, self.weight, self.eps, self.channel_keep)
+
+
+#: plain op or module -> its masked-statistics form
+MASKED_STATISTICS = {
+    nn.LayerNorm: MaskedLayerNorm, nn.RMSNorm: MaskedRMSNorm,
+    F.layer_norm: masked_layer_norm, torch.ops.aten.layer_norm.default: masked_layer_norm,
+    F.rms_norm: masked_rms_norm, torch.ops.aten.rms_norm.default: masked_rms_norm,
+    torch.mean: masked_mean, torch.ops.aten.mean.dim: masked_mean,
+}
+
+
+def has_masked_statistics(gm: nn.Module) -> bool:
+    """Whether ``gm`` computes some statistics over kept channels only (an original module would not)."""
+    masked = set(MASKED_STATISTICS.values())
+    if any(type(m) in masked for m in gm.modules()):
+        return True
+    graph = getattr(gm, "graph", None)
+    return graph is not None and any(n.op == "call_function" and n.target in masked for n in graph.nodes)

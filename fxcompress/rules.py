@@ -9,6 +9,10 @@ function, or a tensor method — one :class:`OpRule` says
 * ``shrink`` (optional): how to fix the op's module attributes or shape
   arguments once some channels are removed. Parameters themselves are sliced
   generically from the recorded slices, so most rules need no shrink step.
+* ``mask`` (optional): how the op keeps computing, in the masked model, what
+  its shrunk form will once some of its channels are removed. Only ops that
+  compute statistics over channels need one (a norm's mean and variance must
+  cover the kept channels only); zeroed parameters do the rest.
 
 An op with no rule is *opaque*: every dimension of every tensor it touches is
 frozen, with one warning naming it. It can only make the model less compressed,
@@ -34,10 +38,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxcompress import meta
 from fxcompress.channels import ChannelSpace, Role
+from fxcompress.modules import (
+    MASKED_STATISTICS, MaskedLayerNorm, MaskedRMSNorm, masked_layer_norm, masked_mean, masked_rms_norm,
+)
 from fxcompress.trace import describe_node
 
 __all__ = ["OpRule", "RuleTable", "RULES", "AnalyzeContext", "ShrinkContext", "Multi", "Opaque"]
@@ -119,12 +126,14 @@ class ShrinkContext:
 
 AnalyzeFn = Callable[[AnalyzeContext, fx.Node], Any]
 ShrinkFn = Callable[[ShrinkContext, fx.Node], None]
+MaskFn = Callable[[ShrinkContext, fx.Node], bool]  #: returns whether it changed the node
 
 
 @dataclass(frozen=True)
 class OpRule:
     analyze: AnalyzeFn
     shrink: ShrinkFn | None = None
+    mask: MaskFn | None = None
 
 
 class RuleTable:
@@ -133,9 +142,11 @@ class RuleTable:
     def __init__(self) -> None:
         self._rules: dict[Any, OpRule] = {}
 
-    def register(self, *keys, shrink: ShrinkFn | None = None) -> Callable[[AnalyzeFn], AnalyzeFn]:
+    def register(
+        self, *keys, shrink: ShrinkFn | None = None, mask: MaskFn | None = None
+    ) -> Callable[[AnalyzeFn], AnalyzeFn]:
         def decorate(analyze: AnalyzeFn) -> AnalyzeFn:
-            rule = OpRule(analyze, shrink)
+            rule = OpRule(analyze, shrink, mask)
             for key in keys:
                 self._rules[key] = rule
             return analyze
@@ -384,39 +395,185 @@ def batch_norm(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return _norm_channel_dim(ctx, node, ctx.module(node))
 
 
-@RULES.register(nn.LayerNorm)
+# Norms over the last dim compute their statistics over its channels. Those channels stay prunable: the
+# rule records them under meta.STATISTICS and, once some are removed, its mask step switches the node to
+# statistics over the kept channels only (fxcompress.modules), which is what the shrunk norm computes.
+
+
+def _statistics_over(ctx: AnalyzeContext, node: fx.Node, channels: Channels, k: int) -> Channels:
+    """Record that ``node`` normalises over its last ``k`` dims: one dim stays prunable, several are frozen."""
+    if k == 1:
+        node.meta[meta.STATISTICS] = channels[-1]
+        return channels
+    for ids in channels[-k:]:
+        ctx.space.freeze(ids, f"normalised over by {ctx.where(node)}")
+    return channels
+
+
+def _keep_tensor(ctx: ShrinkContext, node: fx.Node) -> torch.Tensor:
+    return torch.from_numpy(ctx.keep[ctx.labels[node.meta[meta.STATISTICS]]].astype(np.float32))
+
+
+#: The arguments of each functional statistics op, in the order its masked form takes them (then ``keep``).
+_STATISTICS_ARGS = {
+    "layer_norm": ((0, "input"), (1, "normalized_shape"), (2, "weight"), (3, "bias"), (4, "eps", 1e-5)),
+    "rms_norm": ((0, "input"), (1, "normalized_shape"), (2, "weight"), (3, "eps")),
+    "mean": ((0, "input"), (1, "dim"), (2, "keepdim", False)),
+}
+#: masked form -> (the plain function it shrinks back to, its kind)
+_UNMASKED = {masked_layer_norm: (F.layer_norm, "layer_norm"), masked_rms_norm: (F.rms_norm, "rms_norm"),
+             masked_mean: (torch.mean, "mean")}
+
+
+def _statistics_kind(node: fx.Node) -> str:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return "mean" if name.startswith("mean") else name.split(".")[0].removeprefix("masked_")
+
+
+def restrict_statistics(ctx: ShrinkContext, node: fx.Node) -> bool:
+    """Make ``node`` compute its statistics over the kept channels only; return whether it changed.
+
+    A module becomes its masked twin (same parameters and hooks, plus a
+    ``channel_keep`` buffer); a function call is rewritten to the masked
+    function with the keep vector as a buffer of the graph module.
+    """
+    if meta.STATISTICS not in node.meta:
+        return False
+    keep = _keep_tensor(ctx, node)
+    current = _current_keep(ctx.gm, node)
+    if current is not None:
+        if torch.equal(current, keep):
+            return False
+        current.copy_(keep)
+        return True
+    if bool(keep.all()):
+        return False
+    if node.op == "call_module":
+        module = ctx.module(node)
+        module._unmasked_class = type(module)
+        module.__class__ = next(v for k, v in MASKED_STATISTICS.items() if isinstance(k, type) and isinstance(module, k))
+        module.register_buffer("channel_keep", keep)
+        return True
+    kind = _statistics_kind(node)
+    values = [arg(node, i, name, *default) for i, name, *default in _STATISTICS_ARGS[kind]]
+    if kind == "mean":
+        values[1] = values[1][0] if isinstance(values[1], (list, tuple)) else values[1]
+    name = _free_attr(ctx.gm, f"{node.name}_channel_keep")
+    ctx.gm.register_buffer(name, keep)
+    with ctx.gm.graph.inserting_before(node):
+        keep_node = ctx.gm.graph.get_attr(name)
+    keep_node.meta[meta.TENSOR_META] = _extract_tensor_metadata(keep)
+    masked = MASKED_STATISTICS[node.target] if node.op == "call_function" else MASKED_STATISTICS[torch.mean]
+    node.op, node.target, node.args, node.kwargs = "call_function", masked, (*values, keep_node), {}
+    ctx.gm.recompile()
+    return True
+
+
+def _current_keep(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The keep vector a masked statistics node already uses, or None for a plain node."""
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "channel_keep", None)
+    if node.target in MASKED_STATISTICS.values():
+        return gm.get_buffer(node.args[-1].target)
+    return None
+
+
+def _free_attr(gm: fx.GraphModule, base: str) -> str:
+    name, k = base, 1
+    while hasattr(gm, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def unrestrict_statistics(ctx: ShrinkContext, node: fx.Node) -> None:
+    """After slicing, a masked statistics node keeps only kept channels: back to the plain, smaller op."""
+    if meta.STATISTICS not in node.meta:
+        return
+    size = ctx.new_size(node.meta[meta.STATISTICS])
+    if node.op == "call_module":
+        module = ctx.module(node)
+        module.normalized_shape = (size,)
+        if hasattr(module, "channel_keep"):
+            del module._buffers["channel_keep"]
+            module.__class__ = module.__dict__.pop("_unmasked_class")
+        return
+    if _current_keep(ctx.gm, node) is None:
+        return
+    keep_node = node.args[-1]
+    plain, kind = _UNMASKED[node.target]
+    args = list(node.args[:-1])
+    if kind != "mean":
+        args[1] = (size,)
+    node.target, node.args = plain, tuple(args)
+    ctx.gm.graph.erase_node(keep_node)
+    delattr(ctx.gm, keep_node.target)
+
+
+@RULES.register(nn.LayerNorm, nn.RMSNorm, MaskedLayerNorm, MaskedRMSNorm, shrink=unrestrict_statistics,
+                mask=restrict_statistics)
 def layer_norm_module(ctx: AnalyzeContext, node: fx.Node) -> Channels:
-    """LayerNorm mixes the normalised dimensions through its mean and variance: they are frozen."""
+    """LayerNorm / RMSNorm: statistics over the normalised dims (see ``_statistics_over``); affine per channel."""
     module = ctx.module(node)
     channels = same_shape_passthrough(ctx, node, node.args[0])
     k = len(module.normalized_shape)
     for offset, ids in enumerate(channels[-k:]):
-        ctx.space.freeze(ids, f"normalised over by {ctx.where(node)}")
         for name in ("weight", "bias"):
             if getattr(module, name, None) is not None:
                 ctx.space.add_slice(node.target, name, offset, ids, Role.AFFINE)
-    return channels
+    return _statistics_over(ctx, node, channels, k)
 
 
-@RULES.register(F.layer_norm, aten.layer_norm.default)
+@RULES.register(F.layer_norm, aten.layer_norm.default, F.rms_norm, aten.rms_norm.default,
+                masked_layer_norm, masked_rms_norm,
+                shrink=unrestrict_statistics, mask=restrict_statistics)
 def layer_norm_function(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     channels = same_shape_passthrough(ctx, node, node.args[0])
     k = len(arg(node, 1, "normalized_shape"))
-    for ids in channels[-k:]:
-        ctx.space.freeze(ids, f"normalised over by {ctx.where(node)}")
-    for index, name in ((2, "weight"), (3, "bias")):
+    params = ((2, "weight"),) if _statistics_kind(node) == "rms_norm" else ((2, "weight"), (3, "bias"))
+    for index, name in params:
         param = ctx.channels(arg(node, index, name))
         if param is not None:
             for p_ids, ids in zip(param, channels[-k:]):
                 ctx.space.couple(p_ids, ids)
-    return channels
+    return _statistics_over(ctx, node, channels, k)
 
 
-@RULES.register(nn.GroupNorm)
+def _shrink_group_norm(ctx: ShrinkContext, node: fx.Node) -> None:
+    channels = node.meta[meta.CHANNELS][1]
+    if node.op == "call_module":
+        module = ctx.module(node)
+        group_size = module.num_channels // module.num_groups
+        module.num_channels = ctx.new_size(channels)
+        module.num_groups = module.num_channels // group_size
+        return
+    groups = arg(node, 1, "num_groups")
+    new_groups = ctx.new_size(channels) // (len(channels) // groups)
+    node.args = (node.args[0], new_groups, *node.args[2:]) if len(node.args) > 1 else node.args
+    if "num_groups" in node.kwargs:
+        node.kwargs = {**node.kwargs, "num_groups": new_groups}
+
+
+@RULES.register(nn.GroupNorm, F.group_norm, aten.group_norm.default, shrink=_shrink_group_norm)
 def group_norm(ctx: AnalyzeContext, node: fx.Node) -> Channels:
-    """GroupNorm's statistics mix the channels of a group: the channel dimension is frozen."""
+    """GroupNorm's statistics mix the channels of a group, so a group is pruned whole (one component each)."""
     channels = same_shape_passthrough(ctx, node, node.args[0])
-    ctx.space.freeze(channels[1], f"normalised over by {ctx.where(node)}")
+    if len(channels) < 2:
+        raise Opaque("unbatched input")
+    groups = ctx.module(node).num_groups if node.op == "call_module" else arg(node, 1, "num_groups")
+    if not isinstance(groups, int):
+        raise Opaque("num_groups computed in the graph")
+    ctx.space.couple(channels[1], np.repeat(ctx.space.fresh(groups), len(channels[1]) // groups))
+    if node.op == "call_module":
+        module = ctx.module(node)
+        for name in ("weight", "bias"):
+            if getattr(module, name, None) is not None:
+                ctx.space.add_slice(node.target, name, 0, channels[1], Role.AFFINE)
+        return channels
+    for index, name in ((2, "weight"), (3, "bias")):
+        param = ctx.channels(arg(node, index, name))
+        if param is not None:
+            ctx.space.couple(param[0], channels[1])
     return channels
 
 
@@ -888,6 +1045,20 @@ def pool_with_indices(ctx: AnalyzeContext, node: fx.Node) -> Multi:
     return spatial(nspatial)(ctx, node)
 
 
+@RULES.register("torchvision.models.swin_transformer._patch_merging_pad")
+def patch_merging_pad(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """Swin's patch merging, ``[..., H, W, C] -> [..., H/2, W/2, 4C]``: the four pixels of each 2x2 window
+    concatenated along channels, so the channel ids tile four times; the spatial dims are frozen."""
+    channels = ctx.tensor_channels(node.args[0])
+    shape = ctx.shape(node)
+    if len(shape) != len(channels) or shape[-1] != 4 * len(channels[-1]):
+        raise Opaque("unexpected patch merging shape")
+    where = ctx.where(node)
+    for ids in channels[-3:-1]:
+        ctx.space.freeze(ids, f"windowed by {where}")
+    return (*channels[:-3], *ctx.fresh_frozen(shape[-3:-1], f"windowed by {where}"), np.tile(channels[-1], 4))
+
+
 def _padded_dims(node: fx.Node, ndim: int) -> list[int]:
     """Dims a pad list ``(left_last, right_last, left_second_last, ...)`` touches with a non-zero width."""
     pad = arg(node, 1, "pad")
@@ -969,6 +1140,15 @@ def _queried_dim(size: fx.Node) -> tuple[fx.Node, int] | None:
     return None
 
 
+def _queried_new_size(ctx: ShrinkContext, size: fx.Node) -> int | None:
+    """The size a size query (``x.shape[d]``) reads after shrinking, or None when unknown."""
+    tensor, dim = _queried_dim(size)
+    channels = tensor.meta.get(meta.CHANNELS) if isinstance(tensor, fx.Node) else None
+    if channels is None or isinstance(channels, Multi) or not isinstance(dim, int):
+        return None
+    return ctx.new_size(channels[norm_dim(dim, len(channels))])
+
+
 def _reads_shrunk_size(ctx: ShrinkContext, size: fx.Node) -> bool:
     """Whether a size computed in the graph (``c // groups``) reads the size of a dim that shrinks."""
     stack, seen = [size], set()
@@ -999,8 +1179,11 @@ def _shrink_shape_args(ctx: ShrinkContext, node: fx.Node) -> None:
     Literals become the new size of their dim when that dim shrank. Sizes
     computed in the graph (``c // groups`` in a channel shuffle) become
     literals when their dim shrank or when they read the size of a dim that
-    shrank (otherwise they stay, e.g. a batch size). ``-1`` and sizes read
-    straight from a tensor stay: they follow by themselves.
+    shrank (otherwise they stay, e.g. a batch size). ``-1`` stays, and so do
+    sizes read straight from a tensor dim that shrinks to the same size (they
+    follow by themselves); one read from a dim that ends up a different size
+    (``D = x.shape[-1]`` reshaping an attention output whose width is not
+    ``x``'s) becomes the literal new size.
     """
     channels = node.meta[meta.CHANNELS]
     first = 1
@@ -1009,9 +1192,13 @@ def _shrink_shape_args(ctx: ShrinkContext, node: fx.Node) -> None:
     if len(sizes) != len(channels):
         return
     for d, size in enumerate(sizes):
-        if size == -1 or _is_size_query(size) or not isinstance(size, (int, fx.Node)):
+        if size == -1 or not isinstance(size, (int, fx.Node)):
             continue
         new = ctx.new_size(channels[d])
+        if _is_size_query(size):
+            if _queried_new_size(ctx, size) != new:
+                sizes[d] = new
+            continue
         if new != len(channels[d]) or isinstance(size, fx.Node) and _reads_shrunk_size(ctx, size):
             sizes[d] = new
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
@@ -1360,17 +1547,31 @@ def _reduce_dims(node: fx.Node, ndim: int):
     return sorted(norm_dim(d, ndim) for d in dims)
 
 
-@RULES.register(torch.mean, ".mean", torch.sum, ".sum", torch.amax, ".amax", torch.amin, ".amin", aten.mean.dim,
-                aten.sum.dim_IntList, aten.amax.default)
+@RULES.register(torch.sum, ".sum", torch.amax, ".amax", torch.amin, ".amin", aten.sum.dim_IntList, aten.amax.default)
 def reduction(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """Reductions mix indices of the reduced dims, which are frozen; other dims pass through."""
+    return _reduce(ctx, node, statistics=False)
+
+
+@RULES.register(torch.mean, ".mean", aten.mean.dim, masked_mean, shrink=unrestrict_statistics,
+                mask=restrict_statistics)
+def mean(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """A mean over one dim is a statistic over its channels (kept prunable, see ``_statistics_over``)."""
+    return _reduce(ctx, node, statistics=True)
+
+
+def _reduce(ctx: AnalyzeContext, node: fx.Node, statistics: bool) -> Channels:
     channels = ctx.tensor_channels(node.args[0])
     dims = _reduce_dims(node, len(channels))
     keepdim = arg(node, 2, "keepdim", False)
+    statistics = statistics and len(dims) == 1 and arg(node, 3, "dtype") is None
     out = []
     for d, ids in enumerate(channels):
         if d in dims:
-            ctx.space.freeze(ids, f"reduced over by {ctx.where(node)}")
+            if statistics:
+                node.meta[meta.STATISTICS] = ids
+            else:
+                ctx.space.freeze(ids, f"reduced over by {ctx.where(node)}")
             if keepdim:
                 out.append(ctx.space.fresh(1, frozen=f"reduced by {ctx.where(node)}"))
         else:
@@ -1418,4 +1619,5 @@ def attribute(ctx: AnalyzeContext, node: fx.Node) -> None:
     if node.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda"):
         return None
     raise Opaque(f"attribute {node.args[1]!r}")
+
 

@@ -25,6 +25,7 @@ from fxcompress.analysis import get_analysis
 from fxcompress.channels import Role
 from fxcompress.errors import VerificationError
 from fxcompress.masks import current_masks, kept_components, split_target
+from fxcompress.modules import has_masked_statistics
 from fxcompress.trace import inference_mode
 
 __all__ = [
@@ -161,8 +162,12 @@ def oracle_outputs(original: nn.Module, gm: fx.GraphModule, example_inputs: tupl
     Nothing of the rule table is involved: if a rule let a masked model differ
     from the original architecture with the same zeros, this disagrees with it.
     Every tensor is swapped, not only the masked ones, so passes that trained
-    or calibrated the graph before masking do not make the oracle stale.
+    or calibrated the graph before masking do not make the oracle stale. A
+    graph whose norms compute statistics over kept channels only computes
+    something the original cannot: None.
     """
+    if has_masked_statistics(gm):
+        return None
     state = graph_state(gm)
     mapping = original_names(original, state)
     if mapping is None:

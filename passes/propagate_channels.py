@@ -10,6 +10,7 @@ from torch import fx
 from fxcompress.analysis import get_analysis
 from fxcompress.masks import apply_masks, channel_masks, current_masks, kept_components
 from fxcompress.pipeline import Pass, register_pass
+from fxcompress.rules import RULES, ShrinkContext
 
 __all__ = ["PropagateChannels"]
 
@@ -21,8 +22,10 @@ class PropagateChannels(Pass):
 
     A channel whose producing slices are all masked is removed: its norm
     parameters and the input columns of every layer that reads it are masked
-    too, through residual adds, concatenations, splits and reshapes. After
-    this pass the masked model computes exactly what the shrunk model will.
+    too, through residual adds, concatenations, splits and reshapes, and norms
+    or means over it compute their statistics over the kept channels only (the
+    op rule's ``mask`` step). After this pass the masked model computes
+    exactly what the shrunk model will.
     """
 
     name: ClassVar[str] = "propagate-channels"
@@ -35,4 +38,10 @@ class PropagateChannels(Pass):
         keep = kept_components(analysis, current_masks(gm))
         if keep.all():
             return False
-        return apply_masks(gm, channel_masks(gm, analysis, keep, skip_done=True))
+        changed = apply_masks(gm, channel_masks(gm, analysis, keep, skip_done=True))
+        ctx = ShrinkContext(gm, keep, analysis.labels)
+        for node in list(gm.graph.nodes):
+            rule = RULES.lookup(gm, node)
+            if rule is not None and rule.mask is not None:
+                changed |= rule.mask(ctx, node)
+        return changed

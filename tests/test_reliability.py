@@ -146,6 +146,7 @@ def _masked_hook(model, x, original):
 def test_verify_oracle_matches_original_with_masked_weights_for_both_frontends():
     from transformers import BertConfig, BertModel
 
+    from fxcompress.modules import has_masked_statistics
     from fxcompress.verify import oracle_outputs, unreachable_error, forward
 
     torch.manual_seed(0)
@@ -154,7 +155,9 @@ def test_verify_oracle_matches_original_with_masked_weights_for_both_frontends()
     for model, x in cases:
         masked, _ = _masked_hook(model, x, model)
         out = forward(masked, x)
-        assert worst_leaf(oracle_outputs(model, masked, x), out, 1e-4) is None
+        oracle = oracle_outputs(model, masked, x)  # None where norms use kept-channel statistics
+        assert (oracle is None) == has_masked_statistics(masked)
+        assert oracle is None or worst_leaf(oracle, out, 1e-4) is None
         assert unreachable_error(masked, x, out, 1e-4) is None
 
 

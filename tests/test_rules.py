@@ -189,13 +189,17 @@ CASES: dict[str, Case] = {
     # norms
     "batch-norm": through(nn.BatchNorm2d(8)),
     "instance-norm-affine": through(nn.InstanceNorm2d(8, affine=True)),
-    "group-norm": Case(lambda: Wrap(nn.GroupNorm(2, 8), conv_tail()),
-                       [INPUT_FROZEN, OUTPUT_FROZEN, (8, "normalised over")]),
+    # a GroupNorm group is one unit: 8 channels in 2 groups prune as 2 components
+    "group-norm": Case(lambda: Wrap(nn.GroupNorm(2, 8), conv_tail()), [INPUT_FROZEN, OUTPUT_FROZEN, (2, None)]),
+    # norms over the last dim stay prunable, with statistics over the kept channels in the masked model
     "layer-norm-channels-last": Case(
         lambda: Wrap(lambda x: F.layer_norm(x.permute(0, 2, 3, 1), (8,)), nn.Linear(8, 4)),
-        ([INPUT_FROZEN, OUTPUT_FROZEN, (8, "normalised over")])),
-    "layer-norm-module": Case(lambda: Wrap(ChannelsLastNorm(), nn.Linear(8, 4)),
-                              [INPUT_FROZEN, OUTPUT_FROZEN, (8, "normalised over")]),
+        ([INPUT_FROZEN, OUTPUT_FROZEN, (8, None)])),
+    "layer-norm-module": Case(lambda: Wrap(ChannelsLastNorm(), nn.Linear(8, 4)), [INPUT_FROZEN, OUTPUT_FROZEN, (8, None)]),
+    "rms-norm-module": Case(lambda: Wrap(nn.RMSNorm(8), nn.Linear(8, 4), head=nn.Linear(3, 8)),
+                            [INPUT_FROZEN, OUTPUT_FROZEN, (8, None)], shape=(2, 5, 3)),
+    "layer-norm-two-dims": Case(lambda: Wrap(lambda x: F.layer_norm(x, (4, 4)), conv_tail()),
+                                [INPUT_FROZEN, OUTPUT_FROZEN, (8, None)]),
     # channel-wise ops pass channels through
     "relu": through(nn.ReLU()),
     "gelu": through(nn.GELU()),
@@ -248,8 +252,11 @@ CASES: dict[str, Case] = {
                         ([INPUT_FROZEN, OUTPUT_FROZEN, (8, None)])),
     # a second tensor operand of a channel-wise op couples like an elementwise one
     "pow-tensor-exponent": Case(PowTensorExponent, [INPUT_FROZEN, OUTPUT_FROZEN, (8, None)]),
+    # a mean over one dim is a statistic over its channels: prunable, over the kept ones in the masked model
     "mean-over-channels": Case(lambda: Wrap(lambda x: x.mean(1, keepdim=True), conv_tail(1)),
-                               ([INPUT_FROZEN, OUTPUT_FROZEN, (1, "reduced"), (8, "reduced over")])),
+                               ([INPUT_FROZEN, OUTPUT_FROZEN, (1, "reduced"), (8, None)])),
+    "sum-over-channels": Case(lambda: Wrap(lambda x: x.sum(1, keepdim=True), conv_tail(1)),
+                              ([INPUT_FROZEN, OUTPUT_FROZEN, (1, "reduced"), (8, "reduced over")])),
 }
 
 

@@ -44,11 +44,16 @@ def test_fast_subset_covers_the_families_issue_2_names():
         assert any(name.startswith(family) for name in zoo.FAST), family
 
 
+#: residual streams normalised by LayerNorm: they prune too (statistics over kept channels), so L1Norm(0.5)
+#: must reach about what it reaches on convnets
+NORMALISED = {"vit_b_16": 3.0, "swin_t": 3.0, "convnext_tiny": 3.0, "maxvit_t": 3.0}
+
+
 @pytest.mark.parametrize("name", zoo.FAST)
 def test_shrunk_model_matches_masked_model_and_saves_macs(name):
     check = zoo.run_model(zoo.spec(name, small=True))
     assert check.error <= zoo.TOLERANCE, f"{name}: masked vs shrunk relative error {check.error:.2e}"
-    assert check.macs_ratio > 1.0, f"{name}: nothing pruned ({check.why})"
+    assert check.macs_ratio > NORMALISED.get(name, 1.0), f"{name}: MACs ratio {check.macs_ratio:.2f} ({check.why})"
     assert check.params_shrunk < check.params_dense
 
 
