@@ -2,42 +2,253 @@
 
 ``torch.fx.symbolic_trace`` keeps ``nn.Module`` leaves (Conv2d, Linear, norms) as
 ``call_module`` nodes, so the result stays readable and trainable. Shapes come
-from one pass of meta tensors over the graph (``ShapeProp`` with every tensor
-on the meta device), or a real forward where an op needs values.
+from one pass of meta tensors over the graph (an interpreter in the spirit of
+``ShapeProp`` with every tensor on the meta device), or a real forward where an
+op needs values.
+
+Example inputs are read once, by :class:`ExampleInputs`: a tensor, a tuple of
+``forward()`` arguments, a dict of keyword arguments (a tokenizer's output) or an
+``(args, kwargs)`` pair. Keyword arguments are bound to ``forward()``'s
+parameters, so the captured graph and everything after it (verification,
+reports, ONNX) see one tuple of positional arguments in ``forward()``'s order:
+
+>>> class Masked(nn.Module):
+...     def forward(self, input_ids, attention_mask=None, scale=1.0):
+...         return input_ids * attention_mask * scale
+>>> ids, mask = torch.ones(2, 3), torch.zeros(2, 3)
+>>> [tuple(t.shape) for t in normalize_example_inputs({"attention_mask": mask, "input_ids": ids}, Masked())]
+[(2, 3), (2, 3)]
+>>> normalize_example_inputs(((ids,), {"scale": 2.0}), Masked())[1:]
+(None, 2.0)
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import inspect
+import logging
+import os
+import sys
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils import _pytree as pytree
 
 from fxcompress import meta
 from fxcompress.errors import TraceError
 
-__all__ = ["trace", "normalize_example_inputs", "propagate_shapes", "describe_node", "FRONTENDS", "inference_mode", "module_type", "copy_model", "module_uses"]
+__all__ = [
+    "trace", "ExampleInputs", "normalize_example_inputs", "dynamic_dims", "resized_inputs", "BATCH", "SEQUENCE",
+    "propagate_shapes", "describe_node", "FRONTENDS", "inference_mode", "module_type", "copy_model", "module_uses",
+]
+
+logger = logging.getLogger(__name__)
+
+_FORMS = (
+    "a tensor or a tuple of forward() arguments, a dict of keyword arguments (a tokenizer's output) "
+    "or an (args, kwargs) pair"
+)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-def normalize_example_inputs(example_inputs) -> tuple:
-    """Return ``example_inputs`` as a tuple, rejecting what cannot be a model input.
+@dataclasses.dataclass(frozen=True)
+class ExampleInputs:
+    """One ``forward()`` call's arguments: ``model(*args, **kwargs)``. The one reader of every form users pass.
+
+    :meth:`of` accepts a tensor, a tuple (or list) of positional arguments, a
+    mapping of keyword arguments (a tokenizer's ``BatchEncoding`` is one) and an
+    ``(args, kwargs)`` pair (a 2-tuple of a tuple and a mapping; write a
+    ``forward(tuple, dict)`` call as ``((tup, dct), {})``). :meth:`positional`
+    binds the keywords to ``forward()``'s parameters, filling skipped ones with
+    their defaults, which is the form fxcompress stores and calls graphs with.
+
+    >>> ExampleInputs.of({"x": torch.zeros(1)}).kwargs.keys()
+    dict_keys(['x'])
+    """
+
+    args: tuple
+    kwargs: dict
+
+    @classmethod
+    def of(cls, example_inputs) -> ExampleInputs:
+        """Read any accepted form; a clear :class:`TraceError` for anything else."""
+        if isinstance(example_inputs, ExampleInputs):
+            return example_inputs
+        if isinstance(example_inputs, torch.Tensor):
+            return cls((example_inputs,), {})
+        if isinstance(example_inputs, Mapping):
+            return cls((), _keywords(example_inputs))
+        if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, (str, bytes)):
+            raise TraceError(f"example_inputs must be {_FORMS}, got {type(example_inputs).__name__}")
+        if not example_inputs:
+            raise TraceError("example_inputs is empty: pass a tuple with one example per forward() argument")
+        if _is_args_kwargs_pair(example_inputs):
+            return cls(tuple(example_inputs[0]), _keywords(example_inputs[1], allow_empty=True))
+        return cls(tuple(example_inputs), {})
+
+    def positional(self, forward, count: int | None = None) -> tuple:
+        """The arguments as one positional tuple for ``forward`` (a callable or an ``inspect.Signature``).
+
+        Keywords go to their parameter's position; parameters skipped before the
+        last one given take their defaults; ``count`` pads with defaults to that
+        many. Keywords that have no position (keyword-only parameters, names
+        only ``**kwargs`` would take) are refused with what to do instead.
+        """
+        if forward is None and not self.kwargs:
+            return self.args
+        if forward is None:
+            raise TraceError(
+                f"example_inputs pass keyword arguments ({', '.join(self.kwargs)}), which only the model can place: "
+                "give the model too (normalize_example_inputs(inputs, model)) or pass a tuple of positional arguments"
+            )
+        signature = forward if isinstance(forward, inspect.Signature) else _signature(forward)
+        if signature is None and not self.kwargs:
+            return self.args
+        if signature is None:
+            raise TraceError(
+                f"example_inputs pass keyword arguments ({', '.join(self.kwargs)}) but forward()'s signature "
+                "cannot be read to place them; pass a tuple of positional arguments instead"
+            )
+        try:
+            bound = signature.bind_partial(*self.args, **self.kwargs)
+        except TypeError as exc:
+            raise TraceError(
+                f"example_inputs do not match forward{_plain(signature)}: {exc}. "
+                "Pass one example per forward() argument, by position or by name."
+            ) from None
+        params = list(signature.parameters.values())
+        unplaced = [name for name in bound.arguments if signature.parameters[name].kind not in _POSITIONAL]
+        if unplaced and any(signature.parameters[n].kind != inspect.Parameter.VAR_POSITIONAL for n in unplaced):
+            keys = [k for n in unplaced for k in _unplaced_keys(signature.parameters[n], bound.arguments[n])]
+            raise TraceError(
+                f"example_inputs pass {', '.join(map(repr, keys))} as keyword-only or extra (**kwargs) arguments "
+                f"of forward{_plain(signature)}; fxcompress captures forward()'s positional parameters only. "
+                "Wrap the model in a module whose forward() takes them as ordinary parameters."
+            )
+        named = [p for p in params if p.kind in _POSITIONAL]
+        given = [i for i, p in enumerate(named) if p.name in bound.arguments]
+        length = max([i + 1 for i in given] + [count or 0])
+        missing = [p.name for p in named if p.name not in bound.arguments and p.default is inspect.Parameter.empty]
+        if missing:
+            raise TraceError(
+                f"example_inputs leave out forward()'s required argument {missing[0]!r}; "
+                f"forward{_plain(signature)} needs it"
+            )
+        values = [bound.arguments.get(p.name, p.default) for p in named[:length]]
+        extra = next((bound.arguments[n] for n in unplaced), ())
+        return tuple(values) + tuple(extra)
+
+    def call(self, fn):
+        """``fn(*args, **kwargs)``."""
+        return fn(*self.args, **self.kwargs)
+
+
+def _keywords(mapping, allow_empty: bool = False) -> dict:
+    if not isinstance(mapping, Mapping):
+        raise TraceError(f"the kwargs of an (args, kwargs) pair must be a dict, got {type(mapping).__name__}")
+    bad = [k for k in mapping if not isinstance(k, str)]
+    if bad:
+        raise TraceError(f"example_inputs keys must be forward()'s argument names (strings), got {bad[0]!r}")
+    if not mapping and not allow_empty:
+        raise TraceError(
+            "example_inputs is an empty dict: pass forward()'s arguments by name, e.g. a tokenizer's output"
+        )
+    return dict(mapping)
+
+
+def _is_args_kwargs_pair(value: Sequence) -> bool:
+    return (
+        len(value) == 2 and isinstance(value[0], (tuple, list)) and isinstance(value[1], Mapping)
+        and all(isinstance(k, str) for k in value[1])
+    )
+
+
+def _unplaced_keys(param: inspect.Parameter, value) -> list[str]:
+    return list(value) if param.kind == inspect.Parameter.VAR_KEYWORD else [param.name]
+
+
+def _signature(forward) -> inspect.Signature | None:
+    if isinstance(forward, nn.Module):
+        forward = forward.forward
+    try:
+        return inspect.signature(forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain(signature: inspect.Signature) -> inspect.Signature:
+    """The signature without annotations, for messages and for keeping on a module."""
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()]
+    return signature.replace(parameters=params, return_annotation=inspect.Signature.empty)
+
+
+def normalize_example_inputs(example_inputs, model=None) -> tuple:
+    """Return ``example_inputs`` as a tuple of ``model``'s positional ``forward()`` arguments.
+
+    Every accepted form (see :class:`ExampleInputs`) works; keyword arguments
+    need ``model`` (or its ``forward``) to be placed, and are refused with a
+    clear error without it.
 
     >>> normalize_example_inputs(torch.zeros(1, 3))[0].shape
     torch.Size([1, 3])
     """
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
-        if not example_inputs:
-            raise TraceError("example_inputs is empty: pass a tuple with one example per forward() argument")
-        return tuple(example_inputs)
-    raise TraceError(
-        f"example_inputs must be a tensor or a tuple of forward() arguments, got {type(example_inputs).__name__}"
-    )
+    return ExampleInputs.of(example_inputs).positional(model)
+
+
+# ---------------------------------------------------------------------------- dynamic dimensions
+
+#: Names of the input dimensions captured as dynamic by default.
+BATCH, SEQUENCE = "batch", "sequence"
+
+
+def dynamic_dims(args) -> list[dict[int, str]]:
+    """For every tensor among ``args`` (pytree order), the dims that may change size between calls.
+
+    Dim 0 of every tensor is the batch; dim 1 of a 2-D integer or boolean
+    tensor (token ids, attention masks, token type ids) is the sequence.
+
+    >>> dynamic_dims((torch.zeros(1, 3, 8, 8), torch.ones(1, 16, dtype=torch.long)))
+    [{0: 'batch'}, {0: 'batch', 1: 'sequence'}]
+    """
+    found = []
+    for leaf in pytree.tree_leaves(args):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        dims = {0: BATCH} if leaf.dim() >= 1 else {}
+        if leaf.dim() == 2 and not (leaf.is_floating_point() or leaf.is_complex()):
+            dims[1] = SEQUENCE
+        found.append(dims)
+    return found
+
+
+def resized_inputs(args, sizes: Mapping[str, int], dims: Sequence[Mapping[int, str]] | None = None):
+    """``args`` with each named dim (see :func:`dynamic_dims`) tiled or cut to ``sizes[name]``.
+
+    Tiling repeats real entries (valid token ids, masks), so a model runs on the
+    result as on its example.
+
+    >>> resized_inputs((torch.tensor([[1, 2, 3]]),), {"batch": 2, "sequence": 4})[0]
+    tensor([[1, 2, 3, 1],
+            [1, 2, 3, 1]])
+    """
+    dims = dynamic_dims(args) if dims is None else list(dims)
+    leaves, spec = pytree.tree_flatten(args)
+    tensor_dims = iter(dims)
+    resized = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            for dim, name in next(tensor_dims).items():
+                if name in sizes and leaf.shape[dim] not in (0, sizes[name]):
+                    index = torch.arange(sizes[name], device=leaf.device) % leaf.shape[dim]
+                    leaf = leaf.index_select(dim, index)
+        resized.append(leaf)
+    return pytree.tree_unflatten(resized, spec)
 
 
 def describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -66,31 +277,40 @@ def module_uses(gm: fx.GraphModule) -> Counter:
     return uses
 
 
-class _ShapeProp(ShapeProp):
-    """``ShapeProp`` that reports which node failed, in words a user can act on."""
+class _ShapeProp(fx.Interpreter):
+    """Runs the graph and records each node's output shape and dtype (``meta["tensor_meta"]``, as torch's
+    ``ShapeProp`` does) and Python values (``meta[VALUE]``); a failing node is reported in words a user can
+    act on. Unlike ``ShapeProp`` it prints nothing: a failure on meta tensors is expected and retried."""
 
     def run_node(self, n: fx.Node):
         try:
             result = super().run_node(n)
-            if _is_python_scalar(result):
-                n.meta[meta.VALUE] = result
-            return result
         except TraceError:
             raise
         except Exception as exc:
-            cause = exc.__cause__ or exc  # ShapeProp wraps torch's own message
             raise TraceError(
                 f"running the model on example_inputs failed at {describe_node(self.module, n)}: "
-                f"{type(cause).__name__}: {cause}. Check that example_inputs match what forward() expects."
+                f"{type(exc).__name__}: {exc}. Check that example_inputs match what forward() expects."
             ) from exc
+        found = False
+
+        def tensor_meta(value):
+            nonlocal found
+            if isinstance(value, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(value)
+            return value
+
+        recorded = fx.node.map_aggregate(result, tensor_meta)
+        if found:
+            n.meta[meta.TENSOR_META] = recorded
+        n.meta["type"] = type(result)
+        if _is_python_scalar(result):
+            n.meta[meta.VALUE] = result
+        return result
 
     def propagate(self, *args):
-        try:
-            return super().propagate(*args)
-        except TypeError as exc:  # binding the inputs to forward()'s arguments
-            raise TraceError(
-                f"example_inputs do not match forward(): {exc}. Pass one example per forward() argument."
-            ) from exc
+        return self.run(*args)
 
 
 @contextlib.contextmanager
@@ -181,12 +401,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, exact_layout: bo
     ``forward``) gets a real forward pass instead, as does ``exact_layout=True``
     (passes that read the memory format real kernels choose).
     """
-    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(example_inputs) > len(placeholders):
-        raise TraceError(
-            f"example_inputs has {len(example_inputs)} items but forward() takes {len(placeholders)} "
-            f"({', '.join(placeholders)}). Pass one example per forward() argument."
-        )
+    _check_arity(gm, example_inputs)
     with inference_mode(gm):
         if not exact_layout:
             try:
@@ -195,6 +410,21 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, exact_layout: bo
             except Exception:  # noqa: BLE001 - any op meta tensors cannot run: do the real thing
                 pass
         _ShapeProp(gm).propagate(*example_inputs)
+
+
+def _check_arity(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Refuse inputs ``gm.forward`` cannot take, naming its parameters."""
+    signature = _signature(gm.forward)
+    if signature is None:
+        return
+    try:
+        signature.bind(*example_inputs)
+    except TypeError as exc:
+        names = ", ".join(signature.parameters)
+        raise TraceError(
+            f"example_inputs has {len(example_inputs)} items but forward() takes ({names}): {exc}. "
+            "Pass one example per forward() argument."
+        ) from None
 
 
 FRONTENDS = ("auto", "fx", "export")
@@ -228,30 +458,229 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
         ) from exc
 
 
+def _capture_copy(model: nn.Module) -> nn.Module:
+    """The deep copy a frontend captures: the user's model is never touched.
+
+    Hugging Face models get their key/value cache switched off in the copy
+    (``config.use_cache = False``): a cache object in the output is neither a
+    tensor nor something a graph can return, and a single forward gains
+    nothing from it.
+    """
+    copied = copy_model(model)
+    if _disable_caches(copied):
+        logger.info("capturing %s with config.use_cache=False (a copy; the model itself is unchanged)",
+                    type(model).__name__)
+    return copied
+
+
+def _disable_caches(model: nn.Module) -> bool:
+    """Set ``use_cache = False`` on every Hugging Face config (and sub-config) the model holds; whether any was on."""
+    changed, seen = False, set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for candidate in [config, *(vars(config).values() if hasattr(config, "__dict__") else ())]:
+            if id(candidate) in seen or not hasattr(candidate, "to_dict") or not hasattr(candidate, "use_cache"):
+                continue
+            seen.add(id(candidate))
+            if candidate.use_cache:
+                candidate.use_cache = False
+                changed = True
+    return changed
+
+
+def _leaf_names(args: tuple, signature: inspect.Signature | None) -> list[str]:
+    """A readable name for every tensor among ``args``: the ``forward()`` parameter, then the path inside it."""
+    params = [p.name for p in signature.parameters.values() if p.kind in _POSITIONAL] if signature else []
+    names = []
+    for path, leaf in pytree.tree_flatten_with_path(args)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        index = path[0].idx
+        head = params[index] if index < len(params) else f"args[{index}]"
+        names.append(head + pytree.keystr(path[1:]))
+    return names
+
+
+def _dynamic_shapes(args: tuple, dims: list[dict[int, str]]):
+    """``dynamic_shapes`` for ``torch.export``: ``Dim.AUTO`` for every dim :func:`dynamic_dims` names."""
+    per_tensor = iter(dims)
+
+    def spec(leaf):
+        if not isinstance(leaf, torch.Tensor):
+            return None
+        return {dim: torch.export.Dim.AUTO for dim in next(per_tensor)} or None
+
+    return pytree.tree_map(spec, args)
+
+
+def _rules_read_graph_sizes() -> bool:
+    """Whether the op-rule table reads sizes computed in the graph (``aten.sym_size`` and the numbers it feeds
+    to ``slice``, ``view``, ...), which a capture with dynamic dims is full of. Until it does, ``torch.export``
+    captures at the example's shapes (transitional: true once ``fxcompress/rules.py`` has the rule)."""
+    from fxcompress.rules import RULES
+
+    return torch.ops.aten.sym_size.int in RULES
+
+
+def _export_program(model: nn.Module, args: tuple, dims: list[dict[int, str]] | None):
+    if dims is None or not any(dims):
+        return torch.export.export(model, args, strict=False)
+    import torch.fx.experimental._config as shape_config
+
+    # size-oblivious sizes: a batch of 1 in the example is traced as any batch (else torch fixes sizes 0 and 1)
+    with shape_config.patch(backed_size_oblivious=True):
+        return torch.export.export(model, args, dynamic_shapes=_dynamic_shapes(args, dims), strict=False)
+
+
+def _fixed_dims(program, args: tuple, dims: list[dict[int, str]], names: list[str]) -> list[str]:
+    """The requested dynamic dims that the model's code fixed to their example size (``Dim.AUTO`` allows it)."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    values = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(tensors) != len(dims):
+        return []
+    return [
+        f"the {kind} dim of {name} (size {value.shape[dim]})"
+        for value, wanted, name in zip(tensors, dims, names)
+        for dim, kind in wanted.items()
+        if not isinstance(value.shape[dim], torch.SymInt)
+    ]
+
+
+def _other_size(kind: str, size: int) -> int:
+    """A size to probe a dynamic dim at: batch 1 against any other (models often branch on it), the sequence
+    one shorter (staying within position tables)."""
+    if kind == BATCH:
+        return 2 if size == 1 else 1
+    return size - 1 if size > 2 else size + 1
+
+
+def _refused_sizes(gm: fx.GraphModule, args: tuple, dims: list[dict[int, str]], names: list[str]) -> list[str]:
+    """Dynamic dims at which the exported guards refuse another size (the model's code branched on the size)."""
+    guards = getattr(gm, "_guards_fn", None)
+    in_spec = getattr(gm, "_in_spec", None)
+    if guards is None or in_spec is None:
+        return []
+    from torch.fx import _pytree as fx_pytree
+
+    sizes = {}
+    for t, found in zip(_tensors(args), dims):
+        for d, kind in found.items():
+            sizes.setdefault(kind, t.shape[d])
+    refused = []
+    for kind, size in sizes.items():
+        other = _other_size(kind, size)
+        flat = fx_pytree.tree_flatten_spec((list(resized_inputs(args, {kind: other}, dims)), {}), in_spec)
+        try:
+            guards(*flat)
+        except AssertionError as exc:
+            which = [n for n, found in zip(names, dims) if kind in found.values()]
+            refused.append(f"{kind} size {other} ({', '.join(which)}; {_first_line(exc)})")
+    return refused
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn`` attributed to the first caller outside fxcompress (the user's ``compile``/``trace`` line)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _warn_shape_limits(kind: str, program, gm, args: tuple, dims: list[dict[int, str]], names: list[str]) -> None:
+    """One warning when the model's code kept a batch or sequence dim from being fully dynamic."""
+    fixed = _fixed_dims(program, args, dims, names)
+    if fixed:
+        _warn(f"{kind}'s code fixes {', '.join(fixed)}: the compiled model runs at that size only")
+        return
+    refused = _refused_sizes(gm, args, dims, names)
+    if refused:
+        _warn(
+            f"{kind}'s code refuses {', '.join(refused)} in the captured graph (a constant size, or another code "
+            "path at that size): the compiled model does not run there. Trace at the shapes you will run, or pass "
+            "inputs that keep the model on one path (e.g. an attention_mask)"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _BindToPositions:
+    """Forward pre-hook of an exported graph, which takes exactly the positional arguments it was captured with:
+    calls by name, or leaving trailing defaults out, are bound to those positions first (as :func:`trace` bound
+    the example inputs), so the compiled model is called as the user's model is."""
+
+    signature: inspect.Signature
+    count: int
+
+    def __call__(self, module, args, kwargs):
+        if not kwargs and len(args) == self.count:
+            return None
+        return ExampleInputs(tuple(args), dict(kwargs)).positional(self.signature, self.count), {}
+
+
 def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """``torch.export`` (non-strict) and its unlifted ``GraphModule``: parameters become ``get_attr`` nodes.
+
+    The batch dim of every tensor input and the sequence dim of token inputs
+    (see :func:`dynamic_dims`) are captured as dynamic (``Dim.AUTO``, with a
+    batch of 1 traced as any batch), so the result runs at other batch sizes
+    and sequence lengths. A model whose code fixes one of them, or that only
+    exports at fixed shapes, is captured at the example's shapes with a
+    warning saying so.
 
     The exported graph is captured in the mode the model is in: dropout and
     batch norm keep that train/eval behaviour whatever ``.train()``/``.eval()``
     says later, so export in eval mode for inference and in train mode for
     fine-tuning.
     """
+    kind = type(model).__name__
+    signature = _signature(model)
+    dims = dynamic_dims(example_inputs) if _rules_read_graph_sizes() else []
+    names = _leaf_names(example_inputs, signature)
     try:
-        return torch.export.export(model, example_inputs, strict=False).module()
-    except Exception as exc:
-        raise TraceError(
-            f"torch.export could not export {type(model).__name__}: {type(exc).__name__}: {str(exc)[:2000]}"
-        ) from exc
+        program = _export_program(model, example_inputs, dims)
+    except Exception as dynamic_error:  # noqa: BLE001 - retried at fixed shapes, and said so
+        try:
+            program = _export_program(model, example_inputs, None)
+        except Exception as exc:
+            raise TraceError(f"torch.export could not export {kind}: {type(exc).__name__}: {str(exc)[:2000]}") from exc
+        if any(dims):
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, _tensors(example_inputs)))
+            _warn(
+                f"torch.export could not capture {kind} with dynamic batch and sequence dims "
+                f"({_first_line(dynamic_error)}); it is captured at the example's shapes ({shapes}) "
+                "and the compiled model runs at those shapes only"
+            )
+        gm = program.module()
+    else:
+        gm = program.module()
+        _warn_shape_limits(kind, program, gm, example_inputs, dims, names)
+    if signature is not None:
+        gm.register_forward_pre_hook(
+            _BindToPositions(_plain(signature), len(example_inputs)), with_kwargs=True, prepend=True
+        )
+    return gm
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(args) if isinstance(leaf, torch.Tensor)]
 
 
 def _trace_graph(model: nn.Module, example_inputs: tuple, frontend: str) -> fx.GraphModule:
     """Run the chosen frontend; ``auto`` tries ``symbolic_trace`` first and falls back to ``torch.export``."""
     if frontend == "fx":
-        gm = _symbolic_trace(copy_model(model))
+        gm = _symbolic_trace(_capture_copy(model))
         propagate_shapes(gm, example_inputs)
         return gm
     if frontend == "export":
-        gm = _export(copy_model(model), example_inputs)
+        gm = _export(_capture_copy(model), example_inputs)
         propagate_shapes(gm, example_inputs)
         return gm
     try:
@@ -273,15 +702,28 @@ def trace(model: nn.Module, example_inputs, frontend: str = "auto") -> fx.GraphM
     ``frontend`` is ``"fx"`` (``symbolic_trace``: keeps ``nn.Module`` leaves,
     readable and trainable), ``"export"`` (``torch.export``, non-strict: for
     models with Python control flow, such as Hugging Face transformers) or
-    ``"auto"`` (the first, falling back to the second). The user's model is
-    never touched. Nodes carry ``meta["tensor_meta"]``; ``meta[EXAMPLE_INPUTS]``
-    holds the inputs.
+    ``"auto"`` (the first, falling back to the second). The user's model and
+    inputs are never touched.
+
+    ``example_inputs`` is a tensor, a tuple of ``forward()`` arguments, a dict
+    of keyword arguments (a tokenizer's output) or an ``(args, kwargs)`` pair
+    (see :class:`ExampleInputs`); keywords are bound to ``forward()``'s
+    parameters, and the result can be called by name as the model can.
+    ``torch.export`` captures the batch dim of every input and the sequence dim
+    of token inputs as dynamic, so the result runs at other batch sizes and
+    sequence lengths (a warning says when the model's code prevents it);
+    ``symbolic_trace`` graphs replay the model's own shape arithmetic.
+    Hugging Face models are captured with ``config.use_cache = False`` (on the
+    copy): a cache object cannot be a graph output.
+
+    Nodes carry ``meta["tensor_meta"]``; ``meta[EXAMPLE_INPUTS]`` holds the
+    inputs as the tuple of positional arguments the graph takes.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"compile() takes an nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
         raise TraceError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
-    example_inputs = normalize_example_inputs(example_inputs)
+    example_inputs = normalize_example_inputs(example_inputs, model)
     if isinstance(model, fx.GraphModule):
         gm = copy_model(model)
         propagate_shapes(gm, example_inputs)
