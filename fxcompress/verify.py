@@ -217,7 +217,10 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
                 shape[dim] = len(dead)
                 scale = orig.abs().max().item() or 1.0
                 orig.index_copy_(dim, index, scale * (torch.rand(shape, generator=generator) + 0.5).to(orig.dtype))
-                mask.index_fill_(dim, index, 1.0)
+                # the removed rows read what the kept rows read: noise must not feed other removed channels
+                # (a chain of them would compound it to inf) nor be cut off from the kept ones
+                alive_elsewhere = mask.amax(dim=dim, keepdim=True) if mask.dim() > 1 else torch.ones(1)
+                mask.index_copy_(dim, index, alive_elsewhere.expand(shape).to(mask.dtype))
             setattr(module, name, orig * mask)
         yield
     finally:

@@ -63,6 +63,42 @@ def _unmask(module: nn.Module, name: str, value: torch.Tensor) -> None:
     module.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
 
 
+def _tied_tensors(gm: fx.GraphModule) -> list[tuple[torch.Tensor, list[str]]]:
+    """Tensors registered under several names (tied input and output embeddings), with their names."""
+    names: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), (tensor, []))[1].append(name)
+    return [entry for entry in names.values() if len(entry[1]) > 1]
+
+
+def _tie_again(gm: fx.GraphModule, tied: list[tuple[torch.Tensor, list[str]]]) -> None:
+    """Names that shared one tensor share its sliced version: slicing replaced the tensor under the name
+    the graph reads, and every other name of it (an unread alias, e.g. ``wte.weight`` when the graph reads
+    ``lm_head.weight``) must follow, or the model would hold the old width twice."""
+    for original, names in tied:
+        current = {}
+        for name in names:
+            owner, attr = split_target(name)
+            module = gm.get_submodule(owner)
+            plain = attr.removesuffix("_orig")
+            value = getattr(module, attr, None)
+            if value is None and plain != attr:  # unmasked by slicing: the parameter is back under its name
+                value = getattr(module, plain, None)
+            current[name] = (module, attr, value)
+        sliced = [value for _, _, value in current.values() if value is not None and value is not original]
+        if not sliced:
+            continue
+        for module, attr, value in current.values():
+            # unread aliases, and names sliced separately to the same values, become the same object again
+            if value is original or value is not sliced[0] and _same_values(value, sliced[0]):
+                attr = attr if attr in module._parameters or attr in module._buffers else attr.removesuffix("_orig")
+                (module._parameters if attr in module._parameters else module._buffers)[attr] = sliced[0]
+
+
+def _same_values(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class Shrink(Pass):
@@ -86,9 +122,11 @@ class Shrink(Pass):
             kept = ctx.kept(piece.ids)
             if len(kept) < len(piece.ids):
                 by_tensor[piece.target][piece.dim] = kept
+        tied = _tied_tensors(gm)
         for target, kept_by_dim in by_tensor.items():
             owner, name = split_target(target)
             _slice_tensor(gm.get_submodule(owner), name, kept_by_dim)
+        _tie_again(gm, tied)
         for node in gm.graph.nodes:
             rule = RULES.lookup(gm, node)
             if rule is not None and rule.shrink is not None:

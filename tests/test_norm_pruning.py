@@ -95,3 +95,13 @@ def test_group_norm_prunes_whole_groups():
     small = fxcompress.compile(model, torch.randn(2, 3, 8, 8), standard_pruning(L1Norm(0.5)))
     norm = small.get_submodule("1")
     assert (norm.num_groups, norm.num_channels) == (2, 8)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_tied_input_and_output_embeddings_stay_tied(frontend):
+    torch.manual_seed(0)
+    model, tokens = TinyDecoder().eval(), _tokens()
+    model.head.weight = model.embed.weight  # GPT-2 / Llama style weight tying
+    small = fxcompress.compile(model, tokens, standard_pruning(L1Norm(0.5)), frontend=frontend)
+    assert small.embed.weight is small.head.weight
+    assert small.embed.weight.shape == (20, 8)

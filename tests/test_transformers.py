@@ -144,6 +144,15 @@ def test_transformer_zoo_tiny(name):
     row = _zoo().run_one(name, size="tiny", latency=False)
     assert row["max_rel_error"] <= 1e-4
     assert row["macs_ratio"] > 1.15  # heads and FFN channels really left
+    dense, small = (int(w) for w in row["hidden"].split(" -> "))
+    # the residual width prunes too, except where it is a graph output (BertModel's last_hidden_state)
+    assert small == (dense if name == "bert" else dense // 2), row["hidden"]
+
+
+def test_transformer_zoo_can_keep_the_hidden_size():
+    pytest.importorskip("transformers")
+    row = _zoo().run_one("llama-gqa", size="tiny", latency=False, hidden="keep")
+    assert row["hidden"] == "128 -> 128" and row["macs_ratio"] > 1.15
 
 
 def test_neither_frontend_names_both_failures():
