@@ -6,6 +6,14 @@ form ONNX Runtime fuses into int8 kernels. Every export is validated with
 ``onnx.checker`` and, with ``check=True``, run in ONNX Runtime on the example
 inputs and compared with the ``GraphModule``'s own output.
 
+The ONNX model's inputs are the tensors among the graph's inputs (keyword
+inputs bound to their positions as :func:`fxcompress.trace` bound them; ``None``
+and Python numbers are baked in), its outputs the tensors of the graph's output
+in pytree order. By default the batch dim of every input and the sequence dim
+of token inputs (2-D integer tensors) are dynamic wherever the graph itself
+runs at another size, and the ONNX Runtime check also runs at another batch
+size (and sequence length).
+
 The exporter is torch's TorchScript-based one (``dynamo=False``): it takes a
 ``GraphModule`` as is and maps our two custom ops one-to-one, while the
 ``torch.export``-based exporter needs ``onnxscript``.
@@ -17,24 +25,32 @@ With ``model`` and its example input ``x`` (a path, ``to_onnx(gm, x,
 >>> result = to_onnx(gm, x)
 >>> result.max_error <= result.tolerance
 True
+>>> result.dynamic_axes
+{'input_0': {0: 'batch'}, 'output_0': {0: 'batch'}}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import io
+import operator
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 import torch
 from torch import fx
+from torch.fx.passes.shape_prop import TensorMetadata
+from torch.utils import _pytree as pytree
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError, VerificationError
 from fxcompress.quant.ops import DEQUANTIZE, QUANTIZE, register_onnx_symbolics
-from fxcompress.trace import inference_mode, normalize_example_inputs
+from fxcompress.trace import BATCH, SEQUENCE, dynamic_dims, inference_mode, normalize_example_inputs, resized_inputs
 
 __all__ = ["to_onnx", "ExportResult", "is_quantized", "onnx_session", "DEFAULT_OPSET"]
 
@@ -46,16 +62,30 @@ DEFAULT_OPSET = 17
 FLOAT_RTOL = 1e-4
 QUANTIZED_RTOL = 3e-2
 
+aten = torch.ops.aten
+
+#: ``{input or output name: {axis: label}}``, torch.onnx's ``dynamic_axes`` with named axes.
+Axes = dict[str, dict[int, str]]
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
-    """Where the model went and how closely ONNX Runtime reproduced it (``nan`` when unchecked)."""
+    """Where the model went and how closely ONNX Runtime reproduced it (``nan`` when unchecked).
+
+    ``max_error`` is the worst over the example inputs and, when some axes are
+    dynamic, the same inputs resized along them (``checked_shapes`` lists the
+    input shapes ONNX Runtime ran).
+    """
 
     path: str | None
     model: onnx.ModelProto
     quantized: bool
     max_error: float
     tolerance: float
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    dynamic_axes: Axes = dataclasses.field(default_factory=dict)
+    checked_shapes: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
 
 def is_quantized(gm: fx.GraphModule) -> bool:
@@ -63,11 +93,14 @@ def is_quantized(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target in (QUANTIZE, DEQUANTIZE) for n in gm.graph.nodes)
 
 
-def onnx_session(model: onnx.ModelProto | str, threads: int = 2):
-    """An ONNX Runtime CPU session with all graph optimisations (which fuse QDQ groups into int8 kernels)."""
+def onnx_session(model: onnx.ModelProto | str, threads: int = 2, quiet: bool = False):
+    """An ONNX Runtime CPU session with all graph optimisations (which fuse QDQ groups into int8 kernels);
+    ``quiet`` keeps ONNX Runtime's own error log off stderr (for callers that report failures themselves)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if quiet:
+        options.log_severity_level = 4
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -75,30 +108,333 @@ def onnx_session(model: onnx.ModelProto | str, threads: int = 2):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _export(gm: fx.GraphModule, inputs: tuple, opset: int) -> onnx.ModelProto:
+# ---------------------------------------------------------------------------- a graph the tracer keeps symbolic
+
+#: aten ops that take sizes -> the spelling in which TorchScript's tracer records sizes read from inputs as
+#: values instead of freezing them (it records ``torch.ops.aten`` calls with constants). Size reads, and the
+#: nodes that receive a size computed in the graph (``sym_size``, arithmetic on it), are respelled.
+TRACEABLE: dict = {
+    aten.sym_size.int: ("call_method", "size"),  # x.size(d)
+    aten.view.default: ("call_method", "view"),
+    aten.reshape.default: ("call_method", "reshape"),
+    aten._unsafe_view.default: ("call_method", "reshape"),
+    aten.expand.default: ("call_method", "expand"),
+    aten.repeat.default: ("call_method", "repeat"),
+    aten.narrow.default: ("call_method", "narrow"),
+    aten.select.int: ("call_method", "select"),
+    aten.new_ones.default: ("call_method", "new_ones"),
+    aten.new_zeros.default: ("call_method", "new_zeros"),
+    aten.new_full.default: ("call_method", "new_full"),
+    aten.new_empty.default: ("call_method", "new_empty"),
+    aten.arange.default: ("call_function", torch.arange),
+    aten.arange.start: ("call_function", torch.arange),
+    aten.arange.start_step: ("call_function", torch.arange),
+    aten.full.default: ("call_function", torch.full),
+    aten.zeros.default: ("call_function", torch.zeros),
+    aten.ones.default: ("call_function", torch.ones),
+    aten.empty.memory_format: ("call_function", torch.empty),
+}
+
+
+def _diff(x: torch.Tensor, n: int = 1, dim: int = -1, prepend=None, append=None) -> torch.Tensor:
+    """``torch.diff`` from slices and a subtraction, which ONNX has (it has no ``diff``)."""
+    if prepend is not None or append is not None:
+        x = torch.cat([t for t in (prepend, x, append) if t is not None], dim)
+    dim = dim % x.dim()
+    head = (slice(None),) * dim
+    for _ in range(n):
+        x = x[head + (slice(1, None),)] - x[head + (slice(None, -1),)]
+    return x
+
+
+def _cumsum(x: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
+    """``torch.cumsum`` with its promotion of integers and booleans to int64 spelled out (ONNX's CumSum
+    refuses booleans)."""
+    if dtype is None and not (x.is_floating_point() or x.is_complex()):
+        x = x.long()
+    return torch.cumsum(x, dim, dtype=dtype)
+
+
+#: aten ops the TorchScript exporter has no (or a wrong) ONNX symbolic for -> functions of ops it has.
+DECOMPOSITIONS: dict = {
+    aten.diff.default: _diff,  # Hugging Face masks look for packed sequences with diff and cumsum
+    aten.cumsum.default: _cumsum,
+}
+
+
+def _is_size(value) -> bool:
+    """A node computing a Python number from the graph (a size read from an input, arithmetic on it):
+    ``torch.export`` records those as symbolic values (kept through passes), shape propagation as numbers."""
+    if not isinstance(value, fx.Node):
+        return False
+    if value.target is aten.sym_size.int or isinstance(value.meta.get("val"), (torch.SymInt, torch.SymFloat)):
+        return True
+    return meta.VALUE in value.meta and meta.TENSOR_META not in value.meta
+
+
+def _reads_sizes(node: fx.Node) -> bool:
+    found = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(_is_size(a)))
+    return any(found)
+
+
+def _respell(node: fx.Node) -> None:
+    """Rewrite one size-taking aten node in its :data:`TRACEABLE` spelling (``slice`` becomes indexing)."""
+    if node.target is aten.slice.Tensor:
+        source, dim, start, end, step = (*node.args, *[None] * 5)[:5]
+        dim = node.kwargs.get("dim", 0 if dim is None else dim)
+        start, end = node.kwargs.get("start", start), node.kwargs.get("end", end)
+        step = node.kwargs.get("step", 1 if step is None else step)
+        index = slice(start, end, step)
+        item = (slice(None),) * dim + (index,) if dim >= 0 else (Ellipsis, index) + (slice(None),) * (-dim - 1)
+        node.op, node.target, node.args, node.kwargs = "call_function", operator.getitem, (source, item), {}
+        return
+    if node.target in TRACEABLE:
+        node.op, node.target = TRACEABLE[node.target]
+
+
+def _tensor_outputs(graph: fx.Graph, output) -> list:
+    """The tensor-valued leaves of a graph's output structure, a node returning several tensors split up."""
+    leaves = []
+    for leaf in pytree.tree_leaves(output):
+        if not isinstance(leaf, fx.Node):
+            continue
+        value = leaf.meta.get(meta.TENSOR_META)
+        if isinstance(value, TensorMetadata):
+            leaves.append(leaf)
+        elif isinstance(value, (tuple, list)):  # the graph has no output node yet: these go last
+            leaves.extend(graph.call_function(operator.getitem, (leaf, i)) for i in range(len(value)))
+    return leaves
+
+
+def _placeholder_values(gm: fx.GraphModule, inputs: tuple) -> list:
+    """What each placeholder of ``gm`` receives for ``gm(*inputs)``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is not None:  # torch.export graphs flatten (args, kwargs) into their placeholders
+        from torch.fx import _pytree as fx_pytree
+
+        return list(fx_pytree.tree_flatten_spec((list(inputs), {}), in_spec))
+    values = list(inputs)
+    for node in placeholders[len(values):]:
+        values.append(node.args[0] if node.args else None)  # a placeholder's default
+    return values
+
+
+def _flat_module(gm: fx.GraphModule, inputs: tuple) -> tuple[fx.GraphModule, list[torch.Tensor], int]:
+    """A module sharing ``gm``'s tensors whose inputs are the tensors among ``inputs`` and whose output is the
+    flat tuple of output tensors, in the spellings the TorchScript tracer keeps symbolic; and those tensors.
+
+    Non-tensor inputs (``None``, numbers) are baked in; ``torch.export``'s guard module is dropped (the
+    graph's own shape arithmetic does the work). ``gm`` itself is unchanged.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, env)
+    tensors = []
+    for node, value in zip([n for n in graph.nodes if n.op == "placeholder"], _placeholder_values(gm, inputs)):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            continue
+        if any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value)):
+            raise ConfigError(
+                f"to_onnx takes tensors (or None and numbers) as the graph's inputs; its input {node.target!r} "
+                "is a container of tensors: wrap the model so that forward() takes each tensor as an argument"
+            )
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a, n=node, v=value: v if a is n else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a, n=node, v=value: v if a is n else a)
+        graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in DECOMPOSITIONS:
+            node.target = DECOMPOSITIONS[node.target]
+        elif node.op == "call_function" and (node.target in TRACEABLE or node.target is aten.slice.Tensor):
+            if node.target is aten.sym_size.int or _reads_sizes(node):
+                _respell(node)
+    leaves = _tensor_outputs(graph, output)
+    graph.output(tuple(leaves))
+    return fx.GraphModule(gm, graph), tensors, len(leaves)
+
+
+# ---------------------------------------------------------------------------- dynamic axes
+
+
+def _input_names(names: Sequence[str] | None, count: int, signature_names: list[str]) -> list[str]:
+    if names is None:
+        return [f"input_{i}" for i in range(count)]
+    names = list(names)
+    if len(names) != count:
+        raise ConfigError(
+            f"input_names has {len(names)} names but the model takes {count} tensor inputs "
+            f"({', '.join(signature_names)}); give one name per tensor input"
+        )
+    return names
+
+
+def _output_names(names: Sequence[str] | None, count: int) -> list[str]:
+    if names is None:
+        return [f"output_{i}" for i in range(count)]
+    names = list(names)
+    if len(names) != count:
+        raise ConfigError(
+            f"output_names has {len(names)} names but the model returns {count} tensors; give one name per output"
+        )
+    return names
+
+
+def _checked_axes(dynamic_axes, known: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> Axes:
+    """torch.onnx's ``dynamic_axes`` (lists or dicts of axes) as named axes, unknown names refused."""
+    axes: Axes = {}
+    for name, spec in dynamic_axes.items():
+        if name not in known:
+            raise ConfigError(f"dynamic_axes names {name!r}, which is no input or output; they are {', '.join(known)}")
+        spec = spec if isinstance(spec, Mapping) else {a: f"{name}_dim{a}" for a in spec}
+        ndim = tensors[name].dim() if name in tensors else None
+        for axis in spec:
+            if not isinstance(axis, int) or (ndim is not None and not -ndim <= axis < ndim):
+                raise ConfigError(f"dynamic_axes[{name!r}] names axis {axis!r}, which {name} (of {ndim} dims) lacks")
+        axes[name] = {a % ndim if ndim else a: str(label) for a, label in spec.items()}
+    return axes
+
+
+def _new_size(size: int) -> int:
+    """Another size to check a dynamic axis at: one smaller (staying within position tables), 2 for 1."""
+    return size - 1 if size > 2 else size + 1
+
+
+def _outputs(module, inputs) -> list[torch.Tensor]:
+    with inference_mode(module):
+        out = module(*inputs)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _auto_axes(gm, inputs: tuple, names: list[str], output_names: list[str]) -> Axes:
+    """The batch and sequence axes (:func:`fxcompress.trace.dynamic_dims`) along which ``gm`` runs at another size,
+    and the output axes that follow them; a warning names each that stays fixed, and why."""
+    dims = dynamic_dims(inputs)
+    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    base = [tuple(t.shape) for t in _outputs(gm, inputs)]
+    axes: Axes = {}
+    for kind in (BATCH, SEQUENCE):
+        sizes = {tensors[i].shape[d] for i, found in enumerate(dims) for d, k in found.items() if k == kind}
+        if not sizes:
+            continue
+        new = {kind: _new_size(min(sizes))}
+        try:
+            moved = [tuple(t.shape) for t in _outputs(gm, resized_inputs(inputs, new, dims))]
+        except Exception as exc:  # noqa: BLE001 - the graph itself is fixed along this axis: so is the ONNX model
+            warnings.warn(
+                f"to_onnx: the graph does not run at {kind} size {new[kind]} ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}), so the ONNX model's "
+                f"{kind} dim stays fixed at its example size",
+                stacklevel=3,
+            )
+            continue
+        for name, found in zip(names, dims):
+            axes.setdefault(name, {}).update({d: k for d, k in found.items() if k == kind})
+        for name, before, after in zip(output_names, base, moved):
+            for d, (a, b) in enumerate(zip(before, after)):
+                if a != b:
+                    current = axes.setdefault(name, {}).get(d)
+                    axes[name][d] = kind if current in (None, kind) else f"{current}_{kind}"
+    return {name: found for name, found in axes.items() if found}
+
+
+def _check_inputs(tensors: list[torch.Tensor], names: list[str], axes: Axes) -> list[torch.Tensor] | None:
+    """The inputs resized along every dynamic axis (one new size per label), or None when there is none."""
+    dims = [axes.get(name, {}) for name in names]
+    sizes: dict[str, int] = {}
+    for t, found in zip(tensors, dims):
+        for d, label in found.items():
+            sizes.setdefault(label, _new_size(t.shape[d]))
+    return list(resized_inputs(tuple(tensors), sizes, dims)) if sizes else None
+
+
+# ---------------------------------------------------------------------------- export and check
+
+
+def _export(flat: fx.GraphModule, tensors: list, opset: int, input_names, output_names, axes: Axes) -> onnx.ModelProto:
     register_onnx_symbolics()
     buffer = io.BytesIO()
-    with inference_mode(gm), warnings.catch_warnings():
+    with inference_mode(flat), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            gm, inputs, buffer, dynamo=False, opset_version=opset,
+            flat, tuple(tensors), buffer, dynamo=False, opset_version=opset,
             training=torch.onnx.TrainingMode.PRESERVE,  # inference_mode set eval; torch.export graphs refuse .train()
-            input_names=[f"input_{i}" for i in range(len(inputs))],
+            input_names=list(input_names), output_names=list(output_names), dynamic_axes=axes or None,
         )
-    return onnx.load_from_string(buffer.getvalue())
+    model = onnx.load_from_string(buffer.getvalue())
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
-def _max_error(model: onnx.ModelProto, gm: fx.GraphModule, inputs: tuple) -> float:
-    session = onnx_session(model)
-    feeds = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), inputs)}
+def _ort_error(session, flat: fx.GraphModule, tensors: list, tolerance: float) -> tuple[float, str | None]:
+    """ONNX Runtime's error on ``tensors`` relative to each output's scale, and what is wrong when it is too large
+    (or ONNX Runtime fails)."""
+    try:
+        error = _max_error(session, flat, tensors)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own failure, reported in words
+        lines = str(exc).strip().splitlines()
+        return float("inf"), f"ONNX Runtime fails: {type(exc).__name__}: {lines[0][:300] if lines else ''}"
+    if not error <= tolerance:
+        return error, f"the outputs differ by {error:.2e} of their scale (tolerance {tolerance:.0e})"
+    return error, None
+
+
+def _max_error(session, flat: fx.GraphModule, tensors: list[torch.Tensor]) -> float:
+    feeds = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), tensors)}
     got = session.run(None, feeds)
-    with inference_mode(gm):
-        expected, _ = torch.utils._pytree.tree_flatten(gm(*inputs))
+    expected = _outputs(flat, tensors)
     worst = 0.0
     for a, b in zip(expected, got):
         a = a.detach().numpy()
-        scale = float(np.abs(a).max()) or 1.0
-        worst = max(worst, float(np.abs(a - b).max()) / scale)
+        if a.shape != b.shape:
+            return float("inf")
+        scale = float(np.abs(a).max()) if a.size else 1.0
+        worst = max(worst, float(np.abs(a - b).max()) / (scale or 1.0) if a.size else 0.0)
+    return worst
+
+
+def _checked_axes_model(export, flat, tensors, names, axes: Axes, tolerance: float, automatic: bool):
+    """The exported model, its dynamic axes, an ONNX Runtime session of it and the inputs to check it on: the
+    example and, with dynamic axes, the example resized along them. Automatic axes that ONNX Runtime gets
+    wrong (the exporter froze a size the graph computes) give way to fixed shapes, with a warning; axes the
+    user chose are an error."""
+    model = export(axes)
+    session = onnx_session(model, quiet=True)
+    resized = _check_inputs(tensors, names, axes)
+    if resized is None:
+        return model, axes, session, [tensors]
+    _, failure = _ort_error(session, flat, resized, tolerance)
+    if failure is None:
+        return model, axes, session, [tensors, resized]
+    shapes = [tuple(t.shape) for t in resized]
+    if not automatic:
+        raise VerificationError(
+            f"with dynamic_axes {axes}, the ONNX model is wrong at input shapes {shapes}: {failure}"
+        )
+    warnings.warn(
+        f"to_onnx: with dynamic axes {axes} the ONNX model is wrong at input shapes {shapes} ({failure}); "
+        "it keeps the example's shapes instead",
+        stacklevel=3,
+    )
+    model = export({})
+    return model, {}, onnx_session(model, quiet=True), [tensors]
+
+
+def _checked_error(session, flat, runs, tolerance: float) -> float:
+    """The worst error of ONNX Runtime over ``runs``; :class:`VerificationError` beyond ``tolerance``."""
+    worst = 0.0
+    for run in runs:
+        error, failure = _ort_error(session, flat, run, tolerance)
+        worst = max(worst, error)
+        if failure is not None:
+            raise VerificationError(
+                f"ONNX Runtime's output differs from the GraphModule's at input shapes "
+                f"{[tuple(t.shape) for t in run]}: {failure}; please report this with the model"
+            )
     return worst
 
 
@@ -110,13 +446,28 @@ def to_onnx(
     opset: int = DEFAULT_OPSET,
     check: bool = True,
     rtol: float | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None | str = "auto",
 ) -> ExportResult:
     """Export ``gm`` to ONNX (to ``path`` when given) and check it.
 
-    ``example_inputs`` defaults to the inputs ``gm`` was compiled with. With
-    ``check=True`` ONNX Runtime's output must match ``gm``'s within ``rtol``
+    ``example_inputs`` defaults to the inputs ``gm`` was compiled with; any
+    form :func:`fxcompress.trace` takes works (a tokenizer's dict too).
+    ``input_names`` (one per tensor input, default ``input_0, input_1, ...``)
+    and ``output_names`` (one per output tensor, default ``output_0, ...``)
+    name the ONNX graph's inputs and outputs. ``dynamic_axes="auto"`` (the
+    default) makes the batch dim of every input and the sequence dim of 2-D
+    integer inputs dynamic, each wherever ``gm`` itself runs at another size
+    (a warning names any that stays fixed), and the output axes that follow
+    them; pass torch.onnx's ``{name: {axis: label}}`` (or ``{name: [axes]}``)
+    to choose, or ``None`` for fixed shapes.
+
+    With ``check=True`` ONNX Runtime's output must match ``gm``'s within ``rtol``
     of the output's largest magnitude (default :data:`FLOAT_RTOL`, or
-    :data:`QUANTIZED_RTOL` for QDQ graphs), else :class:`VerificationError`.
+    :data:`QUANTIZED_RTOL` for QDQ graphs) on the example inputs and, when an
+    axis is dynamic, on them resized along every dynamic axis (another batch
+    size and sequence length), else :class:`VerificationError`.
     """
     if opset < 13:
         raise ConfigError(f"to_onnx needs opset >= 13 (per-channel DequantizeLinear), got {opset}")
@@ -124,17 +475,34 @@ def to_onnx(
         example_inputs = gm.meta.get(meta.EXAMPLE_INPUTS)
         if example_inputs is None:
             raise ConfigError("to_onnx needs example_inputs for a module that fxcompress did not compile")
-    inputs = normalize_example_inputs(example_inputs)
+    inputs = normalize_example_inputs(example_inputs, gm)
     quantized = is_quantized(gm)
-    model = _export(gm, inputs, opset)
-    onnx.checker.check_model(model, full_check=True)
+    flat, tensors, outputs = _flat_module(gm, inputs)
+    names = _input_names(input_names, len(tensors), _tensor_input_names(gm, inputs))
+    out_names = _output_names(output_names, outputs)
+    if isinstance(dynamic_axes, str):
+        if dynamic_axes != "auto":
+            raise ConfigError(f"dynamic_axes must be 'auto', None or a dict of axes per name, got {dynamic_axes!r}")
+        axes = _auto_axes(gm, inputs, names, out_names)
+    else:
+        axes = _checked_axes(dynamic_axes or {}, [*names, *out_names], dict(zip(names, tensors)))
     tolerance = rtol if rtol is not None else (QUANTIZED_RTOL if quantized else FLOAT_RTOL)
-    error = _max_error(model, gm, inputs) if check else float("nan")
-    if check and not error <= tolerance:
-        raise VerificationError(
-            f"ONNX Runtime's output differs from the GraphModule's by {error:.2e} of its scale "
-            f"(tolerance {tolerance:.0e}); please report this with the model"
-        )
+    export = functools.partial(_export, flat, tensors, opset, names, out_names)
+    if check:
+        model, axes, session, runs = _checked_axes_model(export, flat, tensors, names, axes, tolerance,
+                                                         automatic=isinstance(dynamic_axes, str))
+        error = _checked_error(session, flat, runs, tolerance)
+    else:
+        model, runs, error = export(axes), [], float("nan")
     if path is not None:
         onnx.save(model, os.fspath(path))
-    return ExportResult(None if path is None else os.fspath(path), model, quantized, error, tolerance)
+    return ExportResult(
+        None if path is None else os.fspath(path), model, quantized, error, tolerance, tuple(names),
+        tuple(out_names), axes, tuple(tuple(tuple(t.shape) for t in run) for run in runs),
+    )
+
+
+def _tensor_input_names(gm: fx.GraphModule, inputs: tuple) -> list[str]:
+    """The graph's parameter names of its tensor inputs, for messages."""
+    params = list(inspect.signature(gm.forward).parameters)
+    return [params[i] if i < len(params) else f"args[{i}]" for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]

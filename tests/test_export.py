@@ -1,5 +1,7 @@
 """ONNX export: float, pruned and quantized modules pass onnx.checker and match ONNX Runtime."""
 
+import importlib
+
 import onnx
 import pytest
 import torch
@@ -12,6 +14,11 @@ from fxcompress.passes.fold_batch_norm import FoldBatchNorm
 from fxcompress.passes.fold_qdq import FoldQDQ
 from fxcompress.prune import L1Norm
 from quant_helpers import config, inputs, ptq, small_model
+
+needs_dynamic_capture = pytest.mark.skipif(
+    not importlib.import_module("fxcompress.trace")._rules_read_graph_sizes(),
+    reason="dynamic torch.export capture waits for fxcompress/rules.py to read aten.sym_size (issue 13)",
+)
 
 
 def _op_types(model: onnx.ModelProto) -> list[str]:
@@ -66,3 +73,87 @@ def test_pruned_then_quantized_pipeline_exports():
 def test_old_opsets_are_refused():
     with pytest.raises(ConfigError, match="opset >= 13"):
         to_onnx(fxcompress.trace(small_model(), inputs(2)), opset=11)
+
+
+# ---------------------------------------------------------------------------- dynamic axes, names (issue 13)
+
+
+def _relative_error(expected: torch.Tensor, got) -> float:
+    got = torch.as_tensor(got)
+    assert got.shape == expected.shape
+    return ((expected - got).abs().max() / expected.abs().max()).item()
+
+
+def test_pruned_resnet18_traced_at_batch_1_runs_in_onnx_runtime_at_batch_4():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    small = fxcompress.compile(model, torch.randn(1, 3, 32, 32), standard_pruning(L1Norm(0.5)))
+    result = to_onnx(small)
+    assert result.dynamic_axes == {"input_0": {0: "batch"}, "output_0": {0: "batch"}}
+    assert result.checked_shapes == (((1, 3, 32, 32),), ((2, 3, 32, 32),))  # checked at another batch too
+    x = torch.randn(4, 3, 32, 32)
+    got = onnx_session(result.model).run(None, {"input_0": x.numpy()})[0]
+    with torch.no_grad():
+        assert _relative_error(small(x), got) <= 1e-4
+
+
+@needs_dynamic_capture
+def test_pruned_bert_traced_at_batch_1_runs_in_onnx_runtime_at_batch_4_and_another_length():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    tokens = {"input_ids": torch.randint(0, 64, (1, 16)), "attention_mask": torch.ones(1, 16, dtype=torch.long)}
+    small = fxcompress.compile(model, tokens, standard_pruning(L1Norm(0.5)))
+    result = to_onnx(small, input_names=list(tokens), output_names=["last_hidden_state", "pooler_output"])
+    assert result.dynamic_axes == {
+        "input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+        "last_hidden_state": {0: "batch", 1: "sequence"}, "pooler_output": {0: "batch"},
+    }
+    feed = {"input_ids": torch.randint(0, 64, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    feed["attention_mask"][1, 9:] = 0  # padding
+    hidden, pooled = onnx_session(result.model).run(None, {k: v.numpy() for k, v in feed.items()})
+    with torch.no_grad():
+        expected = small(**feed)
+    assert _relative_error(expected.last_hidden_state, hidden) <= 1e-4
+    assert _relative_error(expected.pooler_output, pooled) <= 1e-4
+
+
+def test_fixed_or_chosen_axes_on_request():
+    gm = fxcompress.trace(small_model(), inputs(2))
+    fixed = to_onnx(gm, dynamic_axes=None)
+    assert fixed.dynamic_axes == {} and fixed.checked_shapes == (((2, 1, 28, 28),),)
+    assert [d.dim_value for d in fixed.model.graph.input[0].type.tensor_type.shape.dim] == [2, 1, 28, 28]
+    chosen = to_onnx(gm, input_names=["images"], output_names=["logits"], dynamic_axes={"images": [0], "logits": [0]})
+    assert chosen.dynamic_axes == {"images": {0: "images_dim0"}, "logits": {0: "logits_dim0"}}
+    assert chosen.checked_shapes == (((2, 1, 28, 28),), ((3, 1, 28, 28),))
+    assert [i.name for i in chosen.model.graph.input] == ["images"]
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(input_names=["a", "b"]), "input_names has 2 names but the model takes 1 tensor inputs \\(x\\)"),
+    (dict(output_names=[]), "output_names has 0 names but the model returns 1 tensors"),
+    (dict(dynamic_axes={"images": [0]}), "dynamic_axes names 'images', which is no input or output"),
+    (dict(dynamic_axes={"input_0": [4]}), "names axis 4, which input_0 \\(of 4 dims\\) lacks"),
+    (dict(dynamic_axes="yes"), "dynamic_axes must be 'auto', None or a dict"),
+])
+def test_onnx_options_are_checked(options, words):
+    with pytest.raises(ConfigError, match=words):
+        to_onnx(fxcompress.trace(small_model(), inputs(2)), **options)
+
+
+def test_a_graph_fixed_along_the_batch_exports_a_fixed_batch_and_says_why():
+    class FixedBatch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x.view(2, 8))  # the batch size written as a constant
+
+    gm = fxcompress.trace(FixedBatch(), torch.randn(2, 8))
+    with pytest.warns(UserWarning, match="graph does not run at batch size 3.*batch dim stays fixed"):
+        result = to_onnx(gm)
+    assert result.dynamic_axes == {} and result.max_error <= 1e-4
