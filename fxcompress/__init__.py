@@ -83,6 +83,7 @@ def compile(
     for p in passes:
         if not callable(p) or not hasattr(p, "name"):
             raise ConfigError(f"passes must be fxcompress passes, got {p!r}")
+    _refuse_parametrized(model)
     gm = trace(model, example_inputs, frontend=frontend)
     all_hooks = list(hooks)
     if trace_passes is not None:
@@ -97,3 +98,22 @@ def compile(
         result = run_pipeline(gm, list(passes), all_hooks)
     log.warn(stacklevel=2)
     return result
+
+
+def _refuse_parametrized(model: nn.Module) -> None:
+    """Weight norm and other re-parametrisations compute ``weight`` from other tensors in every forward,
+    so there is no weight to mask or slice: name the first such module and how to fold it."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for path, module in model.named_modules():
+        hooked = any(isinstance(h, WeightNorm) for h in module._forward_pre_hooks.values())
+        if hooked or parametrize.is_parametrized(module):
+            kind = "torch.nn.utils.weight_norm" if hooked else "a torch.nn.utils.parametrize parametrization"
+            fix = ("torch.nn.utils.remove_weight_norm(module)" if hooked else
+                   "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')")
+            raise ConfigError(
+                f"module {path or type(model).__name__!r} ({type(module).__name__}) is re-parametrised by {kind}: "
+                f"its weight is recomputed every forward and cannot be pruned; fold it first with {fix} "
+                "on a copy of the model"
+            )

@@ -331,6 +331,29 @@ def select_elementwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return broadcast_into(ctx, ctx.shape(node), list(node.args[:3]), ctx.where(node))
 
 
+@RULES.register(torch.lerp, ".lerp", aten.lerp.Tensor, aten.lerp.Scalar, torch.addcmul, ".addcmul",
+                aten.addcmul.default)
+def elementwise_three(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``lerp(a, b, w)`` / ``addcmul(a, t1, t2)``: elementwise over every tensor operand, like ``add``."""
+    return broadcast_into(ctx, ctx.shape(node), list(node.args[:3]), ctx.where(node))
+
+
+@RULES.register(torch.addcdiv, ".addcdiv", aten.addcdiv.default)
+def addcdiv(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``addcdiv(a, t1, t2) = a + value * t1 / t2``: elementwise, and the divisor ``t2`` is frozen (as in ``div``)."""
+    out = broadcast_into(ctx, ctx.shape(node), list(node.args[:3]), ctx.where(node))
+    ctx.freeze_all(ctx.channels(node.args[2]), f"divisor in {ctx.where(node)}")
+    return out
+
+
+@RULES.register(torch.clamp, ".clamp", torch.clip, ".clip", aten.clamp.Tensor, aten.clip.Tensor)
+def clamp(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``clamp(x, min, max)``: channel-wise for number bounds, elementwise with tensor bounds (coupled)."""
+    bounds = [arg(node, 1, "min"), arg(node, 2, "max")]
+    return broadcast_into(ctx, ctx.shape(node), [node.args[0], *[b for b in bounds if isinstance(b, fx.Node)]],
+                          ctx.where(node))
+
+
 @RULES.register(torch.rsqrt, ".rsqrt", aten.rsqrt.default, torch.reciprocal, aten.reciprocal.default, torch.log,
                 aten.log.default)
 def channelwise_unbounded(ctx: AnalyzeContext, node: fx.Node) -> Channels:

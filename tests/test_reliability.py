@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.errors import VerificationError
+from fxcompress.errors import ConfigError, VerificationError
 from fxcompress.passes import standard_pruning
 from fxcompress.pipeline import Pass, VerifyOutputs, run_pipeline
 from fxcompress.prune import L1Norm
@@ -236,3 +236,10 @@ def test_verify_pow_with_tensor_exponent_compiles_correctly():
         warnings.simplefilter("ignore")
         small = fxcompress.compile(PowExponent().eval(), torch.randn(4, 8), standard_pruning(L1Norm(0.5)))
     assert (small.a.out_features, small.b.out_features, small.head.in_features) == (8, 8, 8)
+
+
+@pytest.mark.parametrize("wrap", [nn.utils.parametrizations.weight_norm, nn.utils.weight_norm])
+def test_weight_norm_is_refused_with_the_module_named(wrap):
+    model = nn.Sequential(wrap(nn.Conv2d(3, 8, 1)), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with pytest.raises(ConfigError, match=r"module '0' \(.*Conv2d\) is re-parametrised .* fold it first"):
+        fxcompress.compile(model, torch.randn(2, 3, 4, 4), standard_pruning(L1Norm(0.5)))

@@ -217,6 +217,13 @@ CASES: dict[str, Case] = {
     "F.max_pool2d": through(lambda x: F.max_pool2d(x, 2)),
     # elementwise arithmetic couples its operands
     "residual-add": through(Residual(operator.add)),
+    # ops of three tensors couple all of them (a divisor is frozen)
+    "lerp": through(Residual(lambda x, y: torch.lerp(x, y, torch.sigmoid(y)))),
+    "addcmul": through(Residual(lambda x, y: torch.addcmul(x, y, y, value=0.5))),
+    "addcdiv-freezes-divisor": Case(lambda: Wrap(Residual(lambda x, y: torch.addcdiv(x, x, y.exp())), conv_tail()),
+                                    [INPUT_FROZEN, OUTPUT_FROZEN, (8, "divisor")]),
+    "clamp-tensor-bounds": through(Residual(lambda x, y: torch.clamp(x, min=y, max=y + 1))),
+    "clamp-number-bounds": through(lambda x: torch.clamp(x, -1.0, 1.0)),
     "sub": through(Residual(operator.sub)),
     "mul": through(Residual(operator.mul)),
     "torch.add": through(Residual(torch.add)),
