@@ -45,6 +45,7 @@ from fxcompress.errors import TraceError
 
 __all__ = [
     "trace", "ExampleInputs", "normalize_example_inputs", "dynamic_dims", "resized_inputs", "BATCH", "SEQUENCE",
+    "export_program", "accept_keywords",
     "propagate_shapes", "describe_node", "FRONTENDS", "inference_mode", "module_type", "copy_model", "module_uses",
 ]
 
@@ -625,25 +626,21 @@ class _BindToPositions:
         return ExampleInputs(tuple(args), dict(kwargs)).positional(self.signature, self.count), {}
 
 
-def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    """``torch.export`` (non-strict) and its unlifted ``GraphModule``: parameters become ``get_attr`` nodes.
+def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of ``model`` on ``example_inputs`` (positional, see
+    :func:`normalize_example_inputs`), with the batch dim of every tensor input and the sequence dim of token
+    inputs (see :func:`dynamic_dims`) dynamic.
 
-    The batch dim of every tensor input and the sequence dim of token inputs
-    (see :func:`dynamic_dims`) are captured as dynamic (``Dim.AUTO``, with a
-    batch of 1 traced as any batch), so the result runs at other batch sizes
-    and sequence lengths. A model whose code fixes one of them, or that only
-    exports at fixed shapes, is captured at the example's shapes with a
-    warning saying so.
-
-    The exported graph is captured in the mode the model is in: dropout and
-    batch norm keep that train/eval behaviour whatever ``.train()``/``.eval()``
-    says later, so export in eval mode for inference and in train mode for
-    fine-tuning.
+    Those dims are ``Dim.AUTO``, with a batch of 1 traced as any batch, so the
+    program runs at other batch sizes and sequence lengths. A model whose code
+    fixes one of them or takes another path at another size (a warning names
+    the dim and the guard), or that only exports at fixed shapes (a warning
+    gives torch's reason), is captured at the example's shapes.
+    :class:`TraceError` when it does not export at all.
     """
     kind = type(model).__name__
-    signature = _signature(model)
     dims = dynamic_dims(example_inputs) if _rules_read_graph_sizes() else []
-    names = _leaf_names(example_inputs, signature)
+    names = _leaf_names(example_inputs, _signature(model))
     try:
         program = _export_program(model, example_inputs, dims)
     except Exception as dynamic_error:  # noqa: BLE001 - retried at fixed shapes, and said so
@@ -658,15 +655,40 @@ def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
                 f"({_first_line(dynamic_error)}); it is captured at the example's shapes ({shapes}) "
                 "and the compiled model runs at those shapes only"
             )
-        gm = program.module()
-    else:
-        gm = program.module()
-        _warn_shape_limits(kind, program, gm, example_inputs, dims, names)
-    if signature is not None:
-        gm.register_forward_pre_hook(
-            _BindToPositions(_plain(signature), len(example_inputs)), with_kwargs=True, prepend=True
-        )
+        return program
+    if any(dims):
+        _warn_shape_limits(kind, program, program.module(), example_inputs, dims, names)
+    return program
+
+
+def accept_keywords(gm: nn.Module, forward=None, count: int | None = None) -> nn.Module:
+    """Let an exported module be called as the model it came from: by name, or leaving trailing defaults out.
+
+    ``torch.export`` modules take exactly the positional arguments they were
+    captured with; a forward pre-hook binds each call to ``forward``'s
+    signature (default: ``gm``'s own) first, padded to ``count`` arguments.
+    Returns ``gm``.
+    """
+    signature = _signature(forward if forward is not None else gm)
+    if signature is None:
+        return gm
+    if count is None:
+        count = sum(p.kind in _POSITIONAL for p in signature.parameters.values())
+    gm.register_forward_pre_hook(_BindToPositions(_plain(signature), count), with_kwargs=True, prepend=True)
     return gm
+
+
+def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """The frontend's ``torch.export``: :func:`export_program`'s unlifted ``GraphModule`` (parameters become
+    ``get_attr`` nodes), called as the model is (:func:`accept_keywords`).
+
+    The exported graph is captured in the mode the model is in: dropout and
+    batch norm keep that train/eval behaviour whatever ``.train()``/``.eval()``
+    says later, so export in eval mode for inference and in train mode for
+    fine-tuning.
+    """
+    program = export_program(model, example_inputs)
+    return accept_keywords(program.module(), model, len(example_inputs))
 
 
 def _tensors(args) -> list[torch.Tensor]:
