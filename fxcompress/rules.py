@@ -251,6 +251,7 @@ def same_shape_passthrough(ctx: AnalyzeContext, node: fx.Node, source) -> Channe
     aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.softplus.default, aten.relu6.default,
     aten.abs.default, aten.erf.default, aten.sqrt.default, aten.square.default,
     aten.feature_dropout.default, aten.alpha_dropout.default, aten.lift_fresh_copy.default,
+    aten.fill.Scalar, aten.fill.Tensor, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero.default, aten.zero_.default,
     torch.abs, ".abs", torch.erf, ".erf", torch.sqrt, ".sqrt", torch.square, ".square", F.softplus,
 )
 def channelwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
@@ -354,6 +355,75 @@ def clamp(ctx: AnalyzeContext, node: fx.Node) -> Channels:
                           ctx.where(node))
 
 
+@RULES.register(".expand_as", aten.expand_as.default)
+def expand_as(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``x.expand_as(other)`` takes ``other``'s shape: broadcast and coupled with it, like ``x + 0 * other``."""
+    return broadcast_into(ctx, ctx.shape(node), list(node.args[:2]), ctx.where(node))
+
+
+@RULES.register(F.normalize)
+def normalize(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``F.normalize(x, p, dim)`` divides by the norm over ``dim`` (clamped away from zero): that dim is
+    frozen, the others are channel-wise."""
+    channels = same_shape_passthrough(ctx, node, node.args[0])
+    ctx.space.freeze(channels[norm_dim(arg(node, 2, "dim", 1), len(channels))], f"normalised over by {ctx.where(node)}")
+    return channels
+
+
+@RULES.register(torch.roll, ".roll", aten.roll.default)
+def roll(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``roll`` moves indices around along ``dims`` (all of them, flattened, when none are given): frozen."""
+    channels = same_shape_passthrough(ctx, node, node.args[0])
+    dims = arg(node, 2, "dims", ())
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    for d in dims or range(len(channels)):
+        ctx.space.freeze(channels[norm_dim(d, len(channels))], f"rolled by {ctx.where(node)}")
+    return channels
+
+
+@RULES.register(aten.index.Tensor)
+def index_tensor(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``x[i, j]`` with index tensors (relative position tables): indexed dims are frozen and replaced by the
+    indices' (frozen) dims; dims before and after pass through."""
+    channels = ctx.tensor_channels(node.args[0])
+    indices = list(node.args[1])
+    used = [k for k, i in enumerate(indices) if i is not None]
+    if not used or used != list(range(used[0], used[-1] + 1)):
+        raise Opaque("index tensors that are not adjacent")
+    out_shape = ctx.shape(node)
+    before, after = channels[: used[0]], channels[used[-1] + 1:]
+    middle = len(out_shape) - len(before) - len(after)
+    if middle < 0:
+        raise Opaque("unexpected index output")
+    where = ctx.where(node)
+    for k in used:
+        ctx.space.freeze(channels[k], f"indexed by {where}")
+        ctx.freeze_all(ctx.channels(indices[k]), f"index of {where}")
+    made = ctx.fresh_frozen(out_shape[len(before): len(before) + middle], f"indexed by {where}")
+    return (*before, *made, *after)
+
+
+@RULES.register(torch.linalg.vector_norm, aten.linalg_vector_norm.default, torch.norm, ".norm")
+def vector_norm(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """A norm over ``dim`` (``F.normalize``'s, cosine attention's) mixes that dim: frozen, like ``sum``."""
+    channels = ctx.tensor_channels(node.args[0])
+    dim = arg(node, 2, "dim")
+    dims = range(len(channels)) if dim is None else [dim] if isinstance(dim, int) else dim
+    dims = {norm_dim(d, len(channels)) for d in dims}
+    keepdim = arg(node, 3, "keepdim", False)
+    out = []
+    for d, ids in enumerate(channels):
+        if d not in dims:
+            out.append(ids)
+            continue
+        ctx.space.freeze(ids, f"reduced over by {ctx.where(node)}")
+        if keepdim:
+            out.append(ctx.space.fresh(1, frozen=f"reduced by {ctx.where(node)}"))
+    if tuple(len(i) for i in out) != ctx.shape(node):
+        raise Opaque("unexpected norm output")
+    return tuple(out)
+
+
 @RULES.register(torch.rsqrt, ".rsqrt", aten.rsqrt.default, torch.reciprocal, aten.reciprocal.default, torch.log,
                 aten.log.default)
 def channelwise_unbounded(ctx: AnalyzeContext, node: fx.Node) -> Channels:
@@ -375,19 +445,48 @@ def cumulative(ctx: AnalyzeContext, node: fx.Node) -> Channels:
 
 
 @RULES.register(aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default,
-                torch.ones_like, torch.zeros_like, torch.full_like, aten.ones_like.default, aten.zeros_like.default,
-                aten.full_like.default, ".new_ones", ".new_zeros")
+                ".new_ones", ".new_zeros")
 def created_like(ctx: AnalyzeContext, node: fx.Node) -> Channels:
-    """A tensor made from constants that only borrows dtype/device (or shape) from its input: no channels."""
+    """A tensor made from constants that only borrows dtype/device from its input: no channels."""
     return ctx.fresh_frozen(ctx.shape(node), f"made from constants by {ctx.where(node)}")
+
+
+@RULES.register(torch.ones_like, torch.zeros_like, torch.full_like, aten.ones_like.default, aten.zeros_like.default,
+                aten.full_like.default)
+def constant_like(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """A constant of its input's shape (Swin v2's zero key bias): it follows the input's channels, since
+    dropping an entry of a constant is exact and its shape follows the input's after shrinking."""
+    return same_shape_passthrough(ctx, node, node.args[0])
 
 
 @RULES.register(operator.truediv, torch.div, ".div", aten.div.Tensor, aten.div.Scalar)
 def divide(ctx: AnalyzeContext, node: fx.Node) -> Channels:
-    """Like ``elementwise``, but the divisor is frozen: a masked (zero) divisor channel would give inf/nan."""
+    """Like ``elementwise``, but the divisor is frozen: a masked (zero) divisor channel would give inf/nan.
+    A divisor clamped to a positive minimum (``F.normalize``'s ``norm.clamp_min(eps)``) never is zero."""
     out = broadcast_into(ctx, ctx.shape(node), list(node.args[:2]), ctx.where(node))
-    ctx.freeze_all(ctx.channels(node.args[1]), f"divisor in {ctx.where(node)}")
+    if not _positive(node.args[1]):
+        ctx.freeze_all(ctx.channels(node.args[1]), f"divisor in {ctx.where(node)}")
     return out
+
+
+#: ops that only move or repeat values, through which a divisor's positivity is looked up
+_VALUE_PRESERVING = {aten.expand.default, aten.expand_as.default, aten.view.default, aten.reshape.default,
+                     aten.unsqueeze.default, aten.contiguous.default, aten.clone.default, "expand", "expand_as",
+                     "view", "reshape", "unsqueeze", "contiguous"}
+_CLAMPS = {aten.clamp_min.default: 1, aten.clamp.default: 1, torch.clamp: 1, torch.clamp_min: 1, "clamp": 1,
+           "clamp_min": 1}
+
+
+def _positive(value) -> bool:
+    """Whether ``value`` is provably > 0 everywhere: a positive number, or a clamp to a positive minimum."""
+    if isinstance(value, (int, float)):
+        return value > 0
+    while isinstance(value, fx.Node) and value.target in _VALUE_PRESERVING:
+        value = value.args[0]
+    if not isinstance(value, fx.Node) or value.target not in _CLAMPS:
+        return False
+    low = arg(value, _CLAMPS[value.target], "min")
+    return isinstance(low, (int, float)) and low > 0
 
 
 def _norm_channel_dim(ctx: AnalyzeContext, node: fx.Node, module: nn.Module) -> Channels:
@@ -786,10 +885,14 @@ def linear_function(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``linear(x, w, b)`` with parameter arguments: same channel semantics as ``nn.Linear``."""
     channels = ctx.tensor_channels(node.args[0])
     weight = _param_channels(ctx, node, 1, "weight", {0: Role.PRODUCER, 1: Role.CONSUMER})
-    bias = _param_channels(ctx, node, 2, "bias", {0: Role.PRODUCER})
+    bias = arg(node, 2, "bias")
+    if isinstance(bias, fx.Node) and bias.op != "get_attr":  # computed (Swin v2's cat of q, zero, v biases)
+        bias = ctx.tensor_channels(bias)
+    else:
+        bias = _param_channels(ctx, node, 2, "bias", {0: Role.PRODUCER})
     ctx.space.couple(weight[1], channels[-1])
     if bias is not None:
-        ctx.space.couple(bias[0], weight[0])
+        ctx.space.couple(bias[-1], weight[0])
     return tuple(channels[:-1]) + (weight[0],)
 
 
@@ -1370,7 +1473,8 @@ def permute(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return tuple(channels[norm_dim(d, len(channels))] for d in dims)
 
 
-@RULES.register(torch.transpose, ".transpose", torch.swapaxes, ".swapaxes", aten.transpose.int)
+@RULES.register(torch.transpose, ".transpose", torch.swapaxes, ".swapaxes", aten.transpose.int, aten.swapaxes.default,
+                aten.swapdims.default, torch.swapdims, ".swapdims")
 def transpose(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     channels = list(ctx.tensor_channels(node.args[0]))
     a, b = (norm_dim(d, len(channels)) for d in node.args[1:3])
@@ -1527,9 +1631,11 @@ def getitem(ctx: AnalyzeContext, node: fx.Node):
 
 
 def _shrink_slice(ctx: ShrinkContext, node: fx.Node) -> None:
-    """``aten.slice(x, dim, start, end)``: move the bounds to the shrunk positions."""
+    """``aten.slice(x, dim, start, end)``: move the bounds to the shrunk positions (strided dims are frozen)."""
     channels = node.args[0].meta[meta.CHANNELS]
     dim = norm_dim(arg(node, 1, "dim", 0), len(channels))
+    if arg(node, 4, "step", 1) != 1:
+        return
     start, stop, _ = slice(arg(node, 2, "start"), arg(node, 3, "end")).indices(len(channels[dim]))
     kept = ctx.kept(channels[dim])
     new = (int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)))
@@ -1543,8 +1649,11 @@ def slice_dim(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``aten.slice``: the export spelling of ``x[:, a:b]``."""
     channels = list(ctx.tensor_channels(node.args[0]))
     dim = norm_dim(arg(node, 1, "dim", 0), len(channels))
-    if arg(node, 4, "step", 1) != 1:
-        raise Opaque("strided slice")
+    if arg(node, 4, "step", 1) != 1:  # every other pixel (Swin's patch merging): that dim is frozen
+        where = ctx.where(node)
+        ctx.space.freeze(channels[dim], f"strided slice in {where}")
+        channels[dim] = ctx.space.fresh(ctx.shape(node)[dim], frozen=f"strided slice in {where}")
+        return tuple(channels)
     start, stop, _ = slice(arg(node, 2, "start"), arg(node, 3, "end")).indices(len(channels[dim]))
     channels[dim] = channels[dim][start:stop]
     return tuple(channels)

@@ -224,6 +224,12 @@ CASES: dict[str, Case] = {
                                     [INPUT_FROZEN, OUTPUT_FROZEN, (8, "divisor")]),
     "clamp-tensor-bounds": through(Residual(lambda x, y: torch.clamp(x, min=y, max=y + 1))),
     "clamp-number-bounds": through(lambda x: torch.clamp(x, -1.0, 1.0)),
+    # F.normalize divides by norm.clamp_min(eps), never zero: the channels stay prunable
+    "normalize-spatial": through(lambda x: F.normalize(x, dim=-1)),
+    "zeros-like-follows-input": through(Residual(lambda x, y: x + torch.zeros_like(y))),
+    "roll-spatial": through(lambda x: torch.roll(x, 1, dims=-1)),
+    "roll-channels": Case(lambda: Wrap(lambda x: torch.roll(x, 1, dims=1), conv_tail()),
+                          [INPUT_FROZEN, OUTPUT_FROZEN, (8, "rolled")]),
     "sub": through(Residual(operator.sub)),
     "mul": through(Residual(operator.mul)),
     "torch.add": through(Residual(torch.add)),
@@ -319,8 +325,8 @@ def test_multihead_attention_stays_correct_and_keeps_its_output_width(helpers):
     assert helpers.count_params(shrunk) <= helpers.count_params(model)
 
 
-class Rolled(nn.Module):
-    """``torch.roll`` over channels: an op the table has no rule for."""
+class Flipped(nn.Module):
+    """``torch.fliplr`` (reverses the channels of an image batch): an op the table has no rule for."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -329,16 +335,16 @@ class Rolled(nn.Module):
         self.tail = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        return self.tail(torch.roll(self.mid(self.head(x)), 1, dims=1))
+        return self.tail(torch.fliplr(self.mid(self.head(x))))
 
 
 def test_opaque_op_freezes_its_neighbours_and_warns(helpers):
-    model = Rolled().eval()
+    model = Flipped().eval()
     x = torch.randn(IMAGE)
     gm = fxcompress.trace(model, x, frontend="fx")
-    with pytest.warns(OpaqueOpWarning, match=r"no channel rule for torch\.roll \(nodes roll\)"):
+    with pytest.warns(OpaqueOpWarning, match=r"no channel rule for torch\.fliplr \(nodes fliplr\)"):
         analysis = analyze(gm)
-    assert "torch.roll" in analysis.opaque_nodes and analysis.opaque_nodes["torch.roll"] == ["roll"]
+    assert analysis.opaque_nodes.get("torch.fliplr") == ["fliplr"]
     found = summary(analysis)
     # head -> mid stays prunable; mid's output (read by roll) and roll's output are frozen
     assert matches(found, [INPUT_FROZEN, OUTPUT_FROZEN, (8, None), (8, "no channel rule"), (8, "no channel rule")])
