@@ -574,7 +574,7 @@ def _refused_sizes(gm: fx.GraphModule, args: tuple, dims: list[dict[int, str]], 
         flat = fx_pytree.tree_flatten_spec((list(resized_inputs(args, {kind: other}, dims)), {}), in_spec)
         try:
             guards(*flat)
-        except AssertionError as exc:
+        except (AssertionError, RuntimeError) as exc:
             which = [n for n, found in zip(names, dims) if kind in found.values()]
             refused.append(f"{kind} size {other} ({', '.join(which)}; {_first_line(exc)})")
     return refused

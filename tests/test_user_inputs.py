@@ -178,6 +178,17 @@ def test_a_model_that_exports_only_at_fixed_shapes_is_captured_with_a_warning(mo
     assert torch.allclose(gm(x), model(x))
 
 
+def test_shapes_that_meta_tensors_cannot_compute_come_from_a_real_forward_silently(capfd):
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x[x > 0].sum() + x  # boolean indexing: meta tensors cannot know the shape
+
+    gm = fxcompress.trace(DataDependent(), torch.randn(4, 3), frontend="fx")
+    printed = capfd.readouterr()
+    assert printed.err == printed.out == ""  # torch's ShapeProp printed a traceback before falling back
+    assert [n.meta["tensor_meta"].shape for n in gm.graph.nodes if n.name == "add"] == [(4, 3)]
+
+
 # ---------------------------------------------------------------------------- Hugging Face
 
 
@@ -211,8 +222,9 @@ def test_llama_traced_at_one_shape_runs_at_batch_1_to_4_and_sequence_8_to_128():
     other = _tokens(3, 40, vocab=64, seed=1)
     shrunk, reference = small(**other), masked(**other)
     assert worst_leaf(reference, shrunk, rtol=1e-4) is None  # shrunk == masked at a second shape
-    original = oracle_outputs(model, masked, normalize_example_inputs(other, model))  # the user's model, masked
-    assert worst_leaf(original, reference, rtol=1e-4) is None
+    # the user's model run with the masked weights, where it can be (not once norms use kept-channel statistics)
+    original = oracle_outputs(model, masked, normalize_example_inputs(other, model))
+    assert original is None or worst_leaf(original, reference, rtol=1e-4) is None
 
 
 def test_capturing_bert_prints_no_traceback(capfd):
