@@ -108,7 +108,10 @@ def _refuse_parametrized(model: nn.Module) -> None:
 
     for path, module in model.named_modules():
         hooked = any(isinstance(h, WeightNorm) for h in module._forward_pre_hooks.values())
-        if hooked or parametrize.is_parametrized(module):
+        foreign = parametrize.is_parametrized(module) and any(
+            not type(p).__module__.startswith("fxcompress.") for ps in module.parametrizations.values() for p in ps
+        )  # fxcompress's own fake quantizers (a QAT model being folded) are understood
+        if hooked or foreign:
             kind = "torch.nn.utils.weight_norm" if hooked else "a torch.nn.utils.parametrize parametrization"
             fix = ("torch.nn.utils.remove_weight_norm(module)" if hooked else
                    "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')")

@@ -243,3 +243,14 @@ def test_weight_norm_is_refused_with_the_module_named(wrap):
     model = nn.Sequential(wrap(nn.Conv2d(3, 8, 1)), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     with pytest.raises(ConfigError, match=r"module '0' \(.*Conv2d\) is re-parametrised .* fold it first"):
         fxcompress.compile(model, torch.randn(2, 3, 4, 4), standard_pruning(L1Norm(0.5)))
+
+
+def test_a_fake_quantized_model_is_not_mistaken_for_weight_norm():
+    from fxcompress.passes import Calibrate, FakeQuantize, FoldQDQ, InsertObservers
+    from fxcompress.quant import QConfig
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    qat = fxcompress.compile(model, x, [InsertObservers(QConfig()), Calibrate([x]), FakeQuantize()])
+    folded = fxcompress.compile(qat.eval(), x, [FoldQDQ()])
+    assert folded(x).shape == (2, 4, 4, 4)
