@@ -106,6 +106,8 @@ def _refuse_parametrized(model: nn.Module) -> None:
     from torch.nn.utils import parametrize
     from torch.nn.utils.weight_norm import WeightNorm
 
+    if not isinstance(model, nn.Module):
+        return  # trace() names that error
     for path, module in model.named_modules():
         hooked = any(isinstance(h, WeightNorm) for h in module._forward_pre_hooks.values())
         foreign = parametrize.is_parametrized(module) and any(

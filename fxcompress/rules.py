@@ -206,10 +206,16 @@ aten = torch.ops.aten  # torch.export spellings of the same ops share the rules 
 
 
 def arg(node: fx.Node, index: int, name: str, default=None):
-    """Positional-or-keyword argument of a call node."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+    """Positional-or-keyword argument of a call node; a number computed in the graph (a size read with
+    ``aten.sym_size`` from a dynamic dim, arithmetic on it) as its value on the example inputs."""
+    value = node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+    if not isinstance(value, fx.Node) or meta.TENSOR_META in value.meta:
+        return value
+    if meta.VALUE in value.meta:
+        return value.meta[meta.VALUE]
+    symbolic = value.meta.get("val")  # torch.export's record, which outlives shrink (dynamic dims never shrink)
+    hint = symbolic.node.hint if isinstance(symbolic, torch.SymInt) else None
+    return hint if isinstance(hint, int) else value
 
 
 def method_dims(node: fx.Node, start: int) -> tuple:
@@ -1248,6 +1254,8 @@ def _is_size_query(size) -> bool:
         return False
     if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
         return True
+    if size.op == "call_function" and size.target is aten.sym_size.int:
+        return True
     if size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[0], fx.Node):
         source = size.args[0]
         return (source.op == "call_method" and source.target == "size" and len(source.args) == 1) or (
@@ -1258,7 +1266,9 @@ def _is_size_query(size) -> bool:
 
 def _queried_dim(size: fx.Node) -> tuple[fx.Node, int] | None:
     """``(tensor, dim)`` for a size query node, else None."""
-    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+    if (size.op == "call_method" and size.target == "size" and len(size.args) == 2) or (
+        size.op == "call_function" and size.target is aten.sym_size.int
+    ):
         return size.args[0], size.args[1]
     source = size.args[0] if size.args else None
     if _is_size_query(size) and isinstance(source, fx.Node):
@@ -1740,7 +1750,7 @@ def matmul(ctx: AnalyzeContext, node: fx.Node) -> Channels:
 # ---------------------------------------------------------------------------- non-tensor values
 
 
-@RULES.register(".size", ".dim", ".numel")
+@RULES.register(".size", ".dim", ".numel", aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int)
 def metadata_query(ctx: AnalyzeContext, node: fx.Node) -> None:
     """Shape queries return Python values that follow the tensor: after shrinking they report the new size."""
     return None

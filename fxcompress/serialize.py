@@ -43,7 +43,7 @@ from torch import nn
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError
-from fxcompress.trace import normalize_example_inputs
+from fxcompress.trace import accept_keywords, export_program, normalize_example_inputs
 
 __all__ = ["save", "load", "SavedModelError", "FORMAT", "VERSION"]
 
@@ -69,7 +69,7 @@ def _example_inputs(model: nn.Module, example_inputs) -> tuple:
         example_inputs = getattr(model, "meta", {}).get(meta.EXAMPLE_INPUTS)
     if example_inputs is None:
         raise SavedModelError("save needs example_inputs for a module that fxcompress did not compile or load")
-    inputs = normalize_example_inputs(example_inputs)
+    inputs = normalize_example_inputs(example_inputs, model)
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise SavedModelError("save takes tensor example inputs only (the program is exported for their shapes)")
     return inputs
@@ -79,7 +79,7 @@ def _export(model: nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
     if isinstance(model, torch.export.ExportedProgram):
         return model
     try:
-        return torch.export.export(model, inputs, strict=False)
+        return export_program(model, inputs)
     except Exception as exc:
         raise SavedModelError(f"torch.export could not capture the model to save it: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
@@ -234,6 +234,6 @@ def load(path: str | os.PathLike) -> torch.fx.GraphModule:
                                                        constants, None)
     except (SafetensorError, KeyError, TypeError, ValueError) as exc:
         raise SavedModelError(f"{path} could not be read back: {type(exc).__name__}: {exc}") from exc
-    module = ep.module()
+    module = accept_keywords(ep.module(), count=len(inputs))
     module.meta[meta.EXAMPLE_INPUTS] = inputs
     return module

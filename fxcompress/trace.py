@@ -514,15 +514,6 @@ def _dynamic_shapes(args: tuple, dims: list[dict[int, str]]):
     return pytree.tree_map(spec, args)
 
 
-def _rules_read_graph_sizes() -> bool:
-    """Whether the op-rule table reads sizes computed in the graph (``aten.sym_size`` and the numbers it feeds
-    to ``slice``, ``view``, ...), which a capture with dynamic dims is full of. Until it does, ``torch.export``
-    captures at the example's shapes (transitional: true once ``fxcompress/rules.py`` has the rule)."""
-    from fxcompress.rules import RULES
-
-    return torch.ops.aten.sym_size.int in RULES
-
-
 def _export_program(model: nn.Module, args: tuple, dims: list[dict[int, str]] | None):
     if dims is None or not any(dims):
         return torch.export.export(model, args, strict=False)
@@ -639,7 +630,7 @@ def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.Expo
     :class:`TraceError` when it does not export at all.
     """
     kind = type(model).__name__
-    dims = dynamic_dims(example_inputs) if _rules_read_graph_sizes() else []
+    dims = dynamic_dims(example_inputs)
     names = _leaf_names(example_inputs, _signature(model))
     try:
         program = _export_program(model, example_inputs, dims)

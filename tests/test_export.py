@@ -1,6 +1,5 @@
 """ONNX export: float, pruned and quantized modules pass onnx.checker and match ONNX Runtime."""
 
-import importlib
 
 import onnx
 import pytest
@@ -14,12 +13,6 @@ from fxcompress.passes.fold_batch_norm import FoldBatchNorm
 from fxcompress.passes.fold_qdq import FoldQDQ
 from fxcompress.prune import L1Norm
 from quant_helpers import config, inputs, ptq, small_model
-
-needs_dynamic_capture = pytest.mark.skipif(
-    not importlib.import_module("fxcompress.trace")._rules_read_graph_sizes(),
-    reason="dynamic torch.export capture waits for fxcompress/rules.py to read aten.sym_size (issue 13)",
-)
-
 
 def _op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
@@ -98,7 +91,6 @@ def test_pruned_resnet18_traced_at_batch_1_runs_in_onnx_runtime_at_batch_4():
         assert _relative_error(small(x), got) <= 1e-4
 
 
-@needs_dynamic_capture
 def test_pruned_bert_traced_at_batch_1_runs_in_onnx_runtime_at_batch_4_and_another_length():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

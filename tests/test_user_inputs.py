@@ -25,12 +25,6 @@ from fxcompress.verify import oracle_outputs, worst_leaf
 
 trace_module = importlib.import_module("fxcompress.trace")  # `fxcompress.trace` itself is the function
 
-needs_dynamic_capture = pytest.mark.skipif(
-    not trace_module._rules_read_graph_sizes(),
-    reason="dynamic torch.export capture waits for fxcompress/rules.py to read aten.sym_size (issue 13)",
-)
-
-
 class Tokens(nn.Module):
     """A token model written the way people write them: keyword arguments with defaults."""
 
@@ -128,7 +122,7 @@ def test_keywords_without_a_position_are_refused_with_what_to_do():
 # ---------------------------------------------------------------------------- both frontends take keywords
 
 
-@pytest.mark.parametrize("frontend", ["fx", pytest.param("export", marks=needs_dynamic_capture)])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_a_tokenizer_dict_compiles_and_the_result_is_called_as_the_model_is(frontend):
     torch.manual_seed(0)
     model = Tokens().eval()
@@ -147,7 +141,6 @@ def test_a_tokenizer_dict_compiles_and_the_result_is_called_as_the_model_is(fron
         assert worst_leaf(masked(**other), by_name, rtol=1e-4) is None  # shrunk == masked at this shape
 
 
-@needs_dynamic_capture
 def test_a_model_that_fixes_a_dim_says_so():
     class Fixed(nn.Module):
         def __init__(self) -> None:
@@ -169,7 +162,6 @@ def test_a_model_that_exports_only_at_fixed_shapes_is_captured_with_a_warning(mo
             raise RuntimeError("Constraints violated (batch)! the model needs batch == 1")
         return capture(model, args, dims)
 
-    monkeypatch.setattr(trace_module, "_rules_read_graph_sizes", lambda: True)
     monkeypatch.setattr(trace_module, "_export_program", no_dynamic_dims)
     model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval(), torch.randn(1, 4)
     with pytest.warns(UserWarning, match="could not capture Sequential with dynamic.*Constraints violated.*"
@@ -209,7 +201,6 @@ def test_llama_with_its_default_config_is_captured_with_the_cache_off_in_the_cop
     assert out.logits.shape == (2, 8, 64) and getattr(out, "past_key_values", None) is None
 
 
-@needs_dynamic_capture
 def test_llama_traced_at_one_shape_runs_at_batch_1_to_4_and_sequence_8_to_128():
     model = _llama()
     example = _tokens(1, 16, vocab=64)
