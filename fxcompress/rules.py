@@ -409,6 +409,25 @@ def index_tensor(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return (*before, *made, *after)
 
 
+@RULES.register(torch.gather, ".gather", aten.gather.default)
+def gather(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``gather(x, dim, index)``: ``out[.., j, ..] = x[.., index[.., j, ..], ..]``. The gathered dim is frozen
+    in ``x`` and comes from ``index`` (frozen too); every other dim reads the same position in ``x``, ``index``
+    and the output, so those are coupled (or frozen where ``index`` covers only part of ``x``)."""
+    x, index = ctx.tensor_channels(node.args[0]), ctx.tensor_channels(arg(node, 2, "index"))
+    dim = norm_dim(arg(node, 1, "dim"), len(x))
+    if len(index) != len(x) or tuple(len(ids) for ids in index) != ctx.shape(node):
+        raise Opaque("unexpected gather shapes")
+    where = ctx.where(node)
+    for d, (x_ids, i_ids) in enumerate(zip(x, index)):
+        if d != dim and len(x_ids) == len(i_ids):
+            ctx.space.couple(x_ids, i_ids)
+            continue
+        ctx.space.freeze(x_ids, f"gathered by {where}")
+        ctx.space.freeze(i_ids, f"gathered by {where}")
+    return tuple(index)
+
+
 @RULES.register(torch.linalg.vector_norm, aten.linalg_vector_norm.default, torch.norm, ".norm")
 def vector_norm(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """A norm over ``dim`` (``F.normalize``'s, cosine attention's) mixes that dim: frozen, like ``sum``."""

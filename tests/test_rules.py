@@ -228,6 +228,7 @@ CASES: dict[str, Case] = {
     "normalize-spatial": through(lambda x: F.normalize(x, dim=-1)),
     "zeros-like-follows-input": through(Residual(lambda x, y: x + torch.zeros_like(y))),
     "roll-spatial": through(lambda x: torch.roll(x, 1, dims=-1)),
+    "gather-spatial": through(lambda x: torch.gather(x, 3, torch.zeros_like(x, dtype=torch.long))),
     "roll-channels": Case(lambda: Wrap(lambda x: torch.roll(x, 1, dims=1), conv_tail()),
                           [INPUT_FROZEN, OUTPUT_FROZEN, (8, "rolled")]),
     "sub": through(Residual(operator.sub)),
