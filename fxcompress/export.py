@@ -261,26 +261,13 @@ def _flat_module(gm: fx.GraphModule, inputs: tuple) -> tuple[fx.GraphModule, lis
 # ---------------------------------------------------------------------------- dynamic axes
 
 
-def _input_names(names: Sequence[str] | None, count: int, signature_names: list[str]) -> list[str]:
+def _io_names(names: Sequence[str] | None, count: int, kind: str, what: str) -> list[str]:
+    """``names`` checked to be one per tensor ``kind`` (``input``/``output``), or ``input_0, ...`` by default."""
     if names is None:
-        return [f"input_{i}" for i in range(count)]
+        return [f"{kind}_{i}" for i in range(count)]
     names = list(names)
     if len(names) != count:
-        raise ConfigError(
-            f"input_names has {len(names)} names but the model takes {count} tensor inputs "
-            f"({', '.join(signature_names)}); give one name per tensor input"
-        )
-    return names
-
-
-def _output_names(names: Sequence[str] | None, count: int) -> list[str]:
-    if names is None:
-        return [f"output_{i}" for i in range(count)]
-    names = list(names)
-    if len(names) != count:
-        raise ConfigError(
-            f"output_names has {len(names)} names but the model returns {count} tensors; give one name per output"
-        )
+        raise ConfigError(f"{kind}_names has {len(names)} names but {what}; give one name per tensor {kind}")
     return names
 
 
@@ -478,8 +465,9 @@ def to_onnx(
     inputs = normalize_example_inputs(example_inputs, gm)
     quantized = is_quantized(gm)
     flat, tensors, outputs = _flat_module(gm, inputs)
-    names = _input_names(input_names, len(tensors), _tensor_input_names(gm, inputs))
-    out_names = _output_names(output_names, outputs)
+    names = _io_names(input_names, len(tensors), "input", f"the model takes {len(tensors)} tensor inputs "
+                      f"({', '.join(_tensor_input_names(gm, inputs))})")
+    out_names = _io_names(output_names, outputs, "output", f"the model returns {outputs} tensors")
     if isinstance(dynamic_axes, str):
         if dynamic_axes != "auto":
             raise ConfigError(f"dynamic_axes must be 'auto', None or a dict of axes per name, got {dynamic_axes!r}")
