@@ -179,7 +179,7 @@ def _linear_two_conv(w1, w2):
 
 def test_taylor_scores_are_first_order_weight_times_gradient_of_every_slice():
     # loss = sum over 2*9 pixels of sum_c w2_c * w1_c: |w * g| is 18 * |w1_c * w2_c| on conv1's row and on
-    # conv2's column alike; each slice divided by its mean, the two averaged.
+    # conv2's column alike; raw slices (no normaliser by default), the two averaged.
     w1, w2 = [1.0, 10.0, 2.0, 3.0], [1.0, 0.01, 1.0, 1.0]
     model = _linear_two_conv(w1, w2)
     x = torch.ones(2, 1, 3, 3)
@@ -188,8 +188,7 @@ def test_taylor_scores_are_first_order_weight_times_gradient_of_every_slice():
     pruner = P.Taylor(0.25, evaluator=_ones_evaluator())
     group = next(g for g in analysis.prunable_groups() if len(g) == 4)
     product = np.array(w1) * np.array(w2)
-    expected = product / product.mean()
-    np.testing.assert_allclose(pruner.channel_scores(gm, analysis, group), expected, rtol=1e-5)
+    np.testing.assert_allclose(pruner.channel_scores(gm, analysis, group), 18 * product, rtol=1e-5)
     assert removed_rows(masks_of(model, pruner, x), "conv1.weight") == [1]  # smallest product
     assert removed_rows(masks_of(model, P.L1Norm(0.25), x), "conv1.weight") == [0]  # smallest norm
 
@@ -240,6 +239,19 @@ def test_data_aware_scoring_leaves_batchnorm_statistics_and_gradients_alone():
     assert all(p.grad is None for p in gm.parameters())
 
 
+
+@pytest.mark.parametrize("name", ["taylor", "obd", "apoz"])
+def test_data_aware_criteria_score_an_export_captured_graph_as_a_traced_one(name):
+    # torch.export graphs refuse .eval(): the criteria set the training flags directly
+    model = small_cnn()
+    x = torch.randn(2, 1, 28, 28)
+    pruner = build(name, 0.5)
+    traced, exported = fxcompress.trace(model, x, frontend="fx"), fxcompress.trace(model, x, frontend="export")
+    by_frontend = [pruner.compute_masks(gm, get_analysis(gm)) for gm in (traced, exported)]
+    assert removed_rows(by_frontend[0], "conv1.weight") == removed_rows(by_frontend[1], "conv1.weight")
+    assert len(removed_rows(by_frontend[1], "conv1.weight")) == SIZES["conv1"] // 2
+    assert all(p.grad is None for p in exported.parameters())
+
 # ---------------------------------------------------------------------------- group aggregation
 
 
@@ -275,13 +287,17 @@ def _biased_two_conv():
 @pytest.mark.parametrize(
     "options, expected",
     [
-        # default: conv1 rows / 2.5 and conv2 columns / 2, averaged; the bias is left out
-        ({}, (np.array([1, 2, 3, 4]) / 2.5 + np.array([4, 1, 2, 1]) / 2) / 2),
-        ({"reduction": "sum"}, np.array([1, 2, 3, 4]) / 2.5 + np.array([4, 1, 2, 1]) / 2),
+        # default: conv1 rows and conv2 columns at their own scale, averaged; the bias is left out
+        ({}, (np.array([1, 2, 3, 4]) + np.array([4, 1, 2, 1])) / 2),
+        # mean normaliser: conv1 rows / 2.5 and conv2 columns / 2
+        ({"normalizer": "mean"}, (np.array([1, 2, 3, 4]) / 2.5 + np.array([4, 1, 2, 1]) / 2) / 2),
+        ({"normalizer": "mean", "reduction": "sum"}, np.array([1, 2, 3, 4]) / 2.5 + np.array([4, 1, 2, 1]) / 2),
         ({"normalizer": "none", "reduction": "max"}, np.array([4.0, 2.0, 3.0, 4.0])),
         ({"normalizer": "max", "reduction": "prod"}, np.array([1, 2, 3, 4]) / 4 * np.array([4, 1, 2, 1]) / 4),
-        # the bias joins as a third slice: 100 / 25 = 4 for channel 3, zero elsewhere
-        ({"include_bias": True}, (np.array([1, 2, 3, 4]) / 2.5 + np.array([4, 1, 2, 1]) / 2 + [0, 0, 0, 4]) / 3),
+        # the bias joins as a third slice: 100 / 25 = 4 for channel 3 (mean-normalised), zero elsewhere
+        ({"normalizer": "mean", "include_bias": True},
+         (np.array([1, 2, 3, 4]) / 2.5 + np.array([4, 1, 2, 1]) / 2 + [0, 0, 0, 4]) / 3),
+        ({"include_bias": True}, (np.array([1, 2, 3, 4]) + np.array([4, 1, 2, 1]) + [0, 0, 0, 100]) / 3),
     ],
 )
 def test_l1_group_aggregation(options, expected):
@@ -294,10 +310,12 @@ def test_l1_group_aggregation(options, expected):
 
 
 def test_bias_decides_only_when_included():
-    # scores without the bias (1.2, 0.65, 1.1, 1.05); with it (2.4, 1.3, 2.2, 6.1) / 3
+    # mean-normalised scores without the bias (1.2, 0.65, 1.1, 1.05); with it (2.4, 1.3, 2.2, 6.1) / 3
     x = torch.ones(1, 1, 2, 2)
-    assert removed_rows(masks_of(_biased_two_conv(), P.L1Norm(0.5), x), "conv1.weight") == [1, 3]
-    assert removed_rows(masks_of(_biased_two_conv(), P.L1Norm(0.5, include_bias=True), x), "conv1.weight") == [1, 2]
+    mean = {"normalizer": "mean"}
+    assert removed_rows(masks_of(_biased_two_conv(), P.L1Norm(0.5, **mean), x), "conv1.weight") == [1, 3]
+    with_bias = P.L1Norm(0.5, include_bias=True, **mean)
+    assert removed_rows(masks_of(_biased_two_conv(), with_bias, x), "conv1.weight") == [1, 2]
 
 
 def test_taylor_aggregation_fields_apply():

@@ -183,57 +183,34 @@ def global_keep(model: nn.Module, scores: dict[str, np.ndarray], ratio: float) -
 # ---------------------------------------------------------------------------- the two tools' scores
 
 
-def capture(model: nn.Module, x: torch.Tensor, how: str):
-    """The graph fxcompress prunes: ``fxcompress.trace`` on the Crepe module itself (``direct``).
-
-    ``fx-wrapper`` traces a wrapper with the fx frontend (Crepe's ``embed``
-    flag defeats symbolic tracing) and teaches the rule table ``F.pad`` over
-    the last two dims if it lacks it: a transitional path for measuring
-    criteria while direct capture leaves ops opaque.
-    """
-    if how == "direct":
-        return fxcompress.trace(model, x)
-    from fxcompress.rules import RULES, spatial
-
-    if F.pad not in RULES:
-        RULES.register(F.pad)(spatial(2))
-    return fxcompress.trace(_Wrapper(model), x, frontend="fx")
+def capture(model: nn.Module, x: torch.Tensor):
+    """The graph fxcompress prunes: ``fxcompress.trace`` on the Crepe module itself, as a user would call it."""
+    return fxcompress.trace(model, x)
 
 
-class _Wrapper(nn.Module):
-    def __init__(self, crepe: nn.Module):
-        super().__init__()
-        self.crepe = crepe
-
-    def forward(self, x):
-        return self.crepe(x)
-
-
-def fx_keep(model: nn.Module, x: torch.Tensor, pruner, how: str) -> dict[str, np.ndarray]:
+def fx_keep(model: nn.Module, x: torch.Tensor, pruner) -> dict[str, np.ndarray]:
     """Which channels of conv1-conv5 fxcompress's ``pruner`` keeps, read from its masks."""
-    gm = capture(model, x, how)
+    gm = capture(model, x)
     masks = pruner.compute_masks(gm, get_analysis(gm))
-    prefix = "crepe." if how != "direct" else ""
     keep = {}
     for name in LAYERS:
-        mask = masks.get(f"{prefix}{name}.weight")
+        mask = masks.get(f"{name}.weight")
         n = getattr(model, name).out_channels
         keep[name] = np.ones(n, dtype=bool) if mask is None else mask.reshape(n, -1).any(1).numpy()
     return keep
 
 
-def fx_scores(model: nn.Module, x: torch.Tensor, pruner, how: str) -> dict[str, np.ndarray]:
+def fx_scores(model: nn.Module, x: torch.Tensor, pruner) -> dict[str, np.ndarray]:
     """fxcompress's channel scores for conv1-conv5 (a producer's group, scores in its channel order)."""
-    gm = capture(model, x, how)
+    gm = capture(model, x)
     analysis = get_analysis(gm)
-    prefix = "crepe." if how != "direct" else ""
     groups = [g for g in analysis.prunable_groups() if pruner.selects(gm, analysis, g)]
     scores = dict(zip(groups, pruner.group_scores(gm, analysis, groups)))
     out = {}
     for group, s in scores.items():
         for k in analysis.slices_of(group, Role.PRODUCER):
             piece = analysis.slices[k]
-            layer = piece.target.removeprefix(prefix).rsplit(".", 1)[0]
+            layer = piece.target.rsplit(".", 1)[0]
             if layer in LAYERS and piece.name == "weight":
                 positions, local = analysis.positions(k, group)
                 out[layer] = np.asarray(s)[local[np.argsort(positions)]]
@@ -268,16 +245,21 @@ class Criterion:
     data: bool = False
 
 
-def criteria(exclude: tuple[str, ...]) -> list[Criterion]:
-    """Every structured criterion of both tools that ranks channels (random and OBD left out)."""
+def criteria(exclude: tuple[str, ...], normalizer: str | None = None) -> list[Criterion]:
+    """Every structured criterion of both tools that ranks channels (random and OBD left out).
+
+    ``normalizer`` overrides the per-slice normaliser of fxcompress's L1, L2 and Taylor.
+    """
     import torch_pruning as tp
 
+    agg = {"normalizer": normalizer} if normalizer else {}
+
     return [
-        Criterion("fxcompress", "L1", lambda s, ev: P.L1Norm(s, exclude=exclude)),
-        Criterion("fxcompress", "L2", lambda s, ev: P.L2Norm(s, exclude=exclude)),
+        Criterion("fxcompress", "L1", lambda s, ev: P.L1Norm(s, exclude=exclude, **agg)),
+        Criterion("fxcompress", "L2", lambda s, ev: P.L2Norm(s, exclude=exclude, **agg)),
         Criterion("fxcompress", "FPGM", lambda s, ev: P.FPGM(s, exclude=exclude)),
         Criterion("fxcompress", "BN scale", lambda s, ev: P.Slim(s, exclude=exclude)),
-        Criterion("fxcompress", "Taylor", lambda s, ev: P.Taylor(s, exclude=exclude, evaluator=ev), True),
+        Criterion("fxcompress", "Taylor", lambda s, ev: P.Taylor(s, exclude=exclude, evaluator=ev, **agg), True),
         Criterion("fxcompress", "APoZ", lambda s, ev: P.APoZ(s, exclude=exclude, evaluator=ev), True),
         Criterion("fxcompress", "LAMP", lambda s, ev: P.LAMP(s, exclude=exclude)),
         Criterion("Torch-Pruning", "L1", lambda s, ev: tp.importance.GroupMagnitudeImportance(p=1)),
@@ -292,12 +274,12 @@ def criteria(exclude: tuple[str, ...]) -> list[Criterion]:
 # ---------------------------------------------------------------------------- rows
 
 
-def keep_for(c: Criterion, model, x, sparsity, evaluator, how) -> tuple[dict[str, np.ndarray] | dict, float]:
+def keep_for(c: Criterion, model, x, sparsity, evaluator) -> tuple[dict[str, np.ndarray] | dict, float]:
     """Scores of criterion ``c`` per layer, and the seconds scoring took."""
     tool = c.build(sparsity, evaluator)
     start = time.perf_counter()
     if c.tool == "fxcompress":
-        scores = fx_scores(model, x, tool, how)
+        scores = fx_scores(model, x, tool)
     else:
         scores = tp_scores(model, x, tool, evaluator if c.data else None)
     return scores, time.perf_counter() - start
@@ -350,13 +332,13 @@ def run_model(capacity: str, args) -> list[dict]:
     x = calib_frames[:2]
     rows = [{"model": capacity, "tool": "dense", "criterion": "-", "allocation": "-", "MACs ratio": 1.0,
              "pruned": raw_pitch_accuracy(model, *test)}]
-    exclude = ("conv6", "crepe.conv6")
+    exclude = ("conv6",)
     for ratio in args.ratios:
         sparsity, counts = uniform_counts(model, ratio)
-        for c in criteria(exclude):
+        for c in criteria(exclude, args.normalizer):
             if args.criteria and c.name.lower() not in args.criteria:
                 continue
-            scores, seconds = keep_for(c, load_like(model), x, sparsity, evaluator, args.capture)
+            scores, seconds = keep_for(c, load_like(model), x, sparsity, evaluator)
             allocations = {"uniform": top_k(scores, counts), "global": global_keep(model, scores, ratio)}
             if c.name == "LAMP":
                 allocations = {"global": allocations["global"]}
@@ -375,22 +357,22 @@ def run_model(capacity: str, args) -> list[dict]:
     return rows
 
 
-def check_capture(capacity: str, how: str) -> dict:
-    """Whether ``fxcompress.compile`` prunes the module and its shrunk model matches the masked one."""
+def check_capture(capacity: str) -> dict:
+    """Whether ``fxcompress.compile`` (default frontend, verification on) prunes the Crepe module itself.
+
+    ``compile`` raises if its shrunk model does not match the masked one, so
+    a row means shrunk == masked; ``opaque ops`` lists ops without a channel rule.
+    """
     model = load_crepe(capacity)
     x = tones(2, seed=3)[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        target = model if how == "direct" else _Wrapper(model)
-        frontend = "auto" if how == "direct" else "fx"
-        if how != "direct":
-            capture(model, x, how)
-        small = fxcompress.compile(target, x, standard_pruning(P.L1Norm(0.5)), frontend=frontend)
+        small = fxcompress.compile(model, x, standard_pruning(P.L1Norm(0.5)))
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in small.parameters())
     opaque = sorted({str(w.message).split(" (nodes")[0].removeprefix("fxcompress has no channel rule for ")
                      for w in caught if "no channel rule" in str(w.message)})
-    return {"model": capacity, "capture": how, "params ratio": before / after, "opaque ops": opaque}
+    return {"model": capacity, "params ratio": before / after, "opaque ops": opaque}
 
 
 def parse(argv=None):
@@ -403,8 +385,9 @@ def parse(argv=None):
     parser.add_argument("--criteria", default="", type=lambda s: [c.strip().lower() for c in s.split(",") if c])
     parser.add_argument("--allocations", default="", type=lambda s: [a.strip() for a in s.split(",") if a],
                         help="uniform, global, LAMP-normalised global (default: all)")
-    parser.add_argument("--capture", default="direct", choices=("direct", "fx-wrapper"))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--normalizer", choices=[n.value for n in P.Normalizer],
+                        help="per-slice normaliser of fxcompress's L1, L2 and Taylor (default: each criterion's own)")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fast", action="store_true", help="tiny, 2x, 20 tones, L1 only, 1 recovery step")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -419,7 +402,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     out = {"capture": [], "rows": []}
     for capacity in args.models.split(","):
-        out["capture"].append(check_capture(capacity, args.capture))
+        out["capture"].append(check_capture(capacity))
         out["rows"] += run_model(capacity, args)
     print(tabulate(out["capture"], headers="keys", floatfmt=".2f"))
     print(tabulate(out["rows"], headers="keys", floatfmt=".1f"))

@@ -10,6 +10,7 @@ batch norms are not touched (the model runs in eval mode).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
@@ -59,6 +60,25 @@ class DataAwarePruner(ChannelPruner):
 
     def channel_scores(self, gm, analysis, group):
         return self.group_scores(gm, analysis, [group])[0]
+
+
+@contextlib.contextmanager
+def eval_flags(gm: nn.Module):
+    """Every module's ``training`` flag off for the duration, then restored; gradients stay on.
+
+    Sets the flags directly: a ``torch.export``-captured graph refuses
+    ``.eval()`` (its batch norms' mode was fixed at capture), a
+    symbolic-traced one reads them.
+    """
+    modules = list(gm.modules())
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, was_training):
+            m.training = flag
 
 
 # ---------------------------------------------------------------------------- activations
@@ -140,13 +160,9 @@ def record_activations(gm: fx.GraphModule, evaluator: Evaluator, sites: dict[int
         for site in group_sites:
             watch[site.node].add(site.dim)
     recorder = _Recorder(gm, watch)
-    training = gm.training
-    gm.eval()
-    try:
+    with eval_flags(gm):
         for batch in evaluator.batches(num_batches):
             recorder.run(*evaluator.inputs(batch))
-    finally:
-        gm.train(training)
     return recorder
 
 
@@ -213,19 +229,17 @@ def _rows(tensor: torch.Tensor, dim: int, positions: np.ndarray) -> torch.Tensor
 
 def each_gradient(gm: fx.GraphModule, evaluator: Evaluator, num_batches: int):
     """Yield after each calibration batch's ``backward`` (eval mode; gradients are cleared afterwards)."""
-    training = gm.training
-    gm.eval()
     params = [p for p in gm.parameters() if p.requires_grad]
     try:
-        for batch in evaluator.batches(num_batches):
-            for p in params:
-                p.grad = None
-            evaluator.loss(gm, batch).backward()
-            yield
+        with eval_flags(gm):
+            for batch in evaluator.batches(num_batches):
+                for p in params:
+                    p.grad = None
+                evaluator.loss(gm, batch).backward()
+                yield
     finally:
         for p in params:
             p.grad = None
-        gm.train(training)
 
 
 def accumulated_gradients(gm: fx.GraphModule, evaluator: Evaluator, num_batches: int, targets) -> dict:
@@ -247,10 +261,11 @@ class Taylor(GroupAggregation, DataAwarePruner):
     slice of the group (producer rows, consumer columns, norm gammas; biases
     only with ``include_bias``) scores a channel by ``sum |w * g|`` over its
     entries, ``g`` summed over ``num_batches`` batches; slices are combined
-    by ``normalizer`` and ``reduction``. The earlier definition, the square
-    of ``sum(g * w)`` over the whole group, let opposite-signed slices cancel
-    and ranked CREPE's channels 5 points (2x) and 28 points (4x) below
-    Torch-Pruning's per-weight form.
+    by ``normalizer`` and ``reduction`` (raw scale, mean, as for
+    :class:`~fxcompress.prune.L1Norm`). Summing ``|w * g|`` per weight
+    rather than squaring ``sum(g * w)`` over the whole group keeps
+    opposite-signed slices from cancelling; compare with Torch-Pruning's
+    ``GroupTaylorImportance`` in ``python tools/bench_real.py --criteria taylor``.
     """
 
     key = "taylor"

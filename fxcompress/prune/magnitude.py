@@ -140,7 +140,7 @@ def group_norm_scores(
     analysis: ChannelAnalysis,
     group: Group,
     p: int,
-    normalizer: Normalizer = Normalizer.MEAN,
+    normalizer: Normalizer = Normalizer.NONE,
     reduction: Reduction = Reduction.MEAN,
     include_bias: bool = False,
 ) -> np.ndarray:
@@ -149,9 +149,11 @@ def group_norm_scores(
     Every weight slice in the group (producer rows, consumer columns, norm
     gammas) gives the ``p``-norm of each channel's entries; each slice is
     scaled by ``normalizer`` and the slices combined by ``reduction``.
-    Biases are left out by default: on CREPE's pretrained weights a bias's
-    magnitude says little about a channel's use, and averaging it in as an
-    equal slice cost L1 13 points at 2x fewer MACs (86.5 % vs 99.5 %).
+    Biases are left out by default: a bias's magnitude says little about a
+    channel's use. The defaults (no per-slice normaliser, mean over slices,
+    no biases) are those that rank CREPE's pretrained channels best; compare
+    settings with ``python tools/bench_real.py --criteria l1,l2 --normalizer
+    NAME`` (docs/benchmarks.md, "Criteria on real pretrained weights").
     Norms are reductions over the other dims, so no weight is copied.
     """
     per_slice = []
@@ -169,9 +171,17 @@ def group_norm_scores(
 
 @dataclasses.dataclass(frozen=True)
 class GroupAggregation:
-    """The per-slice normaliser and group reduction of a criterion, as pruner fields (overridable)."""
+    """The per-slice normaliser and group reduction of a criterion, as pruner fields (overridable).
 
-    normalizer: Normalizer = Normalizer.MEAN
+    By default slices keep their raw scale (``Normalizer.NONE``) and the
+    group takes their mean: a channel whose weights are large in the layers
+    that matter most is kept. Dividing each slice by its mean first lets a
+    narrow slice (a consumer column, a batch norm's gammas) weigh as much as
+    a wide producer, which ranked CREPE's channels worse; measure with
+    ``python tools/bench_real.py --normalizer mean``.
+    """
+
+    normalizer: Normalizer = Normalizer.NONE
     reduction: Reduction = Reduction.MEAN
     include_bias: bool = False
 
