@@ -17,6 +17,7 @@ def bench(helpers):
     return helpers.load_tool("bench_auto")
 
 
+@pytest.mark.slow  # a shortened bench_auto run (search, iterative search, fine-tunes): a benchmark, opt-in
 def test_short_bench_reports_every_row_at_the_budget(bench, tmp_path):
     out = tmp_path / "auto.json"
     bench.main(["--trials", "4", "--epochs", "1", "--rounds", "2", "--quiet", "--json", str(out)])

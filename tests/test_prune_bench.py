@@ -41,6 +41,7 @@ def test_gradual_epochs_cannot_exceed_the_fine_tuning(bench):
         bench.parse_args(["--gradual-epochs", "4"])
 
 
+@pytest.mark.slow  # two shortened bench_mnist runs: a benchmark, opt-in
 def test_a_row_does_not_depend_on_the_rows_before_it(bench, tmp_path):
     alone, after = tmp_path / "alone.json", tmp_path / "after.json"
     bench.main(["--criteria", "l1", "--quick", "--json", str(alone)])
