@@ -258,7 +258,7 @@ def same_shape_passthrough(ctx: AnalyzeContext, node: fx.Node, source) -> Channe
     aten.abs.default, aten.erf.default, aten.sqrt.default, aten.square.default,
     aten.feature_dropout.default, aten.alpha_dropout.default, aten.lift_fresh_copy.default,
     aten.fill.Scalar, aten.fill.Tensor, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero.default, aten.zero_.default,
-    torch.abs, ".abs", torch.erf, ".erf", torch.sqrt, ".sqrt", torch.square, ".square", F.softplus,
+    torch.abs, ".abs", torch.erf, ".erf", torch.sqrt, ".sqrt", torch.square, ".square", F.softplus, operator.pow,
 )
 def channelwise(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``y[..., c, ...] = f(x[..., c, ...])``: output channel ``c`` is input channel ``c``.
@@ -365,6 +365,16 @@ def clamp(ctx: AnalyzeContext, node: fx.Node) -> Channels:
 def expand_as(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``x.expand_as(other)`` takes ``other``'s shape: broadcast and coupled with it, like ``x + 0 * other``."""
     return broadcast_into(ctx, ctx.shape(node), list(node.args[:2]), ctx.where(node))
+
+
+@RULES.register(torch.unbind, ".unbind", aten.unbind.int)
+def unbind(ctx: AnalyzeContext, node: fx.Node) -> Multi:
+    """``unbind(x, dim)`` (``q, k, v = qkv.unbind(0)``): ``dim`` is frozen and dropped; each piece keeps the rest."""
+    channels = ctx.tensor_channels(node.args[0])
+    dim = norm_dim(arg(node, 1, "dim", 0), len(channels))
+    ctx.space.freeze(channels[dim], f"unbound by {ctx.where(node)}")
+    rest = tuple(channels[:dim] + channels[dim + 1:])
+    return Multi([rest] * len(channels[dim]))
 
 
 @RULES.register(F.normalize)
@@ -947,7 +957,8 @@ def _shrink_conv_function(ctx: ShrinkContext, node: fx.Node) -> None:
         node.kwargs = {**node.kwargs, "groups": new_groups}
 
 
-@RULES.register(F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+@RULES.register(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, aten.conv1d.default,
+                aten.conv2d.default, aten.conv3d.default,
                 shrink=_shrink_conv_function)
 def conv_function(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``conv(x, w, b, stride, padding, dilation, groups)`` with parameter arguments, as ``nn.Conv2d``."""
@@ -1213,6 +1224,8 @@ def patch_merging_pad(ctx: AnalyzeContext, node: fx.Node) -> Channels:
 def _padded_dims(node: fx.Node, ndim: int) -> list[int]:
     """Dims a pad list ``(left_last, right_last, left_second_last, ...)`` touches with a non-zero width."""
     pad = arg(node, 1, "pad")
+    if isinstance(pad, (tuple, list)):  # widths computed in the graph (a window's remainder) by their value
+        pad = [p.meta.get(meta.VALUE) if isinstance(p, fx.Node) else p for p in pad]
     if not isinstance(pad, (tuple, list)) or not all(isinstance(p, int) for p in pad):
         raise Opaque("pad widths computed in the graph")
     return [ndim - 1 - k for k in range(len(pad) // 2) if pad[2 * k] or pad[2 * k + 1]]
