@@ -396,6 +396,10 @@ def _analyze_node(ctx: AnalyzeContext, node: fx.Node, opaque: dict[str, list[str
             return rule.analyze(ctx, node)
         except Opaque as why:
             reason = f"{describe_node(ctx.gm, node)}: {why}"
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            # a call the rule did not foresee (argument kinds, shapes): what it coupled so far only constrains
+            # more, and freezing everything the node touches keeps the model correct; the warning names it
+            reason = f"{describe_node(ctx.gm, node)}: its rule failed ({type(exc).__name__}: {exc}); please report"
     else:
         reason = f"{describe_node(ctx.gm, node)} has no channel rule"
     opaque[_op_name(ctx, node)].append(node.name)

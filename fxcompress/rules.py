@@ -910,8 +910,10 @@ def _param_channels(ctx: AnalyzeContext, node: fx.Node, index: int, name: str, r
         raise Opaque(f"{name} is computed in the graph, not a parameter")
     channels = ctx.tensor_channels(weight)
     owner, _, attr = weight.target.rpartition(".")
+    # a buffer (a fixed blur filter) is sliced but never masked: only parameters carry masks
+    maskable = isinstance(getattr(ctx.gm.get_submodule(owner), attr, None), nn.Parameter)
     for dim, role in roles.items():
-        ctx.space.add_slice(owner, attr, dim, channels[dim], role)
+        ctx.space.add_slice(owner, attr, dim, channels[dim], role, maskable=maskable)
     return channels
 
 
@@ -1328,9 +1330,9 @@ def _reads_shrunk_size(ctx: ShrinkContext, size: fx.Node) -> bool:
         queried = _queried_dim(node)
         if queried is not None:
             tensor, dim = queried
-            channels = tensor.meta.get(meta.CHANNELS)
-            if channels is None or isinstance(channels, Multi):
-                return True
+            channels = tensor.meta.get(meta.CHANNELS) if isinstance(tensor, fx.Node) else None
+            if channels is None or isinstance(channels, Multi) or not isinstance(dim, int):
+                return True  # x.shape[1:3] and the like: assume it reads a dim that shrinks
             ids = channels[norm_dim(dim, len(channels))]
             if ctx.new_size(ids) != len(ids):
                 return True

@@ -354,3 +354,36 @@ def test_opaque_op_freezes_its_neighbours_and_warns(helpers):
     assert matches(found, [INPUT_FROZEN, OUTPUT_FROZEN, (8, None), (8, "no channel rule"), (8, "no channel rule")])
     masked, shrunk = shrink_and_check(model, x, helpers)
     assert (shrunk.head.out_channels, shrunk.mid.out_channels, shrunk.tail.in_channels) == (4, 8, 8)
+
+
+def test_a_rule_that_fails_on_an_unforeseen_call_makes_the_node_opaque_not_the_compile_fail(helpers, monkeypatch):
+    from fxcompress.rules import RULES, OpRule
+
+    def broken(ctx, node):
+        raise ValueError("cannot couple (8,) ids with (1,) ids")
+
+    monkeypatch.setitem(RULES._rules, nn.ReLU, OpRule(broken))
+    model, x = Wrap(nn.ReLU(), conv_tail()).eval(), torch.randn(IMAGE)
+    with pytest.warns(OpaqueOpWarning, match=r"ReLU \(nodes op\)"):
+        analysis = analyze(fxcompress.trace(model, x, frontend="fx"))
+    assert not analysis.prunable_groups()  # the channels through the ReLU are frozen, the model stays correct
+    assert any("its rule failed (ValueError: cannot couple" in (g.frozen_reason or "") for g in analysis.groups)
+    shrink_and_check(model, x, helpers)
+
+
+class BlurBuffer(nn.Module):
+    """A fixed depthwise blur held in a buffer (timm's anti-aliased downsampling): sliced, never masked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head, self.tail = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.register_buffer("filt", torch.ones(8, 1, 3, 3) / 9)
+
+    def forward(self, x):
+        return self.tail(F.conv2d(self.head(x), self.filt, padding=1, groups=8))
+
+
+def test_a_filter_buffer_is_not_masked_like_a_parameter(helpers):
+    model = BlurBuffer().eval()
+    masked, shrunk = shrink_and_check(model, torch.randn(IMAGE), helpers)
+    assert "filt_mask" not in dict(masked.named_buffers())
