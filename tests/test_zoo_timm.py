@@ -35,7 +35,6 @@ def test_resnet10t_row_is_equivalent_and_pruned():
     assert 0 <= row["frozen_share"] < 0.5
 
 
-@pytest.mark.slow
 def test_efficientnet_b0_and_small_vit_rows_are_equivalent():
     for name, size in (("efficientnet_b0", 64), ("vit_tiny_patch16_224", 32)):
         row = zoo_timm.row(zoo_timm.spec(name, size=size))
@@ -68,6 +67,14 @@ def test_peer_tp_row_has_both_times():
     assert summary["both_handled"] == 1
     assert summary["both_time_ratio_fx_over_tp"] == pytest.approx(row["compile_s"] / row["tp_s"])
     assert "TP s" in zoo_timm.format_table([row], peer=True)
+
+
+@pytest.mark.slow
+def test_repeat_takes_median_times():
+    pytest.importorskip("torch_pruning")
+    row = zoo_timm.row(zoo_timm.spec("resnet10t", "resnet", size=64), peer="tp", repeat=3)
+    assert len(row["compile_runs"]) == 3 and len(row["tp_runs"]) == 3
+    assert row["compile_s"] == sorted(row["compile_runs"])[1] and row["tp_s"] == sorted(row["tp_runs"])[1]
 
 
 def test_blocker_ranking():

@@ -241,10 +241,15 @@ def freezing_constructs(analysis, top: int = 8) -> list[dict]:
     output pins. Each entry: ``op`` (its spelling: module type, function,
     ``Tensor.method`` or aten overload), ``opaque`` (no channel rule, or the
     rule refused the call), ``channels``, ``share`` (of the candidates'
-    parameter mass) and ``where`` (its first three module paths or nodes).
+    parameter mass), ``where`` (its first three module paths or nodes) and
+    ``reason`` (one freeze reason it made, e.g. why its rule refused the call).
     """
+    reasons: dict[tuple[str, bool], str] = {}
+    for reason, culprit in analysis.culprits.items():
+        reasons.setdefault((culprit.op, culprit.opaque), reason)
     return [
-        {"op": f.op, "opaque": f.opaque, "channels": f.channels, "share": f.share, "where": list(f.where[:3])}
+        {"op": f.op, "opaque": f.opaque, "channels": f.channels, "share": f.share, "where": list(f.where[:3]),
+         "reason": reasons.get((f.op, f.opaque), "")}
         for f in analysis.freezers(analysis.candidates())[:top]
     ]
 
@@ -254,7 +259,13 @@ def _frozen_share(analysis) -> float:
 
 
 def _label(freeze: dict) -> str:
-    return freeze["op"] + (" [no rule]" if freeze["opaque"] else "")
+    """The op, and for an opaque one whether it has no rule or why its rule refused the call."""
+    if not freeze["opaque"]:
+        return freeze["op"]
+    reason = freeze.get("reason", "")
+    if not reason or reason.endswith("has no channel rule"):
+        return freeze["op"] + " [no rule]"
+    return f"{freeze['op']} [refused: {reason.rpartition('): ')[2]}]"
 
 
 # ---------------------------------------------------------------------------- one model, each tool
@@ -354,6 +365,27 @@ class _Probe:
         self.own_s += time.perf_counter() - start
 
 
+def _count_macs(model: torch.nn.Module, x: torch.Tensor, notes: list[str]) -> int:
+    """``fxcompress.report.count_macs``; when it raises, the count on a copy whose parameters need no grad.
+
+    torch's ``FlopCounterMode`` tracks modules with autograd hooks and asserts
+    on a module argument that requires grad without a grad function (timm's
+    CaiT passes ``cls_token.expand(...)``, made under no_grad, to its blocks);
+    the error goes into ``notes`` and the row keeps its figures.
+    """
+    from fxcompress.report import count_macs
+    from fxcompress.trace import copy_model
+
+    try:
+        return count_macs(model, (x,))
+    except Exception as exc:  # noqa: BLE001 - recorded in the row
+        notes.append(f"count_macs: {_error_text(exc)}")
+    frozen = copy_model(model)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return count_macs(frozen, (x,))
+
+
 def _noise_overflows(gm, inputs: tuple) -> bool:
     """Whether the removed-channel noise check's forward is non-finite (the noise grew past float32's range)."""
     from fxcompress.verify import forward, nonfinite_leaf, perturbed_removed_channels
@@ -425,7 +457,7 @@ def run_fxcompress(model: torch.nn.Module, x: torch.Tensor, sparsity: float = 0.
     import fxcompress
     from fxcompress.passes import standard_pruning
     from fxcompress.prune import L1Norm
-    from fxcompress.report import count_macs, count_params, relative_error
+    from fxcompress.report import count_params, relative_error
 
     fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     trace_end, probe = _TraceEnd(), _Probe(fresh)
@@ -448,7 +480,8 @@ def run_fxcompress(model: torch.nn.Module, x: torch.Tensor, sparsity: float = 0.
 
     passes_s = sum(s for _, s in gm.meta.get(meta.PASS_SECONDS, []))
     compile_s = (trace_end.time - start) + passes_s
-    macs_dense, macs_shrunk = count_macs(model, (x,)), count_macs(gm, (x,))
+    notes: list[str] = []
+    macs_dense, macs_shrunk = _count_macs(model, x, notes), _count_macs(gm, x, notes)
     params_dense, params_shrunk = count_params(model), count_params(gm)
     analysis = probe.analysis
     return {
@@ -457,6 +490,7 @@ def run_fxcompress(model: torch.nn.Module, x: torch.Tensor, sparsity: float = 0.
         "verify_s": max(total - compile_s - probe.own_s, 0.0),
         "verify_error": max(verify.errors.values(), default=0.0),
         "noise_overflow": verify.noise_overflow,
+        "notes": notes,
         "fresh_error": relative_error(probe.masked, probe.shrunk),
         "macs_dense": macs_dense,
         "macs_shrunk": macs_shrunk,
@@ -465,6 +499,8 @@ def run_fxcompress(model: torch.nn.Module, x: torch.Tensor, sparsity: float = 0.
         "params_shrunk": params_shrunk,
         "params_ratio": params_dense / max(params_shrunk, 1),
         "frozen_share": _frozen_share(analysis),
+        "prunable_groups": len(analysis.prunable_groups()),
+        "prunable_channels": sum(len(g) for g in analysis.prunable_groups()),
         "opaque": {op: len(nodes) for op, nodes in analysis.opaque_nodes.items()},
         "opaque_warnings": opaque_warnings,
         "freezes": freezing_constructs(analysis),
@@ -520,10 +556,11 @@ def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, sparsity: float =
     changes the output shape.
     """
     import torch_pruning as tp
-    from fxcompress.report import count_macs, count_params
+    from fxcompress.report import count_params
 
     dense_out = _outputs(model, x)
-    macs_dense, params_dense = count_macs(model, (x,)), count_params(model)
+    notes: list[str] = []
+    macs_dense, params_dense = _count_macs(model, x, notes), count_params(model)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -540,11 +577,12 @@ def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, sparsity: float =
         raise RuntimeError(f"pruned model fails to run: {type(exc).__name__}: {exc}") from exc
     if [t.shape for t in out] != [t.shape for t in dense_out]:
         raise RuntimeError(f"pruned model's output shape changed: {[tuple(t.shape) for t in out]}")
-    macs_shrunk, params_shrunk = count_macs(model, (x,)), count_params(model)
+    macs_shrunk, params_shrunk = _count_macs(model, x, notes), count_params(model)
     return {
         "tp_s": tp_s,
         "tp_macs_ratio": macs_dense / max(macs_shrunk, 1),
         "tp_params_ratio": params_dense / max(params_shrunk, 1),
+        "tp_notes": notes,
     }
 
 
@@ -556,15 +594,46 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _top_why(result: dict, top: int = 3) -> str:
-    """The share of prunable parameter mass frozen, then the top freezing ops with their shares."""
+    """The share of prunable parameter mass frozen, the top freezing ops with their shares, and what is left prunable."""
     freezes = result.get("freezes", [])[:top]
     parts = [f"{_label(f)} {f['share']:.0%} ({f['channels']} ch)" for f in freezes]
-    return f"frozen {result.get('frozen_share', 0):.0%}: " + "; ".join(parts) if parts else "nothing frozen"
+    text = f"frozen {result.get('frozen_share', 0):.0%}: " + "; ".join(parts) if parts else "nothing frozen"
+    # channels coupled into a few large components (e.g. GroupNorm(1, C)) are not frozen but barely prunable
+    return text + f"; prunable: {result.get('prunable_channels', 0)} ch in {result.get('prunable_groups', 0)} groups"
+
+
+def _repeat_times(timm_spec: TimmSpec, out: dict, sparsity: float, frontend: str, peer: str | None,
+                  timeout: float | None, max_gb: float | None, tp_first: bool, repeat: int) -> None:
+    """Time each tool that succeeded ``repeat - 1`` more times (fresh model each, alternating which goes first)
+    and replace ``compile_s`` / ``verify_s`` / ``tp_s`` by the medians; the runs' times go in ``*_runs``."""
+    runs = {key: [out[key]] for key in ("compile_s", "verify_s", "tp_s") if key in out}
+    tools = [t for t in (["fxcompress"] + (["tp"] if peer == "tp" else [])) if ("compile_s" if t == "fxcompress" else "tp_s") in out]
+    for k in range(1, repeat):
+        for tool in (tools[::-1] if tp_first ^ (k % 2 == 1) else tools):
+            try:
+                with _limits(timeout, max_gb):
+                    model, x = build(timm_spec)
+                    result = run_fxcompress(model, x, sparsity, frontend) if tool == "fxcompress" else \
+                        run_torch_pruning(model, x, sparsity)
+                for key in runs:
+                    if key in result:
+                        runs[key].append(result[key])
+            except (Exception, ModelTimeout):  # noqa: BLE001 - a repeat that fails leaves the first run's figures
+                pass
+            finally:
+                model = x = None
+                gc.collect()
+    for key, values in runs.items():
+        out[key] = statistics.median(values)
+        out[key.removesuffix("_s") + "_runs"] = values
 
 
 def row(timm_spec: TimmSpec, sparsity: float = 0.5, frontend: str = "auto", peer: str | None = None,
-        timeout: float | None = None, tp_first: bool = False, max_gb: float | None = None) -> dict:
-    """One table row; a failure (of either tool) becomes fields of the row with its error, never an exception."""
+        timeout: float | None = None, tp_first: bool = False, max_gb: float | None = None, repeat: int = 1) -> dict:
+    """One table row; a failure (of either tool) becomes fields of the row with its error, never an exception.
+
+    With ``repeat > 1`` the times are medians over that many runs of each tool.
+    """
     out = {"model": timm_spec.name, "module": timm_spec.module, "input": "x".join(map(str, timm_spec.size))}
     tools = ["fxcompress"] + (["tp"] if peer == "tp" else [])
     if tp_first:
@@ -589,6 +658,8 @@ def row(timm_spec: TimmSpec, sparsity: float = 0.5, frontend: str = "auto", peer
         finally:
             model = x = None
             gc.collect()
+    if repeat > 1:
+        _repeat_times(timm_spec, out, sparsity, frontend, peer, timeout, max_gb, tp_first, repeat)
     if "error" in out:
         out["status"] = "VERIFY" if out.get("verification_failed") else "FAIL"
     elif out["fresh_error"] > TOLERANCE:
@@ -615,7 +686,7 @@ def _warm_up(peer: str | None) -> None:
 
 
 def sweep(specs: list[TimmSpec], sparsity: float = 0.5, frontend: str = "auto", peer: str | None = None,
-          timeout: float | None = None, max_gb: float | None = None, progress: bool = True,
+          timeout: float | None = None, max_gb: float | None = None, repeat: int = 1, progress: bool = True,
           on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Every spec, one model alive at a time; with a peer, the tool that goes first alternates from model to model."""
     with warnings.catch_warnings():
@@ -624,7 +695,7 @@ def sweep(specs: list[TimmSpec], sparsity: float = 0.5, frontend: str = "auto", 
     rows = []
     for i, timm_spec in enumerate(specs, 1):
         start = time.perf_counter()
-        r = row(timm_spec, sparsity, frontend, peer, timeout, tp_first=i % 2 == 0, max_gb=max_gb)
+        r = row(timm_spec, sparsity, frontend, peer, timeout, tp_first=i % 2 == 0, max_gb=max_gb, repeat=repeat)
         rows.append(r)
         if on_row is not None:
             on_row(rows)
@@ -775,6 +846,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="seconds per model and tool (SIGALRM); a model past it is a FAIL row")
     parser.add_argument("--max-gb", type=float,
                         help="resident memory (GB) past which a model is stopped and becomes a FAIL row (Linux)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="time each tool this many times per model (fresh model, alternating order); medians")
     parser.add_argument("--json", metavar="PATH", help="also write rows, summary and blocker ranking as JSON")
     return parser.parse_args(argv)
 
@@ -813,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = _specs(args)
     header = {"command": " ".join(["python", "tools/zoo_timm.py", *(argv if argv is not None else sys.argv[1:])]),
               "commit": _commit(), "timm": _timm().__version__, "torch": torch.__version__,
-              "sparsity": args.sparsity, "threads": args.threads, "frontend": args.frontend, "peer": args.peer}
+              "sparsity": args.sparsity, "threads": args.threads, "repeat": args.repeat, "frontend": args.frontend, "peer": args.peer}
 
     def write(rows: list[dict]) -> None:
         if args.json:
@@ -821,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(data, f, indent=1)
 
-    rows = sweep(specs, args.sparsity, args.frontend, args.peer, args.timeout, args.max_gb, on_row=write)
+    rows = sweep(specs, args.sparsity, args.frontend, args.peer, args.timeout, args.max_gb, args.repeat, on_row=write)
     summary = summarize(rows)
     print(format_table(rows, peer=args.peer == "tp"))
     print()
