@@ -216,7 +216,7 @@ def test_verify_refuses_a_channel_count_used_as_a_number():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(VerificationError, match=r"pass 'shrink' changed output 0 by 2\.\d\de-01 relative to its scale"):
+        with pytest.raises(VerificationError, match=r"pass 'shrink' changed output 0 by \d\.\d\de-01 relative to its scale"):
             fxcompress.compile(SizeAsNumber().eval(), torch.randn(4, 8), standard_pruning(L1Norm(0.5)))
 
 
