@@ -201,4 +201,8 @@ def test_head_importance_criteria_prune_whole_heads(criterion):
               else P.make_pruner(criterion, sparsity=0.5, evaluator=evaluator))
     small, error = _compile_checked(model, x, pruner)
     assert error <= 1e-4
-    assert small.k.out_features == 8 and small.q.out_features == 32  # one of two KV heads, with its 4 query heads
+    # whole KV groups only: each kept KV head (8 wide) keeps its 4 query heads. Local criteria drop one of the
+    # two; a global ranking competes with the residual width and the FFN and may keep both
+    assert small.k.out_features in (8, 16) and small.q.out_features == 4 * small.k.out_features
+    if criterion != "l1-global":
+        assert small.k.out_features == 8
