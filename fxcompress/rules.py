@@ -1494,6 +1494,17 @@ def reshape(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     return tuple(out)
 
 
+@RULES.register(".reshape_as", ".view_as", aten.view_as.default, aten.reshape_as.default)
+def reshape_as(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``x.reshape_as(other)`` (timm LeViT: ``bn(x.flatten(0, 1)).reshape_as(x)``): a reshape whose
+    sizes are read from ``other`` at run time, so each output dim is coupled with ``other``'s —
+    after shrinking the two must agree, and nothing needs rewriting."""
+    out = reshape(ctx, node)
+    for mine, theirs in zip(out, ctx.tensor_channels(node.args[1])):
+        ctx.space.couple(mine, theirs)
+    return out
+
+
 @RULES.register(".expand", aten.expand.default, shrink=_shrink_shape_args)
 def expand(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``expand``: new and size-1 dims that grow are frozen; the others pass through."""

@@ -256,6 +256,10 @@ CASES: dict[str, Case] = {
                              ([INPUT_FROZEN, OUTPUT_FROZEN, (8, None)])),
     "reshape-into-conv1d": Case(lambda: Wrap(lambda x: x.reshape(2, 8, 16), nn.Conv1d(8, 4, 1)),
                                 ([INPUT_FROZEN, OUTPUT_FROZEN, (8, None)])),
+    # LeViT's batch norm over tokens: the sizes come from x at run time, so they follow the shrink
+    "reshape-as": Case(lambda: Wrap(lambda x: F.relu(x.flatten(0, 1)).reshape_as(x).permute(0, 2, 3, 1),
+                                    nn.Linear(8, 4)),
+                       ([INPUT_FROZEN, OUTPUT_FROZEN, (8, None)])),
     "permute": Case(lambda: Wrap(lambda x: x.permute(0, 2, 3, 1), nn.Linear(8, 4)),
                     ([INPUT_FROZEN, OUTPUT_FROZEN, (8, None)])),
     "transpose": Case(lambda: Wrap(lambda x: x.transpose(1, 3), nn.Linear(8, 4)),
