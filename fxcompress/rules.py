@@ -401,8 +401,11 @@ def roll(ctx: AnalyzeContext, node: fx.Node) -> Channels:
 def index_tensor(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     """``x[i, j]`` with index tensors (relative position tables): indexed dims are frozen and replaced by the
     indices' (frozen) dims; dims before and after pass through."""
-    channels = ctx.tensor_channels(node.args[0])
-    indices = list(node.args[1])
+    return _index_with_tensors(ctx, node, ctx.tensor_channels(node.args[0]), list(node.args[1]))
+
+
+def _index_with_tensors(ctx: AnalyzeContext, node: fx.Node, channels: Channels, indices: list) -> Channels:
+    """``x[..., i, j, ...]``, ``indices`` holding an index tensor per indexed dim and None elsewhere."""
     used = [k for k, i in enumerate(indices) if i is not None]
     if not used or used != list(range(used[0], used[-1] + 1)):
         raise Opaque("index tensors that are not adjacent")
@@ -1013,9 +1016,10 @@ def attention(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     for d in range(len(q) - 2):
         ctx.space.couple(q[d], k[d])
         ctx.space.couple(q[d], v[d])
-    mask = ctx.channels(arg(node, 3, "attn_mask"))
-    if mask is not None:
-        ctx.freeze_all(mask, f"attention mask of {where}")
+    mask = arg(node, 3, "attn_mask")
+    if mask is not None:  # added to the scores [.., H, L, S]: a per-head bias (timm MaxViT) shrinks with the heads
+        scores = (*q[:-1], k[-2])
+        broadcast_channels(ctx, tuple(len(ids) for ids in scores), [scores, ctx.tensor_channels(mask)], where)
     return tuple(q[:-1]) + (v[-1],)
 
 
@@ -1681,8 +1685,17 @@ def getitem(ctx: AnalyzeContext, node: fx.Node):
             out.append(channels[d][_resolve_slice(item)])
             d += 1
         else:
-            raise Opaque("advanced indexing")
+            return _getitem_with_tensors(ctx, node, channels, items)
     return tuple(out) + tuple(channels[d:])
+
+
+def _getitem_with_tensors(ctx: AnalyzeContext, node: fx.Node, channels: Channels, items: list) -> Channels:
+    """``table[index]`` (timm's relative position bias tables): index tensors at some dims, whole dims at the
+    others, as ``aten.index`` takes them."""
+    if len(items) > len(channels) or not all(isinstance(item, fx.Node) or item == slice(None) for item in items):
+        raise Opaque("advanced indexing other than index tensors and whole dims")
+    indices = [item if isinstance(item, fx.Node) else None for item in items]
+    return _index_with_tensors(ctx, node, channels, indices + [None] * (len(channels) - len(items)))
 
 
 def _shrink_slice(ctx: ShrinkContext, node: fx.Node) -> None:

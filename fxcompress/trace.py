@@ -25,6 +25,7 @@ reports, ONNX) see one tuple of positional arguments in ``forward()``'s order:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import inspect
@@ -318,19 +319,26 @@ class _ShapeProp(fx.Interpreter):
 def inference_mode(gm: nn.Module):
     """Eval mode and no grad for the duration, then every module's mode restored.
 
-    Sets the ``training`` flags directly: exported modules refuse ``.eval()``
-    (their mode was fixed at export time, so the flags change nothing there).
+    Sets the ``training`` flags directly. An exported graph keeps the mode it
+    was captured in whatever the flags say, and says nothing about it here
+    (see :class:`_CapturedMode`).
     """
     modules = list(gm.modules())
     was_training = [m.training for m in modules]
     for m in modules:
         m.training = False
+    token = _MEASURING.set(True)
     try:
         with torch.no_grad():
             yield
     finally:
+        _MEASURING.reset(token)
         for m, flag in zip(modules, was_training):
             m.training = flag
+
+
+#: Set while fxcompress itself runs a model under :func:`inference_mode` (measuring or verifying it).
+_MEASURING = contextvars.ContextVar("fxcompress_measuring", default=False)
 
 
 def _is_python_scalar(value) -> bool:
@@ -669,6 +677,23 @@ def accept_keywords(gm: nn.Module, forward=None, count: int | None = None) -> nn
     return gm
 
 
+@dataclasses.dataclass
+class _CapturedMode:
+    """Forward pre-hook of an exported graph: warns once when it runs in the other train/eval mode than the one
+    it was captured in, since its dropout and batch norm ops keep the captured behaviour."""
+
+    training: bool
+    warned: bool = False
+
+    def __call__(self, module, args):
+        if module.training != self.training and not self.warned and not _MEASURING.get():
+            self.warned = True
+            captured, now = ("train", "eval") if self.training else ("eval", "train")
+            _warn(f"this graph was captured by torch.export in {captured} mode and now runs in {now} mode: its "
+                  f"dropout and batch norm keep {captured}-mode behaviour. Compile the model in {now} mode "
+                  f"(model.{now}()) to get {now}-mode behaviour.")
+
+
 def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """The frontend's ``torch.export``: :func:`export_program`'s unlifted ``GraphModule`` (parameters become
     ``get_attr`` nodes), called as the model is (:func:`accept_keywords`).
@@ -676,10 +701,16 @@ def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     The exported graph is captured in the mode the model is in: dropout and
     batch norm keep that train/eval behaviour whatever ``.train()``/``.eval()``
     says later, so export in eval mode for inference and in train mode for
-    fine-tuning.
+    fine-tuning. ``.train()``/``.eval()`` work as on any module (torch's
+    unlifted module refuses them), and running in the other mode warns once.
     """
     program = export_program(model, example_inputs)
-    return accept_keywords(program.module(), model, len(example_inputs))
+    gm = program.module()
+    for refusing in ("train", "eval"):  # torch binds methods that raise NotImplementedError
+        gm.__dict__.pop(refusing, None)
+    gm.train(model.training)
+    gm.register_forward_pre_hook(_CapturedMode(model.training))
+    return accept_keywords(gm, model, len(example_inputs))
 
 
 def _tensors(args) -> list[torch.Tensor]:

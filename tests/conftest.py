@@ -44,12 +44,13 @@ def masked_pipeline(pruner) -> list:
     return [InsertMasks(pruner), AnalyzeGroups(), PropagateChannels()]
 
 
-def compile_pair(model: nn.Module, inputs, pruner, verify: bool = True) -> tuple[fx.GraphModule, fx.GraphModule]:
+def compile_pair(model: nn.Module, inputs, pruner, verify: bool = True,
+                 frontend: str = "auto") -> tuple[fx.GraphModule, fx.GraphModule]:
     """``(masked, shrunk)`` compiled from the same model with the same pruner, warnings silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        masked = fxcompress.compile(model, inputs, masked_pipeline(pruner), verify=verify)
-        shrunk = fxcompress.compile(model, inputs, standard_pruning(pruner), verify=verify)
+        masked = fxcompress.compile(model, inputs, masked_pipeline(pruner), verify=verify, frontend=frontend)
+        shrunk = fxcompress.compile(model, inputs, standard_pruning(pruner), verify=verify, frontend=frontend)
     return masked.eval(), shrunk.eval()
 
 

@@ -118,3 +118,22 @@ def test_in_place_aten_ops_share_their_functional_rule():
     functional = gm.graph.call_function(aten.relu.default, relu.args)
     assert RULES.lookup(gm, relu) is RULES.lookup(gm, functional)
     gm.graph.erase_node(functional)
+
+
+def test_an_exported_graph_switches_mode_like_a_module_and_warns_when_it_cannot_follow():
+    """torch's unlifted module refuses .train()/.eval(); the compiled one accepts them and says, once, that
+    dropout keeps the captured behaviour."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).eval()
+    x = torch.randn(2, 4)
+    compiled = fxcompress.compile(model, x, [], frontend="export")
+    assert compiled.eval() is compiled and not compiled.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(x)
+    compiled.train()
+    with pytest.warns(UserWarning, match="captured by torch.export in eval mode"):
+        out = compiled(x)
+    torch.testing.assert_close(out, model(x))  # dropout stays off, as captured
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(x)  # once

@@ -391,3 +391,36 @@ def test_a_filter_buffer_is_not_masked_like_a_parameter(helpers):
     model = BlurBuffer().eval()
     masked, shrunk = shrink_and_check(model, torch.randn(IMAGE), helpers)
     assert "filt_mask" not in dict(masked.named_buffers())
+
+
+class RelativePositionAttention(nn.Module):
+    """timm's windowed attention in miniature: a per-head bias read from a table by an index buffer
+    (``table[index]``) and handed to SDPA as its additive mask, so heads prune through both."""
+
+    def __init__(self, heads: int = 4, head_dim: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(8, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, 8)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
+        position = torch.arange(tokens)
+        self.register_buffer("index", (position[:, None] - position[None, :] + tokens - 1).flatten())
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index].reshape(tokens, tokens, self.heads).permute(2, 0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_heads_prune_through_a_bias_table_and_the_attention_mask(frontend, helpers):
+    model, x = RelativePositionAttention().eval(), torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OpaqueOpWarning)
+        analyze(fxcompress.trace(model, x, frontend=frontend))
+    masked, shrunk = helpers.compile_pair(model, x, L1Norm(0.5), verify=False, frontend=frontend)
+    helpers.outputs_agree(masked, shrunk, (torch.randn_like(x),), rtol=1e-4)
+    table = next(p for name, p in shrunk.named_parameters() if name.endswith("table"))
+    assert table.shape[1] == 2, "the bias table keeps one column per kept head"
