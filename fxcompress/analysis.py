@@ -173,9 +173,10 @@ class Coverage:
         so this is "more than half of the candidate channels are frozen", and
         it also catches pruners whose masks remove fewer channels than they
         asked for. A pruner that does not state a sparsity (a target, per-group
-        sparsities, unstructured masks) is never low coverage.
+        sparsities, unstructured masks) is never low coverage, nor is a request
+        for less than one channel (it rounds to none).
         """
-        if not self.requested or self.channels == 0:
+        if not self.requested or self.requested * self.channels < 1:
             return False
         return self.removed < LOW_COVERAGE * self.requested
 

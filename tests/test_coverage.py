@@ -174,3 +174,12 @@ def test_threshold_is_half_the_requested_share(removed, low):
     assert "LayerNorm (in norm) froze 50 channels (50%)" in coverage.message()
     assert not Coverage(requested=None, removed=0, frozen=1, channels=100, freezers=()).low
     assert not Coverage(requested=0.5, removed=0, frozen=0, channels=0, freezers=()).low
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.001])
+def test_a_request_for_less_than_one_channel_is_not_low_coverage(sparsity):
+    """Pruning 0.1% of 16 channels rounds to none: nothing froze them, so nothing is blamed."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LowCoverageWarning)
+        fxcompress.compile(model, torch.randn(IMAGE), standard_pruning(L1Norm(sparsity)), verify=False, strict=True)
