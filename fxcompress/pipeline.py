@@ -214,8 +214,9 @@ class VerifyOutputs:
         try:
             return forward(gm, self.example_inputs)
         except (RuntimeError, IndexError, ValueError) as exc:
+            where = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ())[-1:])  # the failing graph line
             raise VerificationError(
-                f"after pass '{previous.name}' the model fails on example_inputs: {type(exc).__name__}: {exc}"
+                f"after pass '{previous.name}' the model fails on example_inputs: {type(exc).__name__}: {exc}{where}"
             ) from exc
 
     def check_checkable(self, gm: fx.GraphModule, outputs) -> None:

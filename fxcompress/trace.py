@@ -29,6 +29,7 @@ import contextvars
 import copy
 import dataclasses
 import inspect
+import io
 import logging
 import os
 import sys
@@ -336,6 +337,33 @@ def inference_mode(gm: nn.Module):
         for m, flag in zip(modules, was_training):
             m.training = flag
 
+
+@contextlib.contextmanager
+def fx_errors_as_notes():
+    """Run graphs without torch.fx printing a traceback to stderr when one fails.
+
+    ``GraphModule.__call__`` prints the failing line of its generated code to
+    stderr before re-raising; fxcompress catches such failures and reports them
+    in its own errors, so here the print is held back: on failure it becomes a
+    note on the exception (``exc.__notes__``), on success anything else written
+    to stderr is passed on.
+    """
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except Exception as exc:
+        text = held.getvalue()
+        start = text.rfind(_FX_CALL_CONTEXT)  # torch's own traceback above it says what the exception says
+        if text.strip():
+            exc.add_note(text[max(start, 0):].strip())
+        raise
+    else:
+        if held.getvalue():
+            sys.stderr.write(held.getvalue())
+
+
+_FX_CALL_CONTEXT = "Call using an FX-traced Module"
 
 #: Set while fxcompress itself runs a model under :func:`inference_mode` (measuring or verifying it).
 _MEASURING = contextvars.ContextVar("fxcompress_measuring", default=False)

@@ -254,3 +254,28 @@ def test_a_fake_quantized_model_is_not_mistaken_for_weight_norm():
     qat = fxcompress.compile(model, x, [InsertObservers(QConfig()), Calibrate([x]), FakeQuantize()])
     folded = fxcompress.compile(qat.eval(), x, [FoldQDQ()])
     assert folded(x).shape == (2, 4, 4, 4)
+
+
+class LiteralView(nn.Module):
+    """``x.view(n, 8, 16)``: a size literal the shrink must rewrite to the kept channel count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Conv1d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x).view(x.shape[0], 8, 16))
+
+
+def test_a_shrunk_graph_that_fails_to_run_is_one_error_naming_its_line_and_prints_nothing(monkeypatch, capfd):
+    """With the view's size rewrite broken the shrunk model cannot run: torch.fx would print a traceback
+    of its generated code to stderr; verification turns that into the failing line in its own error."""
+    import dataclasses
+
+    from fxcompress.rules import RULES
+
+    monkeypatch.setitem(RULES._rules, ".view", dataclasses.replace(RULES._rules[".view"], shrink=None))
+    with pytest.raises(VerificationError, match=r"after pass 'shrink' the model fails on example_inputs") as caught:
+        fxcompress.compile(LiteralView().eval(), torch.randn(1, 3, 4, 4), standard_pruning(L1Norm(0.5)))
+    assert "line" in str(caught.value) and "view(" in str(caught.value)  # the graph line that failed
+    assert capfd.readouterr().err == ""
