@@ -136,8 +136,13 @@ Hook = Callable[[Any, fx.GraphModule, Any], None]
 
 
 def _nonfinite_parameter(gm: fx.GraphModule) -> str | None:
-    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+    """The first parameter holding nan or inf, or buffer holding nan. A buffer may hold ±inf on purpose:
+    clamp bounds (timm's Gemma 4 ``input_min = -inf``), additive attention masks."""
+    for name, t in gm.named_parameters():
         if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            return name
+    for name, t in gm.named_buffers():
+        if t.is_floating_point() and t.device.type != "meta" and t.isnan().any():
             return name
     return None
 
@@ -223,7 +228,7 @@ class VerifyOutputs:
         """Name the cause when the model itself makes verification meaningless."""
         bad = _nonfinite_parameter(gm)
         if bad is not None:
-            raise VerificationError(f"the model's {bad!r} holds nan or inf values; fix the weights before compressing")
+            raise VerificationError(f"the model's {bad!r} holds nan or inf values; fix it before compressing")
         leaf = nonfinite_leaf(outputs)
         if leaf is not None:
             raise VerificationError(

@@ -115,6 +115,28 @@ def test_verify_nonfinite_weights_named():
         fxcompress.compile(model, torch.randn(2, 4), standard_pruning(L1Norm(0.5)))
 
 
+class ClampedLinear(nn.Module):
+    """timm's Gemma 4 ``ClippableLinear``: infinite clamp bounds in buffers mean "no clipping"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("input_min", torch.tensor(float("-inf")))
+        self.register_buffer("input_max", torch.tensor(float("inf")))
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.clamp(self.input_min, self.input_max))))
+
+
+def test_infinite_buffers_are_bounds_not_broken_weights():
+    small = fxcompress.compile(ClampedLinear().eval(), torch.randn(2, 4), standard_pruning(L1Norm(0.5)))
+    assert small.fc1.out_features == 4
+    broken = ClampedLinear().eval()
+    broken.input_max.fill_(float("nan"))
+    with pytest.raises(VerificationError, match=r"the model's 'input_max' holds nan or inf values"):
+        fxcompress.compile(broken, torch.randn(2, 4), standard_pruning(L1Norm(0.5)))
+
+
 class Pow(nn.Module):
     def forward(self, x):
         return x.pow(-0.5)
