@@ -5,7 +5,7 @@ the ``weight_mask`` buffer, recomputed before every forward), so a masked
 ``GraphModule`` can be fine-tuned with masked weights held at zero and saved
 with ``torch.save``.
 
-Structured masks are outer products of one 0/1 keep-vector per dim. The masks
+Structured masks are bool outer products of one keep-vector per dim. The masks
 built here remember those vectors (:func:`mask_factors`), so the questions the
 passes ask of a mask (is it all ones, which channels are alive, is a slice
 already zero) cost a look at the vectors instead of a pass over a tensor as
@@ -28,7 +28,7 @@ from fxcompress.channels import Role
 
 __all__ = [
     "current_masks", "apply_masks", "channel_masks", "kept_components", "split_target", "mask_factors",
-    "ones_where_kept",
+    "ones_where_kept", "masked",
 ]
 
 #: id(mask) -> (mask._version when recorded, {dim: bool keep-vector}); entries leave with their tensor.
@@ -123,14 +123,31 @@ def _combine(module: nn.Module, name: str, existing: torch.Tensor, mask: torch.T
         factors = {d: old.get(d, True) & new.get(d, True) for d in old.keys() | new.keys()}
         if factors.keys() == old.keys() and all(np.array_equal(factors[d], old[d]) for d in old):
             return False  # with every factor nonzero somewhere, the product changes iff a factor does
-    combined = existing * mask.to(existing.dtype)
+    combined = existing * mask
     if factors is None and torch.equal(combined, existing):
         return False
     existing.copy_(combined)
     if factors is not None:
         _record_factors(existing, factors)
-    setattr(module, name, getattr(module, name + "_orig") * existing)
+    setattr(module, name, masked(getattr(module, name + "_orig"), existing))
     return True
+
+
+def masked(orig: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``orig * mask``, the masked tensor, in one allocation of ``orig``'s size.
+
+    A bool mask goes through ``torch.where``: multiplying by it would first
+    copy it to ``orig``'s dtype, a temporary as large as the weight.
+    """
+    return torch.where(mask, orig, 0) if mask.dtype == torch.bool else orig * mask
+
+
+class _MaskedTensor(torch_prune.CustomFromMask):
+    """``CustomFromMask``'s forward pre-hook, computing the masked tensor with :func:`masked` (torch's
+    ``apply_mask`` copies the mask to the weight's dtype first)."""
+
+    def apply_mask(self, module: nn.Module) -> torch.Tensor:
+        return masked(getattr(module, self._tensor_name + "_orig"), getattr(module, self._tensor_name + "_mask"))
 
 
 def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
@@ -141,10 +158,12 @@ def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     the same ``CustomFromMask`` hook, so ``prune.remove`` and friends keep working.
     """
     factors = mask_factors(mask)
-    mask = mask.to(dtype=getattr(module, name).dtype).contiguous()
+    if mask.dtype != torch.bool:  # a bool mask is a quarter of a float one; ``orig * mask`` reads either
+        mask = mask.to(dtype=getattr(module, name).dtype)
+    mask = mask.contiguous()
     if factors is not None:
         _record_factors(mask, factors)
-    method = torch_prune.CustomFromMask(mask)
+    method = _MaskedTensor(mask)
     method._tensor_name = name
     orig = module._parameters.pop(name)
     module.register_parameter(name + "_orig", orig)
@@ -199,17 +218,17 @@ def _removed_positions(analysis: ChannelAnalysis, removed: np.ndarray) -> dict[s
 
 
 def _outer_mask(shape: torch.Size, dead_by_dim: dict[int, np.ndarray]) -> torch.Tensor:
-    """A 0/1 mask of ``shape`` that zeroes the given positions of each dim, built in one pass.
+    """A bool mask of ``shape`` that zeroes the given positions of each dim, built in one pass.
 
     It is the product of one keep-vector per dim, broadcast to the full shape.
     """
-    mask = torch.ones((), dtype=torch.float32)
+    mask = torch.ones((), dtype=torch.bool)
     factors = {}
     for dim, dead in dead_by_dim.items():
         factors[dim] = np.ones(shape[dim], dtype=bool)
         factors[dim][dead] = False
-        keep = torch.from_numpy(factors[dim]).to(torch.float32)
-        mask = mask * keep.view([-1 if d == dim else 1 for d in range(len(shape))])
+        keep = torch.from_numpy(factors[dim])
+        mask = mask & keep.view([-1 if d == dim else 1 for d in range(len(shape))])
     mask = mask.expand(shape).contiguous()
     _record_factors(mask, factors)
     return mask

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from fxcompress.analysis import get_analysis
 from fxcompress.channels import Role
 from fxcompress.errors import VerificationError
-from fxcompress.masks import current_masks, kept_components, split_target
+from fxcompress.masks import current_masks, kept_components, masked, split_target
 from fxcompress.modules import has_masked_statistics
 from fxcompress.trace import fx_errors_as_notes, inference_mode
 
@@ -221,7 +221,7 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
                 # (a chain of them would compound it to inf) nor be cut off from the kept ones
                 alive_elsewhere = mask.amax(dim=dim, keepdim=True) if mask.dim() > 1 else torch.ones(1)
                 mask.index_copy_(dim, index, alive_elsewhere.expand(shape).to(mask.dtype))
-            setattr(module, name, orig * mask)
+            setattr(module, name, masked(orig, mask))
         yield
     finally:
         with torch.no_grad():

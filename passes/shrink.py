@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxcompress import meta
 from fxcompress.analysis import get_analysis
-from fxcompress.masks import current_masks, kept_components, ones_where_kept, split_target
+from fxcompress.masks import current_masks, kept_components, masked, ones_where_kept, split_target
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.rules import RULES, Multi, ShrinkContext
 
@@ -42,7 +42,7 @@ def _slice_tensor(module: nn.Module, name: str, kept_by_dim: dict[int, np.ndarra
         return
     _replace_tensor(module, name + "_orig", _select(orig, kept_by_dim))
     _replace_tensor(module, name + "_mask", _select(mask, kept_by_dim))
-    setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+    setattr(module, name, masked(getattr(module, name + "_orig"), getattr(module, name + "_mask")))
 
 
 def _select(value: torch.Tensor, kept_by_dim: dict[int, np.ndarray]) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import ConfigError
-from fxcompress.masks import apply_masks, split_target
+from fxcompress.masks import apply_masks, masked, split_target
 from fxcompress.prune.base import DEFAULT_OP_TYPES, Allocation, check_fraction, normalize_selection
 from fxcompress.prune.evaluator import Evaluator
 from fxcompress.prune.schedule import AGPSchedule, Schedule
@@ -203,4 +203,4 @@ def _rewind(gm: fx.GraphModule, saved: dict[str, torch.Tensor]) -> None:
         tensor = getattr(module, name + "_orig", None) if hasattr(module, name + "_orig") else getattr(module, name)
         tensor.copy_(value)
         if hasattr(module, name + "_mask"):
-            setattr(module, name, tensor * getattr(module, name + "_mask"))
+            setattr(module, name, masked(tensor, getattr(module, name + "_mask")))
