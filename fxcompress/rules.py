@@ -240,6 +240,13 @@ def same_shape_passthrough(ctx: AnalyzeContext, node: fx.Node, source) -> Channe
 # ---------------------------------------------------------------------------- channel-wise ops
 
 
+@RULES.register(".type_as", ".type", aten.type_as.default, aten.to.other)
+def cast(ctx: AnalyzeContext, node: fx.Node) -> Channels:
+    """``x.type_as(other)`` / ``x.to(other)``: a dtype (and device) cast of ``x``; ``other`` lends only its
+    dtype, so its channels are not coupled (timm EVA/DINOv3 cast rotated queries with ``.type_as(v)``)."""
+    return same_shape_passthrough(ctx, node, node.args[0])
+
+
 @RULES.register(
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
     nn.ELU, nn.Mish, nn.SELU, nn.Softplus, nn.Hardtanh,
@@ -252,7 +259,7 @@ def same_shape_passthrough(ctx: AnalyzeContext, node: fx.Node, source) -> Channe
     aten.hardswish.default, aten.hardsigmoid.default, aten.neg.default, aten.dropout.default, aten.clone.default,
     aten.detach.default, aten.alias.default, aten._to_copy.default, aten.to.dtype, aten.contiguous.default,
     aten.exp.default, aten.cos.default, aten.sin.default, aten.pow.Tensor_Scalar, torch.pow, ".pow",
-    aten.to.dtype_layout, aten.to.device, aten.type_as.default,
+    aten.to.dtype_layout, aten.to.device,
     aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, F.hardtanh,
     aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.softplus.default, aten.relu6.default,
     aten.abs.default, aten.erf.default, aten.sqrt.default, aten.square.default,
@@ -1016,10 +1023,12 @@ def attention(ctx: AnalyzeContext, node: fx.Node) -> Channels:
     for d in range(len(q) - 2):
         ctx.space.couple(q[d], k[d])
         ctx.space.couple(q[d], v[d])
-    mask = arg(node, 3, "attn_mask")
+    mask = ctx.channels(arg(node, 3, "attn_mask"))  # None also when a graph value turned out to be None
     if mask is not None:  # added to the scores [.., H, L, S]: a per-head bias (timm MaxViT) shrinks with the heads
+        if isinstance(mask, Multi):
+            raise Opaque("a tuple as attention mask")
         scores = (*q[:-1], k[-2])
-        broadcast_channels(ctx, tuple(len(ids) for ids in scores), [scores, ctx.tensor_channels(mask)], where)
+        broadcast_channels(ctx, tuple(len(ids) for ids in scores), [scores, mask], where)
     return tuple(q[:-1]) + (v[-1],)
 
 

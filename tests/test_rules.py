@@ -414,6 +414,25 @@ class RelativePositionAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
+class MaskOrNone(RelativePositionAttention):
+    """timm's EVA: ``forward(x, attn_mask=None)``, so the mask is a graph input whose value is None."""
+
+    def forward(self, x, attn_mask=None):
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v.type_as(q), attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+def test_an_attention_mask_that_is_none_at_run_time_leaves_heads_prunable(helpers):
+    model, x = MaskOrNone().eval(), torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OpaqueOpWarning)
+        analyze(fxcompress.trace(model, x, frontend="fx"))
+    masked, shrunk = shrink_and_check(model, x, helpers)
+    assert shrunk.qkv.out_features < model.qkv.out_features
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_heads_prune_through_a_bias_table_and_the_attention_mask(frontend, helpers):
     model, x = RelativePositionAttention().eval(), torch.randn(2, 5, 8)
