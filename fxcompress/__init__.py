@@ -22,11 +22,13 @@ from fxcompress.errors import (
 )
 from fxcompress.pipeline import Hook, Pass, VerifyOutputs, parse_pipeline, run_pipeline
 from fxcompress.export import to_onnx
+from fxcompress.meta import EXAMPLE_INPUTS
 from fxcompress.serialize import load, save
 from fxcompress.trace import trace
 
 __all__ = [
     "compile",
+    "shrink",
     "trace",
     "prune",
     "quant",
@@ -91,13 +93,35 @@ def compile(
 
         all_hooks.append(DumpPasses(trace_passes))
     if verify:
-        from fxcompress.meta import EXAMPLE_INPUTS
-
         all_hooks.insert(0, VerifyOutputs(gm.meta[EXAMPLE_INPUTS], rtol=rtol, original=model))
     with collect_coverage(strict=strict) as log:
         result = run_pipeline(gm, list(passes), all_hooks)
     log.warn(stacklevel=2)
     return result
+
+
+def shrink(gm: fx.GraphModule, verify: bool = True, rtol: float = 1e-4) -> fx.GraphModule:
+    """Propagate the masks on ``gm`` to whole channels and slice them out, checking outputs when ``verify``.
+
+    The last step after pruning outside :func:`compile` (a schedule, a
+    training-aware method, masks of your own). Works in place on ``gm``
+    (``fxcompress.trace`` already made it a copy of the user's model).
+    Fine-grained masks stay on as masks; shapes shrink only where whole
+    channels died.
+
+    With ``model``, its example input ``x`` and an :class:`~fxcompress.prune.Evaluator` ``evaluator``:
+
+    >>> from fxcompress.prune import AGPSchedule, L1Norm, ScheduledPruning
+    >>> gm = fxcompress.trace(model, x)
+    >>> gm = ScheduledPruning(L1Norm(0.8), AGPSchedule(end_step=4)).run(gm, evaluator, epochs=3)
+    >>> small = fxcompress.shrink(gm)
+    >>> small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features
+    (7, 13, 26)
+    """
+    from fxcompress.passes import AnalyzeGroups, PropagateChannels, Shrink
+
+    hooks = [VerifyOutputs(gm.meta[EXAMPLE_INPUTS], rtol=rtol)] if verify else []
+    return run_pipeline(gm, [AnalyzeGroups(), PropagateChannels(), Shrink()], hooks)
 
 
 def _refuse_parametrized(model: nn.Module) -> None:

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.utils.prune as torch_prune
 from torch import fx, nn
 
-from fxcompress.analysis import ChannelAnalysis
 from fxcompress.channels import Role
+
+if TYPE_CHECKING:  # masks read an analysis; the analysis never needs masks
+    from fxcompress.analysis import ChannelAnalysis
 
 __all__ = [
     "current_masks", "apply_masks", "channel_masks", "kept_components", "split_target", "mask_factors",

@@ -58,7 +58,7 @@ def test_masked_weights_stay_zero_through_optimizer_steps():
         assert torch.all(getattr(module, attr)[mask == 0] == 0)
         orig = getattr(module, attr + "_orig")
         assert not torch.equal(orig[mask == 1], before[f"{owner}.{attr}_orig"][mask == 1])  # the rest trained
-    small = P.shrink(masked)
+    small = fxcompress.shrink(masked)
     assert small.conv1.weight.shape[0] == 4
 
 
@@ -76,7 +76,7 @@ def test_scheduled_structured_pruning_grows_to_the_final_sparsity(schedule):
     assert seen == sorted(seen) and seen[0] == 0.0 and seen[-1] == 0.75
     gm = traced()
     scheduled.run(gm, evaluator(), epochs=1)
-    small = P.shrink(gm)
+    small = fxcompress.shrink(gm)
     assert small.conv1.weight.shape[0] == 8 - math.floor(8 * 0.75)
     assert small.conv2.weight.shape[0] == 2
 
@@ -89,7 +89,7 @@ def test_scheduled_per_group_sparsities_each_follow_the_schedule():
     assert scheduled.pruner_at(2).sparsities == {"conv1.weight[0]": 0.375, "conv2.weight[0]": 0.25}
     gm = traced()
     scheduled.run(gm, evaluator(), epochs=1)
-    small = P.shrink(gm)
+    small = fxcompress.shrink(gm)
     assert (small.conv1.weight.shape[0], small.conv2.weight.shape[0]) == (2, 4)
 
 
@@ -116,7 +116,7 @@ def test_gradual_pruning_reaches_exactly_the_final_sparsity(criterion):
     gm = traced()
     P.ScheduledPruning(P.make_pruner(criterion, sparsity=0.75), P.LinearSchedule(end_step=5), every=1).run(
         gm, evaluator(), epochs=1)
-    small = P.shrink(gm)
+    small = fxcompress.shrink(gm)
     assert small.conv1.weight.shape[0] == 2 and small.conv2.weight.shape[0] == 2
 
 

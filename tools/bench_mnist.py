@@ -223,7 +223,7 @@ def gradual_row(name, target, model, slim_model, x, data, evaluator, settings, a
     schedule = P.AGPSchedule(end_step=round(settings.gradual_epochs * finetuning.steps_per_epoch()))
     pruner = PerGroupSparsity(build_pruner(name, 0.0, evaluator, num_batches=2), allocation)
     P.ScheduledPruning(pruner, schedule, every=5).run(gm, finetuning, epochs=settings.finetune_epochs)
-    small = P.shrink(gm, verify=False)
+    small = fxcompress.shrink(gm, verify=False)
     acc_ft = accuracy(small, data.test_x, data.test_y)
     return _row(f"AGP({name})", target, model, small, x, data, acc_base, None, None, acc_ft,
                 time.perf_counter() - start)
@@ -266,7 +266,7 @@ def extra_rows(model, x, data, fresh_evaluator, settings, acc_base) -> list[dict
         evaluator = fresh_evaluator()
         gm = fxcompress.trace(model, x)
         method(gm, evaluator)
-        small = P.shrink(gm, verify=False)
+        small = fxcompress.shrink(gm, verify=False)
         acc_raw = accuracy(small, data.test_x, data.test_y)
         tune = 0 if label.startswith("lottery") else 1
         P.recalibrate_batchnorm(small, evaluator, num_batches=20)

@@ -30,7 +30,6 @@ from fxcompress.prune.budget import Budget, BudgetMetric, ShapeCost
 from fxcompress.prune.data_aware import OBD, APoZ, MeanActivation, Taylor
 from fxcompress.prune.distill import LayerwiseDistillation
 from fxcompress.prune.evaluator import Evaluator, LRSchedule, recalibrate_batchnorm
-from fxcompress.prune.finalize import shrink
 from fxcompress.prune.magnitude import FPGM, LAMP, L1Norm, L2Norm, Normalizer, RandomPruner, Reduction, Slim, slim_penalty
 from fxcompress.prune.nni import from_config_list
 from fxcompress.prune.schedule import AGPSchedule, LinearSchedule, Schedule, ScheduledPruning
@@ -45,7 +44,7 @@ __all__ = [
     "LevelPruner", "NMPruner",
     "Schedule", "LinearSchedule", "AGPSchedule", "ScheduledPruning",
     "MovementPruning", "ADMM", "LotteryTicket",
-    "Evaluator", "LRSchedule", "recalibrate_batchnorm", "shrink",
+    "Evaluator", "LRSchedule", "recalibrate_batchnorm",
     "from_config_list", "LayerwiseDistillation",
     "Targeted", "TargetFit", "TargetWarning", "Budget", "BudgetMetric", "ShapeCost",
 ]

@@ -15,7 +15,7 @@ With ``model``, its example input ``x`` and an :class:`~fxcompress.prune.Evaluat
 >>> gm = fxcompress.trace(model, x)
 >>> agp = ScheduledPruning(L1Norm(0.8), AGPSchedule(end_step=6), every=2)
 >>> gm = agp.run(gm, evaluator, epochs=4)          # gm is now masked at 80 %
->>> small = fxcompress.prune.shrink(gm)
+>>> small = fxcompress.shrink(gm)
 >>> small.conv1.out_channels, small.conv2.out_channels
 (7, 13)
 """
