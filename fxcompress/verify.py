@@ -120,7 +120,7 @@ def masked_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     for target, mask in current_masks(gm).items():
         owner, name = split_target(target)
         module = gm.get_submodule(owner)
-        found[target] = (getattr(module, name + "_orig") * mask).detach()
+        found[target] = masked(getattr(module, name + "_orig"), mask).detach()
     return found
 
 
@@ -210,8 +210,10 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
             owner, name = split_target(target)
             module = gm.get_submodule(owner)
             orig, mask = getattr(module, name + "_orig"), getattr(module, name + "_mask")
-            saved.append((module, name, orig.detach().clone(), mask.clone(), getattr(module, name)))
             index = torch.from_numpy(dead)
+            # only the removed slices change: keep those, not copies of whole weights
+            saved.append((module, name, dim, index, orig.detach().index_select(dim, index),
+                          mask.index_select(dim, index), getattr(module, name)))
             with torch.no_grad():
                 shape = list(orig.shape)
                 shape[dim] = len(dead)
@@ -225,9 +227,9 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
         yield
     finally:
         with torch.no_grad():
-            for module, name, orig, mask, tensor in reversed(saved):
-                getattr(module, name + "_orig").copy_(orig)
-                getattr(module, name + "_mask").copy_(mask)
+            for module, name, dim, index, orig, mask, tensor in reversed(saved):
+                getattr(module, name + "_orig").index_copy_(dim, index, orig)
+                getattr(module, name + "_mask").index_copy_(dim, index, mask)
                 setattr(module, name, tensor)
 
 
