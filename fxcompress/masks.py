@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # masks read an analysis; the analysis never needs masks
 
 __all__ = [
     "current_masks", "apply_masks", "channel_masks", "kept_components", "split_target", "mask_factors",
-    "ones_where_kept", "masked",
+    "ones_where_kept", "masked", "own_masks", "mask_of", "trainable", "refresh", "storage_names", "public_name",
+    "remove_masks", "is_masked", "set_masked", "unmask",
 ]
 
 #: id(mask) -> (mask._version when recorded, {dim: bool keep-vector}); entries leave with their tensor.
@@ -88,15 +89,83 @@ def split_target(target: str) -> tuple[str, str]:
     return owner, name
 
 
+# ---------------------------------------------------------------------------- masked storage
+# A masked tensor ``name`` is stored as the parameter ``name_orig`` and the buffer ``name_mask``
+# (torch.nn.utils.prune's layout). These functions are the only code that knows it.
+
+_ORIG, _MASK = "_orig", "_mask"
+
+
+def own_masks(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks installed on ``module`` itself (not its children), by the masked tensor's local name."""
+    found = {}
+    for buffer_name, buffer in module.named_buffers(recurse=False):
+        name = buffer_name.removesuffix(_MASK)
+        if name != buffer_name and hasattr(module, name + _ORIG):
+            found[name] = buffer
+    return found
+
+
+def mask_of(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The mask on ``module.name``, or None when that tensor is not masked."""
+    return own_masks(module).get(name)
+
+
+def trainable(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor that holds ``module.name``'s values and gradient: ``name_orig`` when masked, else ``name``."""
+    return getattr(module, name + _ORIG, None) if hasattr(module, name + _ORIG) else getattr(module, name, None)
+
+
+def refresh(module: nn.Module, name: str) -> None:
+    """Recompute ``module.name`` from its dense values and mask after either changed outside a forward."""
+    setattr(module, name, masked(trainable(module, name), mask_of(module, name)))
+
+
+def is_masked(module: nn.Module) -> bool:
+    """Whether any tensor of ``module`` itself carries a mask."""
+    return bool(own_masks(module))
+
+
+def set_masked(module: nn.Module, name: str, orig: torch.Tensor, mask: torch.Tensor) -> None:
+    """Give masked ``module.name`` new dense values and mask (shapes may change, e.g. when shrinking)."""
+    requires_grad = module._parameters[name + _ORIG].requires_grad
+    module._parameters[name + _ORIG] = nn.Parameter(orig, requires_grad=requires_grad)
+    module._buffers[name + _MASK] = mask
+    refresh(module, name)
+
+
+def unmask(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Drop the mask of ``module.name`` and make ``value`` its plain parameter (no multiply on forward)."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == name:
+            del module._forward_pre_hooks[key]
+    requires_grad = module._parameters[name + _ORIG].requires_grad
+    del module._parameters[name + _ORIG]
+    del module._buffers[name + _MASK]
+    delattr(module, name)
+    module.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+
+
+def storage_names(target: str) -> tuple[str, str]:
+    """The fully qualified names of the dense values and the mask that implement masked ``target``."""
+    return target + _ORIG, target + _MASK
+
+
+def public_name(state_name: str) -> str | None:
+    """The tensor a ``state_dict`` entry stands for: ``conv.weight`` for ``conv.weight_orig``, None for a mask.
+
+    (A name that merely ends like storage, on a model without masks, is taken as storage too.)
+    """
+    return None if state_name.endswith(_MASK) else state_name.removesuffix(_ORIG)
+
+
 def current_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every mask installed on ``gm``, by the fully qualified name of the masked tensor."""
-    found = {}
-    for path, module in gm.named_modules():
-        for buffer_name, buffer in module.named_buffers(recurse=False):
-            if buffer_name.endswith("_mask") and hasattr(module, buffer_name[: -len("_mask")] + "_orig"):
-                name = buffer_name[: -len("_mask")]
-                found[f"{path}.{name}" if path else name] = buffer
-    return found
+    return {
+        f"{path}.{name}" if path else name: mask
+        for path, module in gm.named_modules()
+        for name, mask in own_masks(module).items()
+    }
 
 
 def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> bool:
@@ -105,7 +174,7 @@ def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> bool:
     for target, mask in masks.items():
         owner, name = split_target(target)
         module = gm.get_submodule(owner)
-        existing = getattr(module, name + "_mask", None)
+        existing = mask_of(module, name)
         if existing is None:
             if _all_ones(mask):
                 continue
@@ -132,7 +201,7 @@ def _combine(module: nn.Module, name: str, existing: torch.Tensor, mask: torch.T
     existing.copy_(combined)
     if factors is not None:
         _record_factors(existing, factors)
-    setattr(module, name, masked(getattr(module, name + "_orig"), existing))
+    refresh(module, name)
     return True
 
 
@@ -150,7 +219,8 @@ class _MaskedTensor(torch_prune.CustomFromMask):
     ``apply_mask`` copies the mask to the weight's dtype first)."""
 
     def apply_mask(self, module: nn.Module) -> torch.Tensor:
-        return masked(getattr(module, self._tensor_name + "_orig"), getattr(module, self._tensor_name + "_mask"))
+        name = self._tensor_name
+        return masked(getattr(module, name + _ORIG), getattr(module, name + _MASK))
 
 
 def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
@@ -169,8 +239,8 @@ def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     method = _MaskedTensor(mask)
     method._tensor_name = name
     orig = module._parameters.pop(name)
-    module.register_parameter(name + "_orig", orig)
-    module.register_buffer(name + "_mask", mask)
+    module.register_parameter(name + _ORIG, orig)
+    module.register_buffer(name + _MASK, mask)
     setattr(module, name, method.apply_mask(module))
     module.register_forward_pre_hook(method)
 
@@ -250,7 +320,7 @@ def channel_masks(
     for target, dead_by_dim in _removed_positions(analysis, ~keep).items():
         owner, name = split_target(target)
         module = gm.get_submodule(owner)
-        if skip_done and _already_zero(getattr(module, name + "_mask", None), dead_by_dim):
+        if skip_done and _already_zero(mask_of(module, name), dead_by_dim):
             continue
         masks[target] = _outer_mask(getattr(module, name).shape, dead_by_dim)
     return masks
@@ -272,7 +342,5 @@ def _already_zero(mask: torch.Tensor | None, dead_by_dim: dict[int, np.ndarray])
 def remove_masks(module: nn.Module) -> None:
     """Make every mask on ``module`` permanent (weights become ``orig * mask``) and drop the masks."""
     for sub in module.modules():
-        for buffer_name in [b for b, _ in sub.named_buffers(recurse=False) if b.endswith("_mask")]:
-            name = buffer_name[: -len("_mask")]
-            if hasattr(sub, name + "_orig"):
-                torch_prune.remove(sub, name)
+        for name in list(own_masks(sub)):
+            torch_prune.remove(sub, name)

@@ -27,7 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxcompress import meta
 from fxcompress.analysis import invalidate_analysis
 from fxcompress.errors import ConfigError, PipelineError, VerificationError
-from fxcompress.trace import inference_mode, normalize_example_inputs
+from fxcompress.trace import normalize_example_inputs
 from fxcompress.verify import forward, nonfinite_leaf, oracle_outputs, unreachable_error, worst_leaf
 
 __all__ = [

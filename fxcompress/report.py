@@ -47,6 +47,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxcompress.masks import mask_of, own_masks
 from fxcompress.trace import inference_mode, normalize_example_inputs
 
 __all__ = [
@@ -106,11 +107,7 @@ def count_params(model: nn.Module) -> int:
 
 def _masked_away(module: nn.Module) -> int:
     """Parameter elements zeroed by the masks on ``module`` itself (not its children)."""
-    total = 0
-    for buffer_name, mask in module.named_buffers(recurse=False):
-        if buffer_name.endswith("_mask") and hasattr(module, buffer_name[: -len("_mask")] + "_orig"):
-            total += int(mask.numel() - mask.count_nonzero())
-    return total
+    return sum(int(mask.numel() - mask.count_nonzero()) for mask in own_masks(module).values())
 
 
 def count_nonzero_params(model: nn.Module) -> int:
@@ -391,18 +388,13 @@ def _channel_reader(module: nn.Module):
     return None
 
 
-def _weight_mask(module: nn.Module) -> torch.Tensor | None:
-    mask = getattr(module, "weight_mask", None)
-    return mask if isinstance(mask, torch.Tensor) and hasattr(module, "weight_orig") else None
-
-
 def _channels(module: nn.Module, masked: bool) -> tuple[int, int]:
     """(input, output) channels of a listed layer: dense, or alive under its mask when ``masked``."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):  # a norm without affine parameters
         n = _norm_size(module)
         return n, n
-    mask = _weight_mask(module) if masked else None
+    mask = mask_of(module, "weight") if masked else None
     return _channel_reader(module)(module, torch.ones_like(weight) if mask is None else mask)
 
 
@@ -440,7 +432,7 @@ def _own_params(module: nn.Module) -> int:
 
 
 def _sparsity(module: nn.Module) -> float:
-    mask = _weight_mask(module)
+    mask = mask_of(module, "weight")
     if mask is None or mask.numel() == 0:
         return 0.0
     return 1.0 - int(mask.count_nonzero()) / mask.numel()

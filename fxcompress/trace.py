@@ -470,7 +470,7 @@ FRONTENDS = ("auto", "fx", "export")
 def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also works on a masked model right after a training step.
 
-    ``torch.nn.utils.prune`` caches ``weight = weight_orig * weight_mask`` as a
+    ``torch.nn.utils.prune`` caches the masked ``weight`` (dense values times mask) as a
     plain attribute; after a forward with grad it is a non-leaf tensor, which
     ``deepcopy`` refuses. The copy gets a detached value (recomputed before
     every forward anyway); the original is not touched.

@@ -23,8 +23,7 @@ from torch.utils import _pytree as pytree
 
 from fxcompress.analysis import get_analysis
 from fxcompress.channels import Role
-from fxcompress.errors import VerificationError
-from fxcompress.masks import current_masks, kept_components, masked, split_target
+from fxcompress.masks import current_masks, kept_components, mask_of, masked, split_target, storage_names, trainable
 from fxcompress.modules import has_masked_statistics
 from fxcompress.trace import fx_errors_as_notes, inference_mode
 
@@ -119,16 +118,15 @@ def masked_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     found = {}
     for target, mask in current_masks(gm).items():
         owner, name = split_target(target)
-        module = gm.get_submodule(owner)
-        found[target] = masked(getattr(module, name + "_orig"), mask).detach()
+        found[target] = masked(trainable(gm.get_submodule(owner), name), mask).detach()
     return found
 
 
 def graph_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``gm`` as its forward sees it: masked tensors as ``orig * mask`` under
-    their own name, the ``_orig``/``_mask`` pairs that implement them left out."""
+    their own name, the dense values and masks that implement them left out."""
     masked = masked_tensors(gm)
-    hidden = {f"{t}_orig" for t in masked} | {f"{t}_mask" for t in masked}
+    hidden = {stored for t in masked for stored in storage_names(t)}
     state = {n: t.detach() for n, t in gm.named_parameters(remove_duplicate=False) if n not in hidden}
     state |= {n: t for n, t in gm.named_buffers(remove_duplicate=False) if n not in hidden}
     return state | masked
@@ -209,7 +207,7 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
         for target, dim, dead in _removed_slices(gm):
             owner, name = split_target(target)
             module = gm.get_submodule(owner)
-            orig, mask = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+            orig, mask = trainable(module, name), mask_of(module, name)
             index = torch.from_numpy(dead)
             # only the removed slices change: keep those, not copies of whole weights
             saved.append((module, name, dim, index, orig.detach().index_select(dim, index),
@@ -228,8 +226,8 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
     finally:
         with torch.no_grad():
             for module, name, dim, index, orig, mask, tensor in reversed(saved):
-                getattr(module, name + "_orig").index_copy_(dim, index, orig)
-                getattr(module, name + "_mask").index_copy_(dim, index, mask)
+                trainable(module, name).index_copy_(dim, index, orig)
+                mask_of(module, name).index_copy_(dim, index, mask)
                 setattr(module, name, tensor)
 
 

@@ -38,7 +38,7 @@ from fxcompress.trace import propagate_shapes
 
 __all__ = ["ChannelsLast", "Rewrite", "REWRITES", "LAYOUT_MODULES"]
 
-#: Modules whose 4-d tensors (weights, and their pruning ``_orig``/``_mask`` pairs) are stored channels-last.
+#: Modules whose 4-d tensors (weights, and their pruning masks and dense values) are stored channels-last.
 LAYOUT_MODULES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.ConvTranspose2d)
 
 

@@ -38,6 +38,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from fxcompress import meta
+from fxcompress.masks import is_masked
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.trace import module_uses
 
@@ -108,17 +109,13 @@ def _fits(gm: fx.GraphModule, uses: Counter, producer: fx.Node, bn_node: fx.Node
     return bn.num_features == layer.weight.shape[1 if fold.transpose else 0]
 
 
-def _is_masked(module: nn.Module) -> bool:
-    return any(name.endswith("_orig") for name, _ in module.named_parameters(recurse=False))
-
-
 def _skip_reason(layer: nn.Module, bn: nn.Module) -> str | None:
     """Why a structurally matching BatchNorm still cannot be folded, in words the user can act on."""
     if bn.training:
         return "in training mode (call model.eval() before compiling)"
     if bn.running_mean is None or bn.running_var is None:
         return "without running statistics (track_running_stats=False)"
-    if _is_masked(layer) or _is_masked(bn):
+    if is_masked(layer) or is_masked(bn):
         return "next to pruning masks (run fold-batch-norm after shrink)"
     return None
 

@@ -40,6 +40,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
 from fxcompress import meta
+from fxcompress.masks import is_masked
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.trace import module_uses
 
@@ -204,7 +205,7 @@ def _fusable_conv(gm: fx.GraphModule, uses: Counter, node, only_user: fx.Node) -
         return False
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or conv._forward_hooks or conv._forward_pre_hooks:
         return False
-    return not any(name.endswith("_orig") for name, _ in conv.named_parameters(recurse=False))
+    return not is_masked(conv)
 
 
 def _same_tensor_shape(a: fx.Node, b) -> bool:

@@ -28,6 +28,7 @@ from torch.nn.utils import parametrize
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError
+from fxcompress.masks import is_masked
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.quant.config import WEIGHTED_TYPES, QConfig
 from fxcompress.quant.placement import plan_activations
@@ -49,7 +50,7 @@ def _weighted_layers(gm: fx.GraphModule, config: QConfig) -> list[tuple[str, nn.
 
 
 def _quantize_weight(path: str, module: nn.Module, config: QConfig) -> None:
-    if hasattr(module, "weight_orig"):
+    if is_masked(module):
         raise ConfigError(
             f"layer '{path}' still carries a pruning mask; run shrink (or fxcompress.masks.remove_masks) "
             "before insert-observers"

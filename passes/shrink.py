@@ -8,13 +8,15 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.utils.prune as torch_prune
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxcompress import meta
 from fxcompress.analysis import get_analysis
-from fxcompress.masks import current_masks, kept_components, masked, ones_where_kept, split_target
+from fxcompress.masks import (
+    current_masks, kept_components, mask_of, ones_where_kept, public_name, set_masked, split_target, trainable,
+    unmask,
+)
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.rules import RULES, Multi, ShrinkContext
 
@@ -33,34 +35,21 @@ def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _slice_tensor(module: nn.Module, name: str, kept_by_dim: dict[int, np.ndarray]) -> None:
     """Index-select a tensor (and its mask, when masked) along each dim that loses channels."""
-    if not hasattr(module, name + "_orig"):
+    mask = mask_of(module, name)
+    if mask is None:
         _replace_tensor(module, name, _select(getattr(module, name).detach(), kept_by_dim))
         return
-    orig, mask = getattr(module, name + "_orig").detach(), getattr(module, name + "_mask")
+    orig = _select(trainable(module, name).detach(), kept_by_dim)
     if ones_where_kept(mask, kept_by_dim):
-        _unmask(module, name, _select(orig, kept_by_dim))
-        return
-    _replace_tensor(module, name + "_orig", _select(orig, kept_by_dim))
-    _replace_tensor(module, name + "_mask", _select(mask, kept_by_dim))
-    setattr(module, name, masked(getattr(module, name + "_orig"), getattr(module, name + "_mask")))
+        unmask(module, name, orig)
+    else:
+        set_masked(module, name, orig, _select(mask, kept_by_dim))
 
 
 def _select(value: torch.Tensor, kept_by_dim: dict[int, np.ndarray]) -> torch.Tensor:
     for dim, kept in kept_by_dim.items():
         value = value.index_select(dim, torch.from_numpy(kept))
     return value.contiguous()
-
-
-def _unmask(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Drop ``torch.nn.utils.prune``'s re-parametrisation of ``name`` and make ``value`` the plain parameter."""
-    for key, hook in list(module._forward_pre_hooks.items()):
-        if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == name:
-            del module._forward_pre_hooks[key]
-    requires_grad = module._parameters[name + "_orig"].requires_grad
-    del module._parameters[name + "_orig"]
-    del module._buffers[name + "_mask"]
-    delattr(module, name)
-    module.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
 
 
 def _tied_tensors(gm: fx.GraphModule) -> list[tuple[torch.Tensor, list[str]]]:
@@ -80,7 +69,7 @@ def _tie_again(gm: fx.GraphModule, tied: list[tuple[torch.Tensor, list[str]]]) -
         for name in names:
             owner, attr = split_target(name)
             module = gm.get_submodule(owner)
-            plain = attr.removesuffix("_orig")
+            plain = public_name(attr)
             value = getattr(module, attr, None)
             if value is None and plain != attr:  # unmasked by slicing: the parameter is back under its name
                 value = getattr(module, plain, None)
@@ -91,7 +80,7 @@ def _tie_again(gm: fx.GraphModule, tied: list[tuple[torch.Tensor, list[str]]]) -
         for module, attr, value in current.values():
             # unread aliases, and names sliced separately to the same values, become the same object again
             if value is original or value is not sliced[0] and _same_values(value, sliced[0]):
-                attr = attr if attr in module._parameters or attr in module._buffers else attr.removesuffix("_orig")
+                attr = attr if attr in module._parameters or attr in module._buffers else public_name(attr)
                 (module._parameters if attr in module._parameters else module._buffers)[attr] = sliced[0]
 
 

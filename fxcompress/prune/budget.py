@@ -48,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxcompress import meta
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.errors import ConfigError, coerce_enum
+from fxcompress.masks import public_name
 from fxcompress.modules import HeadPrunedMultiheadAttention
 from fxcompress.trace import inference_mode, normalize_example_inputs
 
@@ -157,11 +158,6 @@ def _term(shape: Sequence[int], dims: Mapping[int, _Dim], coefficient: float) ->
     return _Term(coefficient, fixed, tuple(dims[d] for d in sorted(dims)))
 
 
-def _param_name(name: str) -> str:
-    """A masked parameter is stored as ``<name>_orig``; its channels are recorded under ``<name>``."""
-    return name.removesuffix("_orig")
-
-
 # ---------------------------------------------------------------------------- MACs per node
 
 
@@ -258,7 +254,7 @@ def _module_terms(gm: fx.GraphModule, node: fx.Node, macs: int, dims: Mapping[st
     if terms is not None:
         return terms
     # Any other module: its MACs spread over its matrices in proportion to their size.
-    matrices = [(f"{node.target}.{_param_name(n)}", p) for n, p in module.named_parameters() if p.dim() >= 2]
+    matrices = [(f"{node.target}.{public_name(n)}", p) for n, p in module.named_parameters() if p.dim() >= 2]
     total = sum(p.numel() for _, p in matrices)
     return [_term(p.shape, dims.get(name, {}), macs / total) for name, p in matrices] if total else []
 
@@ -327,7 +323,7 @@ class ShapeCost:
         dims = _channel_dims(analysis, key_of)
         if metric is BudgetMetric.PARAMS:
             params = list(gm.named_parameters())
-            terms = [_term(p.shape, dims.get(_param_name(name), {}), 1.0) for name, p in params]
+            terms = [_term(p.shape, dims.get(public_name(name), {}), 1.0) for name, p in params]
             dense = float(sum(p.numel() for _, p in params))
         else:
             terms, dense = [], 0.0

@@ -25,7 +25,7 @@ from fxcompress import meta
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
 from fxcompress.errors import ConfigError
-from fxcompress.masks import split_target
+from fxcompress.masks import split_target, trainable
 from fxcompress.prune.base import ChannelPruner
 from fxcompress.prune.evaluator import Evaluator
 from fxcompress.prune.magnitude import GroupAggregation, effective_tensor, is_bias, normalize, reduce_slices
@@ -209,12 +209,9 @@ class MeanActivation(DataAwarePruner):
 
 
 def _trainable(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
-    """The parameter whose ``.grad`` holds the gradient of ``target`` (``<name>_orig`` when masked)."""
+    """The parameter whose ``.grad`` holds the gradient of ``target`` (its dense values when masked)."""
     owner, name = split_target(target)
-    module = gm.get_submodule(owner)
-    param = getattr(module, name + "_orig", None)
-    if param is None:
-        param = module._parameters.get(name)
+    param = trainable(gm.get_submodule(owner), name)
     return param if isinstance(param, nn.Parameter) else None
 
 

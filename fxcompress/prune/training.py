@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import ConfigError
-from fxcompress.masks import apply_masks, masked, split_target
+from fxcompress.masks import apply_masks, mask_of, public_name, refresh, split_target, trainable
 from fxcompress.prune.base import DEFAULT_OP_TYPES, Allocation, check_fraction, normalize_selection
 from fxcompress.prune.evaluator import Evaluator
 from fxcompress.prune.schedule import AGPSchedule, Schedule
@@ -49,9 +49,8 @@ def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
 
 
 def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter:
-    """The trainable tensor behind ``target`` (``weight_orig`` once masked)."""
-    module, name = _owner(gm, target)
-    return getattr(module, name + "_orig", None) if hasattr(module, name + "_orig") else getattr(module, name)
+    """The trainable tensor behind ``target`` (its dense values once masked)."""
+    return trainable(*_owner(gm, target))
 
 
 def _total_steps(evaluator: Evaluator, epochs: int, max_steps: int | None) -> int:
@@ -99,7 +98,7 @@ class MovementPruning(_Selection):
         masks = {}
         for target, score in scores.items():
             module, name = _owner(gm, target)
-            current = getattr(module, name + "_mask", None)
+            current = mask_of(module, name)
             ranked = score if current is None else score.masked_fill(current == 0, float("-inf"))
             masks[target] = _keep_top(ranked, int(score.numel() * sparsity))
         apply_masks(gm, masks)
@@ -187,12 +186,12 @@ class LotteryTicket(_Selection):
 
 
 def _snapshot(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by their unmasked name (``conv.weight`` for ``conv.weight_orig``)."""
+    """Parameters and buffers by the name of the tensor they hold (a masked weight's dense values under
+    ``conv.weight``); masks left out."""
     state = {}
     for name, value in [*gm.named_parameters(), *gm.named_buffers()]:
-        if name.endswith("_mask"):
-            continue
-        state[name.removesuffix("_orig")] = value.detach().clone()
+        if (public := public_name(name)) is not None:
+            state[public] = value.detach().clone()
     return state
 
 
@@ -200,7 +199,6 @@ def _snapshot(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
 def _rewind(gm: fx.GraphModule, saved: dict[str, torch.Tensor]) -> None:
     for target, value in saved.items():
         module, name = _owner(gm, target)
-        tensor = getattr(module, name + "_orig", None) if hasattr(module, name + "_orig") else getattr(module, name)
-        tensor.copy_(value)
-        if hasattr(module, name + "_mask"):
-            setattr(module, name, masked(tensor, getattr(module, name + "_mask")))
+        trainable(module, name).copy_(value)
+        if mask_of(module, name) is not None:
+            refresh(module, name)
