@@ -16,7 +16,7 @@ from torch import nn
 import fxcompress
 from fxcompress.analysis import OpaqueOpWarning, analyze
 from fxcompress.prune import L1Norm
-from fxcompress.report import check_pruning
+from fxcompress.sweep import check_pruning
 from fxcompress.rules import RULES
 
 aten = torch.ops.aten

@@ -11,6 +11,7 @@ import fxcompress
 from fxcompress import report as R
 from fxcompress.passes import standard_pruning
 from fxcompress.prune import L1Norm
+from fxcompress.sweep import check_pruning
 
 
 def toy() -> nn.Sequential:
@@ -192,7 +193,7 @@ def test_sections_with_nothing_to_say_are_left_out(pruned, section_builder):
 def test_check_pruning_compares_masked_and_shrunk_and_leaves_the_model_alone():
     model = toy()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    check = R.check_pruning(model, X, L1Norm(0.5))
+    check = check_pruning(model, X, L1Norm(0.5))
     assert check.error <= 1e-5
     assert check.macs_dense == R.count_macs(model, X)
     assert check.macs_ratio > 1.5 and check.params_ratio > 1.5

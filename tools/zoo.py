@@ -14,7 +14,7 @@ for models that prune little (MACs ratio < 1.5) or fail, why.
     python tools/zoo.py --models resnet50,vit_b_16 --json /tmp/zoo.json
     python tools/zoo.py --frontend export    # the same sweep captured by torch.export
 
-The per-model check is :func:`fxcompress.report.check_pruning`; the model
+The per-model check is :func:`fxcompress.sweep.check_pruning`; the model
 table here (:data:`FAST`, :func:`spec`, :func:`build`) is shared with
 ``tests/test_zoo.py``, which runs the fast subset on small inputs.
 """
@@ -36,7 +36,7 @@ import torchvision
 from tabulate import tabulate
 
 from fxcompress.prune import L1Norm
-from fxcompress.report import PruningCheck, check_pruning
+from fxcompress.sweep import PruningCheck, check_pruning
 
 __all__ = ["FAST", "ZooSpec", "spec", "build", "run_model", "sweep", "summarize", "main"]
 
