@@ -40,6 +40,8 @@ __all__ = [
     "VerifyOutputs",
     "TimePasses",
     "PASS_REGISTRY",
+    "Rewrite",
+    "apply_rewrites",
 ]
 
 PASS_REGISTRY: dict[str, type[Pass]] = {}
@@ -84,6 +86,40 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"pass name {cls.name!r} must be kebab-case")
     PASS_REGISTRY[cls.name] = cls
     return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """One (pattern, replacement) entry of a rewriting pass's table.
+
+    ``match(gm, node)`` selects nodes; ``apply(gm, node)`` edits the graph in
+    place and may erase the node it is given, but no other matched node.
+    """
+
+    name: str
+    match: Callable[[fx.GraphModule, fx.Node], bool]
+    apply: Callable[[fx.GraphModule, fx.Node], None]
+
+
+def apply_rewrites(
+    gm: fx.GraphModule, rewrites: Sequence[Rewrite], refresh: Callable[[fx.GraphModule], None] | None = None
+) -> bool:
+    """Apply ``rewrites`` in order, each to every node it matches; return whether any matched.
+
+    A rewrite sees the graph its predecessors left: its nodes are matched
+    first, then rewritten in graph order. ``refresh(gm)`` runs after each
+    rewrite that changed something (e.g. to recompute the shapes the next
+    rewrite reads).
+    """
+    modified = False
+    for rewrite in rewrites:
+        matched = [node for node in gm.graph.nodes if rewrite.match(gm, node)]
+        for node in matched:
+            rewrite.apply(gm, node)
+        if matched and refresh is not None:
+            refresh(gm)
+        modified |= bool(matched)
+    return modified
 
 
 def _parse_value(text: str) -> Any:

@@ -10,7 +10,7 @@ lives above it: nothing in the compiler imports this module.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from torch import nn
 
@@ -49,7 +49,7 @@ class PruningCheck:
         return self.error <= tolerance
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio}
+        return {**asdict(self), "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio}
 
 
 def check_pruning(model: nn.Module, example_inputs, pruner, frontend: str = "auto") -> PruningCheck:

@@ -26,17 +26,16 @@ back), and ``torch.save`` keeps the layout.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import fx, nn
 
 from fxcompress import meta
-from fxcompress.pipeline import Pass, register_pass
+from fxcompress.pipeline import Pass, Rewrite, apply_rewrites, register_pass
 from fxcompress.trace import propagate_shapes
 
-__all__ = ["ChannelsLast", "Rewrite", "REWRITES", "LAYOUT_MODULES"]
+__all__ = ["ChannelsLast", "REWRITES", "LAYOUT_MODULES"]
 
 #: Modules whose 4-d tensors (weights, and their pruning masks and dense values) are stored channels-last.
 LAYOUT_MODULES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.ConvTranspose2d)
@@ -59,7 +58,7 @@ def _is_channels_last(value) -> bool:
     return getattr(value.meta.get(meta.TENSOR_META), "memory_format", None) is torch.channels_last
 
 
-def _is_view(node: fx.Node) -> bool:
+def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "view"
 
 
@@ -67,7 +66,7 @@ def _view_to_reshape(gm: fx.GraphModule, node: fx.Node) -> None:
     node.target = "reshape"
 
 
-def _output_channels_last(node: fx.Node) -> bool:
+def _output_channels_last(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "output":
         return False
     found = []
@@ -85,27 +84,16 @@ def _contiguous_outputs(gm: fx.GraphModule, node: fx.Node) -> None:
     node.args = (fx.node.map_arg(node.args[0], contiguous),)
 
 
-@dataclasses.dataclass(frozen=True)
-class Rewrite:
-    """One (pattern, replacement) entry of the layout fix-ups; ``replace`` edits the graph in place."""
-
-    matches: Callable[[fx.Node], bool]
-    replace: Callable[[fx.GraphModule, fx.Node], None]
-
-
+#: The layout fix-ups, in the order they are applied.
 REWRITES: tuple[Rewrite, ...] = (
-    Rewrite(_is_view, _view_to_reshape),  # x.view(*s) -> x.reshape(*s)
-    Rewrite(_output_channels_last, _contiguous_outputs),  # return y with y channels-last -> return y.contiguous()
+    Rewrite("view-to-reshape", _is_view, _view_to_reshape),  # x.view(*s) -> x.reshape(*s)
+    Rewrite("contiguous-outputs", _output_channels_last, _contiguous_outputs),  # return y -> return y.contiguous()
 )
 
 
-def _rewrite(gm: fx.GraphModule) -> None:
-    """Apply :data:`REWRITES` in order, each over the whole graph with fresh layouts from a shape propagation."""
-    for rewrite in REWRITES:
-        for node in [n for n in gm.graph.nodes if rewrite.matches(n)]:
-            rewrite.replace(gm, node)
-        gm.recompile()
-        propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS], exact_layout=True)
+def _fresh_layouts(gm: fx.GraphModule) -> None:
+    gm.recompile()
+    propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS], exact_layout=True)
 
 
 @register_pass
@@ -120,5 +108,5 @@ class ChannelsLast(Pass):
         relaid = [_to_channels_last(m) for m in gm.modules() if isinstance(m, LAYOUT_MODULES)]
         if not any(relaid):
             return False
-        _rewrite(gm)
+        apply_rewrites(gm, REWRITES, refresh=_fresh_layouts)
         return True

@@ -30,12 +30,12 @@ from torch.nn.utils import parametrize
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError
-from fxcompress.pipeline import Pass, register_pass
+from fxcompress.pipeline import Pass, Rewrite, apply_rewrites, register_pass
 from fxcompress.quant.ops import DEQUANTIZE, QUANTIZE
 from fxcompress.quant.quantizers import Quantizer
 from fxcompress.trace import describe_node, propagate_shapes
 
-__all__ = ["FoldQDQ", "Rewrite", "REWRITES", "LAYER_FUNCTIONS"]
+__all__ = ["FoldQDQ", "REWRITES", "LAYER_FUNCTIONS"]
 
 #: Layer type -> (functional op, the module attributes passed after input, weight, bias).
 LAYER_FUNCTIONS: dict[type[nn.Module], tuple[Callable, tuple[str, ...]]] = {
@@ -59,15 +59,6 @@ class QParams(nn.Module):
 
 class QuantizedWeights(nn.Module):
     """Integer weight and bias of one layer with their dequantization parameters, as buffers."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Rewrite:
-    """One (pattern, replacement) entry: ``match(gm, node)`` selects, ``apply(gm, node)`` rewrites."""
-
-    name: str
-    match: Callable[[fx.GraphModule, fx.Node], bool]
-    apply: Callable[[fx.GraphModule, fx.Node], None]
 
 
 # ---------------------------------------------------------------------------- identity ops
@@ -239,12 +230,7 @@ class FoldQDQ(Pass):
     preserves_outputs: ClassVar[bool] = False
 
     def run(self, gm: fx.GraphModule) -> bool:
-        modified = False
-        for rewrite in REWRITES:
-            for node in list(gm.graph.nodes):
-                if not node._erased and rewrite.match(gm, node):
-                    rewrite.apply(gm, node)
-                    modified = True
+        modified = apply_rewrites(gm, REWRITES)
         if modified:
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
