@@ -19,7 +19,6 @@ any other.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -77,7 +76,7 @@ class PerGroupSparsity:
         >>> PerGroupSparsity(L1Norm(round_to=8)).kept(64, 0.6)
         32
         """
-        return self.criterion.round_kept(n, n - math.floor(n * sparsity + 1e-9))
+        return self.criterion.num_kept(n, sparsity)
 
     def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
         groups = searchable_groups(gm, analysis, self.criterion)

@@ -42,6 +42,7 @@ __all__ = [
     "make_pruner",
     "DEFAULT_OP_TYPES",
     "ALL_LAYERS",
+    "removed_count",
     "layer_selected",
     "register_pruner",
 ]
@@ -99,6 +100,18 @@ def layer_selected(
     if op_names and not any(fnmatch.fnmatchcase(owner, p) for p in op_names):
         return False
     return not any(fnmatch.fnmatchcase(owner, p) for p in exclude)
+
+
+def removed_count(n: int, fraction: float) -> int:
+    """How many of ``n`` items (channels, weights) a ``fraction`` removes: every pruner rounds this way.
+
+    Rounded down, with a hair of slack for fractions that floats cannot hold
+    exactly, so 29 % of 100 removes 29 (``0.29 * 100`` is 28.999…).
+
+    >>> removed_count(100, 0.29), removed_count(10, 0.25)
+    (29, 2)
+    """
+    return math.floor(n * fraction + 1e-9)
 
 
 def check_fraction(owner: object, field: str, value, upper_inclusive: bool = False) -> None:
@@ -206,15 +219,16 @@ class ChannelPruner:
 
     def min_kept(self, n: int) -> int:
         """The fewest channels a group of ``n`` may keep (``max_sparsity_per_layer``, at least one)."""
-        return max(1, n - math.floor(n * self.max_sparsity_per_layer + 1e-9))
+        return max(1, n - removed_count(n, self.max_sparsity_per_layer))
 
     def round_kept(self, n: int, keep: int) -> int:
         keep = math.ceil(keep / self.round_to) * self.round_to
         return max(self.min_kept(n), 1, min(n, keep))
 
-    def num_kept(self, n: int) -> int:
-        """Channels a group of ``n`` keeps under local allocation."""
-        return self.round_kept(n, n - math.floor(n * self.sparsity + 1e-9))
+    def num_kept(self, n: int, sparsity: float | None = None) -> int:
+        """Channels a group of ``n`` keeps at ``sparsity`` (the pruner's own by default), rounding and floor
+        applied."""
+        return self.round_kept(n, n - removed_count(n, self.sparsity if sparsity is None else sparsity))
 
     def kept_per_group(self, sizes: list[int], scores: list[np.ndarray]) -> list[int]:
         """How many channels each group keeps, by the allocation rule."""
@@ -231,7 +245,7 @@ class ChannelPruner:
             owners.append(np.full(len(ordered), g, dtype=np.int64))
         if not values:
             return []
-        budget = math.floor(sum(sizes) * self.sparsity + 1e-9)
+        budget = removed_count(sum(sizes), self.sparsity)
         lowest = np.argsort(np.concatenate(values), kind="stable")[:budget]
         removed = np.bincount(np.concatenate(owners)[lowest], minlength=len(sizes))
         return [self.round_kept(n, n - int(r)) for n, r in zip(sizes, removed)]

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from fxcompress.errors import ConfigError
 from fxcompress.masks import apply_masks, mask_of, public_name, refresh, split_target, trainable
-from fxcompress.prune.base import DEFAULT_OP_TYPES, Allocation, check_fraction, normalize_selection
+from fxcompress.prune.base import DEFAULT_OP_TYPES, Allocation, check_fraction, normalize_selection, removed_count
 from fxcompress.prune.evaluator import Evaluator
 from fxcompress.prune.schedule import AGPSchedule, Schedule
 from fxcompress.prune.unstructured import LevelPruner, _keep_top, selected_weights
@@ -100,13 +100,13 @@ class MovementPruning(_Selection):
             module, name = _owner(gm, target)
             current = mask_of(module, name)
             ranked = score if current is None else score.masked_fill(current == 0, float("-inf"))
-            masks[target] = _keep_top(ranked, int(score.numel() * sparsity))
+            masks[target] = _keep_top(ranked, removed_count(score.numel(), sparsity))
         apply_masks(gm, masks)
 
 
 def _project(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Euclidean projection onto tensors with at most ``1 - sparsity`` of the entries nonzero."""
-    return weight * _keep_top(weight.abs(), int(weight.numel() * sparsity))
+    return weight * _keep_top(weight.abs(), removed_count(weight.numel(), sparsity))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from fxcompress.prune.base import (
     layer_selected,
     normalize_selection,
     register_pruner,
+    removed_count,
 )
 
 __all__ = ["WeightPruner", "LevelPruner", "NMPruner", "selected_weights"]
@@ -107,7 +108,7 @@ class LevelPruner(WeightPruner):
         weights = selected_weights(gm, self)
         scores = {name: self.weight_scores(name, w).float() for name, w in weights.items()}
         if self.allocation is Allocation.LOCAL:
-            return {n: _keep_top(s, int(s.numel() * self.sparsity)) for n, s in scores.items()}
+            return {n: _keep_top(s, removed_count(s.numel(), self.sparsity)) for n, s in scores.items()}
         return self._global_masks(scores)
 
     def _global_masks(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,7 +123,7 @@ class LevelPruner(WeightPruner):
         if not capped:
             return {}
         everything = torch.cat(list(capped.values()))
-        n_drop = int(everything.numel() * self.sparsity)
+        n_drop = removed_count(everything.numel(), self.sparsity)
         drop = torch.zeros(everything.numel(), dtype=torch.bool)
         drop[torch.argsort(everything, stable=True)[:n_drop]] = True
         masks, start = {}, 0
