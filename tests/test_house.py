@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,20 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("import_cycles", ROOT / "tools" / "import_cycles.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def test_no_import_cycles_between_modules(helpers):
+    assert helpers.load_tool("import_cycles").cycles() == []
 
 
-def test_no_import_cycles_between_modules():
-    assert _tool().cycles() == []
-
-
-def test_the_cycle_check_finds_a_deferred_import_cycle_and_skips_type_checking_blocks(tmp_path):
-    tool = _tool()
+def test_the_cycle_check_finds_a_deferred_import_cycle_and_skips_type_checking_blocks(helpers, tmp_path):
+    tool = helpers.load_tool("import_cycles")
     (tmp_path / "fxcompress").mkdir()
     (tmp_path / "passes").mkdir()
     (tmp_path / "fxcompress" / "__init__.py").write_text("")

@@ -149,3 +149,11 @@ def test_cost_model_is_exact_beyond_conv_and_linear_modules(frontend, metric):
     built = count_macs(small, x) if metric == "macs" else count_params(small)
     assert cost.predict(kept) == pytest.approx(built, rel=1e-9)
     assert cost.predict({}) == cost.dense == (count_macs(model, x) if metric == "macs" else count_params(model))
+
+
+def test_the_targets_benchmark_measures_what_the_built_model_reaches(helpers):
+    row = helpers.load_tool("bench_targets").measure("resnet18", 32, "l1", "params=3")
+    model = torchvision.models.resnet18().eval()
+    small = _compile(model, torch.randn(1, 3, 32, 32), L1Norm(), "params=3")
+    assert row["reached"] == pytest.approx(_ratio(model, small, None, "params"))
+    assert row["status"] == "ok" and abs(row["error %"]) <= 100 * TOLERANCE
