@@ -42,6 +42,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxcompress import meta
 from fxcompress.channels import ChannelSpace, Role
+from fxcompress.ops import lookup
 from fxcompress.modules import (
     MASKED_STATISTICS, MaskedLayerNorm, MaskedRMSNorm, masked_layer_norm, masked_mean, masked_rms_norm,
 )
@@ -157,46 +158,8 @@ class RuleTable:
         return key in self._rules
 
     def lookup(self, gm: fx.GraphModule, node: fx.Node) -> OpRule | None:
-        if node.op == "call_module":
-            return self._module_rule(type(gm.get_submodule(node.target)))
-        if node.op == "call_method":
-            return self._rules.get("." + node.target) or self._rules.get("." + _out_of_place(node.target))
-        if node.op == "call_function":
-            rule = self._rules.get(node.target)
-            if rule is None:
-                qualname = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
-                rule = self._rules.get(qualname)
-            if rule is None and isinstance(node.target, torch._ops.OpOverload):
-                rule = self._rules.get(_functional_overload(node.target))
-            return rule
-        return None
-
-    def _module_rule(self, cls: type) -> OpRule | None:
-        for base in cls.__mro__:
-            rule = self._rules.get(base)
-            if rule is not None:
-                # a subclass that overrides forward() may compute anything: not ours to guess
-                return rule if cls.forward is base.forward else None
-        return None
-
-
-def _out_of_place(name: str) -> str:
-    """``add_`` -> ``add``: an in-place op treats channels as its functional twin does.
-
-    The result aliases ``self``, whose ids it keeps (the op cannot change
-    ``self``'s shape), so later readers of ``self`` see the same channels.
-    Dunder names (``__and__``) are not in-place spellings.
-    """
-    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
-
-
-def _functional_overload(op: torch._ops.OpOverload):
-    """``aten.relu_.default`` -> ``aten.relu.default`` (None when no such overload exists)."""
-    packet = op.overloadpacket.__name__
-    functional = _out_of_place(packet)
-    if functional == packet:
-        return None
-    return getattr(getattr(torch.ops.aten, functional, None), op._overloadname, None)
+        """The rule of the op ``node`` runs, under any of its spellings (:func:`fxcompress.ops.op_keys`)."""
+        return lookup(self._rules, gm, node)
 
 
 RULES = RuleTable()

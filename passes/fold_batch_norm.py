@@ -35,10 +35,12 @@ from typing import ClassVar
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from fxcompress import meta
 from fxcompress.masks import is_masked
+from fxcompress.ops import op_keys
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.trace import module_uses
 
@@ -87,9 +89,11 @@ def _candidate(gm: fx.GraphModule, bn_node: fx.Node) -> tuple[fx.Node, Fold] | N
     producer = bn_node.args[0]
     if not isinstance(producer, fx.Node) or producer.op != "call_module":
         return None
-    key = (type(gm.get_submodule(producer.target)), type(gm.get_submodule(bn_node.target)))
-    fold = _BY_TYPES.get(key)
-    return None if fold is None else (producer, fold)
+    for layer in op_keys(gm, producer):
+        for norm in op_keys(gm, bn_node):
+            if (layer, norm) in _BY_TYPES:
+                return producer, _BY_TYPES[layer, norm]
+    return None
 
 
 def _output_ndim(node: fx.Node) -> int | None:
@@ -117,6 +121,8 @@ def _skip_reason(layer: nn.Module, bn: nn.Module) -> str | None:
         return "without running statistics (track_running_stats=False)"
     if is_masked(layer) or is_masked(bn):
         return "next to pruning masks (run fold-batch-norm after shrink)"
+    if parametrize.is_parametrized(layer) or parametrize.is_parametrized(bn):
+        return "next to quantizers (run fold-batch-norm before insert-observers)"
     return None
 
 

@@ -40,6 +40,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
 from fxcompress import meta
+from fxcompress.ops import lookup, runs_one_of
 from fxcompress.masks import is_masked
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.trace import module_uses
@@ -75,17 +76,17 @@ SIGMOID, TANH = Activation("sigmoid"), Activation("tanh")
 
 #: How each spelling of a supported activation maps to its post-op (modules map through a function of the module).
 ACTIVATIONS: dict[object, Activation | Callable[[nn.Module], Activation]] = {
-    nn.ReLU: RELU, F.relu: RELU, torch.relu: RELU, "relu": RELU,
+    nn.ReLU: RELU, F.relu: RELU, torch.relu: RELU, ".relu": RELU,
     nn.ReLU6: RELU6, F.relu6: RELU6,
     nn.SiLU: SWISH, F.silu: SWISH,
     nn.Hardswish: HARDSWISH, F.hardswish: HARDSWISH,
-    nn.Sigmoid: SIGMOID, torch.sigmoid: SIGMOID, "sigmoid": SIGMOID,
-    nn.Tanh: TANH, torch.tanh: TANH, "tanh": TANH,
+    nn.Sigmoid: SIGMOID, torch.sigmoid: SIGMOID, ".sigmoid": SIGMOID,
+    nn.Tanh: TANH, torch.tanh: TANH, ".tanh": TANH,
     nn.GELU: lambda m: Activation("gelu", (), m.approximate),
 }
 
 #: Spellings of a two-tensor add (without ``alpha``) that can become the conv's binary post-op.
-ADDS = (operator.add, operator.iadd, torch.add, "add")
+ADDS = (operator.add, operator.iadd, torch.add, ".add")
 
 #: Keyword arguments an activation call may carry without changing what it computes.
 _HARMLESS_KWARGS = {"inplace"}
@@ -181,18 +182,12 @@ def _activation(gm: fx.GraphModule, node: fx.Node) -> Activation | None:
     """The post-op ``node`` computes on its single tensor argument, or None."""
     if len(node.args) != 1 or set(node.kwargs) - _HARMLESS_KWARGS:
         return None
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        entry = ACTIVATIONS.get(type(module))
-        return entry(module) if callable(entry) else entry
-    if node.op in ("call_function", "call_method"):
-        return ACTIVATIONS.get(node.target)
-    return None
+    entry = lookup(ACTIVATIONS, gm, node)
+    return entry(gm.get_submodule(node.target)) if callable(entry) else entry
 
 
-def _is_add(node: fx.Node) -> bool:
-    spelled = node.op == "call_function" or (node.op == "call_method" and isinstance(node.target, str))
-    return spelled and node.target in ADDS and len(node.args) == 2 and not node.kwargs
+def _is_add(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return runs_one_of(ADDS, gm, node) and len(node.args) == 2 and not node.kwargs
 
 
 
@@ -234,7 +229,7 @@ def _match(gm: fx.GraphModule, uses: Counter, act_node: fx.Node) -> Match | None
     source = act_node.args[0]
     if _fusable_conv(gm, uses, source, act_node):  # act(conv(x)) -> fused_conv(x)
         return Match(source, None, None, act_node, activation)
-    if not isinstance(source, fx.Node) or not _is_add(source) or list(source.users) != [act_node]:
+    if not isinstance(source, fx.Node) or not _is_add(gm, source) or list(source.users) != [act_node]:
         return None
     for conv, other in (source.args, source.args[::-1]):  # act(conv(x) + y) -> fused_conv(x, y)
         if other is not conv and _fusable_conv(gm, uses, conv, source) and _same_tensor_shape(conv, other):

@@ -26,6 +26,7 @@ from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
 from fxcompress.errors import ConfigError
 from fxcompress.masks import split_target, trainable
+from fxcompress.ops import runs_one_of
 from fxcompress.prune.base import ChannelPruner
 from fxcompress.prune.evaluator import Evaluator
 from fxcompress.prune.magnitude import GroupAggregation, effective_tensor, is_bias, normalize, reduce_slices
@@ -36,7 +37,7 @@ __all__ = ["APoZ", "MeanActivation", "Taylor", "OBD", "DataAwarePruner", "ACTIVA
 ACTIVATION_OPS: tuple = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
     F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, F.mish,
-    "relu", "relu_",
+    ".relu",
 )
 
 
@@ -94,14 +95,6 @@ class Site:
     local: np.ndarray
 
 
-def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), tuple(t for t in ACTIVATION_OPS if isinstance(t, type)))
-    if node.op == "call_method":
-        return node.target in ACTIVATION_OPS
-    return node.op == "call_function" and node.target in ACTIVATION_OPS
-
-
 def _node_sites(node: fx.Node, analysis: ChannelAnalysis, wanted: set[int]) -> list[tuple[int, Site]]:
     channels = node.meta.get(meta.CHANNELS)
     if not isinstance(channels, tuple) or not all(isinstance(c, np.ndarray) for c in channels):
@@ -124,7 +117,7 @@ def activation_sites(gm: fx.GraphModule, analysis: ChannelAnalysis, groups: Sequ
     for node in gm.graph.nodes:
         for gid, site in _node_sites(node, analysis, wanted):
             last[gid] = site
-            if _is_activation(gm, node):
+            if runs_one_of(ACTIVATION_OPS, gm, node):
                 active[gid].append(site)
     return {gid: active.get(gid) or [last[gid]] for gid in last}
 

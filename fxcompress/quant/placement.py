@@ -8,8 +8,9 @@ quantized op's output — after the activation functions that follow it
 (max-pool, reshape, flatten) reuse their input's grid, which costs nothing:
 their outputs already lie on it.
 
-Keys of :data:`OP_ROLES` are ``nn.Module`` types, Python callables, or
-``".method"`` strings for tensor methods (as in :mod:`fxcompress.rules`).
+Keys of :data:`OP_ROLES` are spelled as every op table's are
+(:mod:`fxcompress.ops`): ``nn.Module`` types, Python callables, or
+``".method"`` strings for tensor methods.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import fx, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from fxcompress import meta
+from fxcompress.ops import lookup
 from fxcompress.quant.config import WEIGHTED_TYPES, QConfig
 from fxcompress.quant.quantizers import Quantizer
 
@@ -64,16 +66,9 @@ def op_role(gm: fx.GraphModule, node: fx.Node, config: QConfig) -> OpRole | None
     """The node's role, or ``None`` for ops that stay in float (and weighted layers the config leaves out)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        kind = type_before_parametrizations(module)
-        if kind in WEIGHTED_TYPES:
+        if type_before_parametrizations(module) in WEIGHTED_TYPES:
             return OpRole.QUANTIZED if config.selects(node.target, module) else None
-        role = OP_ROLES.get(kind)
-    elif node.op == "call_method":
-        role = OP_ROLES.get("." + node.target)
-    elif node.op == "call_function":
-        role = OP_ROLES.get(node.target)
-    else:
-        return None
+    role = lookup(OP_ROLES, gm, node)
     if role is OpRole.QUANTIZED and not config.functional:
         return None
     return role
