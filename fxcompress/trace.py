@@ -734,11 +734,26 @@ def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """
     program = export_program(model, example_inputs)
     gm = program.module()
+    _drop_unread_state(gm)
     for refusing in ("train", "eval"):  # torch binds methods that raise NotImplementedError
         gm.__dict__.pop(refusing, None)
     gm.train(model.training)
     gm.register_forward_pre_hook(_CapturedMode(model.training))
     return accept_keywords(gm, model, len(example_inputs))
+
+
+def _drop_unread_state(gm: fx.GraphModule) -> None:
+    """Remove the parameters and buffers the graph never uses, as ``symbolic_trace`` never copies them.
+
+    The unlifted module reads every parameter and buffer of the model with a
+    ``get_attr`` node, whether the traced path uses it or not (GoogLeNet's
+    auxiliary classifiers in eval mode): such a model would carry weights
+    that nothing prunes, counted in its size, saved and exported.
+    """
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 def _tensors(args) -> list[torch.Tensor]:

@@ -16,8 +16,8 @@ from torch import nn
 import fxcompress
 from fxcompress.analysis import OpaqueOpWarning, analyze
 from fxcompress.prune import L1Norm
-from fxcompress.sweep import check_pruning
 from fxcompress.rules import RULES
+from fxcompress.sweep import check_pruning
 
 aten = torch.ops.aten
 
@@ -38,6 +38,27 @@ def test_export_prunes_torchvision_models_as_much_as_symbolic_trace(name):
     assert export_check.macs_shrunk == fx_check.macs_shrunk
     assert export_check.params_shrunk == fx_check.params_shrunk
     assert export_check.macs_ratio > 2.5
+
+
+class WithAuxiliaryHead(nn.Module):
+    """GoogLeNet's pattern: a classifier that only runs in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.aux = nn.Conv2d(3, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.training:
+            return y, self.aux(y.mean((2, 3)))
+        return y
+
+
+def test_export_keeps_only_the_weights_the_traced_path_reads():
+    model, x = WithAuxiliaryHead().eval(), torch.randn(1, 3, 8, 8)
+    gm = fxcompress.compile(model, x, [], frontend="export")
+    assert [name for name, _ in gm.named_parameters()] == ["conv.weight", "conv.bias"]
+    assert torch.equal(gm(x), model(x)) and hasattr(model, "aux")
 
 
 def test_export_graph_of_resnet18_has_the_same_groups_as_its_fx_graph():
