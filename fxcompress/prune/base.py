@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import fnmatch
 import math
 from collections.abc import Sequence
 from typing import ClassVar, Protocol, runtime_checkable
@@ -31,6 +30,7 @@ from fxcompress.channels import Role
 from fxcompress.errors import ConfigError, coerce_enum
 from fxcompress.masks import channel_masks, current_masks, kept_components, split_target
 from fxcompress.modules import HeadPrunedMultiheadAttention
+from fxcompress.selection import layer_selected, normalize_selection
 from fxcompress.trace import module_type
 
 __all__ = [
@@ -82,26 +82,6 @@ class Allocation(enum.Enum):
     GLOBAL = "global"  #: ``sparsity`` of all selected channels, lowest scores across groups first
 
 
-def layer_selected(
-    owner: str,
-    module: nn.Module | type[nn.Module],
-    op_types: tuple[type[nn.Module], ...],
-    op_names: tuple[str, ...],
-    exclude: tuple[str, ...],
-) -> bool:
-    """Whether layer ``owner`` passes a selection by type, name globs and exclusion globs.
-
-    >>> layer_selected("fc", nn.Linear(2, 2), (nn.Linear,), (), ("fc*",))
-    False
-    """
-    cls = module if isinstance(module, type) else type(module)
-    if not issubclass(cls, op_types):
-        return False
-    if op_names and not any(fnmatch.fnmatchcase(owner, p) for p in op_names):
-        return False
-    return not any(fnmatch.fnmatchcase(owner, p) for p in exclude)
-
-
 def removed_count(n: int, fraction: float) -> int:
     """How many of ``n`` items (channels, weights) a ``fraction`` removes: every pruner rounds this way.
 
@@ -119,23 +99,6 @@ def check_fraction(owner: object, field: str, value, upper_inclusive: bool = Fal
     if not ok:
         bound = "[0, 1]" if upper_inclusive else "[0, 1)"
         raise ConfigError(f"{type(owner).__name__}: {field} must be in {bound}, got {value!r}")
-
-
-def normalize_selection(owner: object) -> None:
-    """Accept a single string for ``op_names``/``exclude`` and check ``op_types`` (shared by all pruners)."""
-    for field in ("op_names", "exclude"):
-        value = getattr(owner, field)
-        if isinstance(value, str):
-            object.__setattr__(owner, field, (value,))
-        elif isinstance(value, list):
-            object.__setattr__(owner, field, tuple(value))
-    if isinstance(owner.op_types, type):  # L1Norm(op_types=nn.Conv2d)
-        object.__setattr__(owner, "op_types", (owner.op_types,))
-    if isinstance(owner.op_types, list):
-        object.__setattr__(owner, "op_types", tuple(owner.op_types))
-    bad = [t for t in owner.op_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
-    if bad:
-        raise ConfigError(f"{type(owner).__name__}: op_types must be nn.Module classes, got {bad}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ from torch import fx, nn
 
 from fxcompress.errors import ConfigError
 from fxcompress.masks import apply_masks, mask_of, public_name, refresh, split_target, trainable
-from fxcompress.prune.base import DEFAULT_OP_TYPES, Allocation, check_fraction, normalize_selection, removed_count
+from fxcompress.prune.base import DEFAULT_OP_TYPES, Allocation, check_fraction, removed_count
+from fxcompress.selection import normalize_selection
 from fxcompress.prune.evaluator import Evaluator
 from fxcompress.prune.schedule import AGPSchedule, Schedule
 from fxcompress.prune.unstructured import LevelPruner, _keep_top, selected_weights

@@ -21,11 +21,10 @@ from fxcompress.prune.base import (
     DEFAULT_OP_TYPES,
     Allocation,
     check_fraction,
-    layer_selected,
-    normalize_selection,
     register_pruner,
     removed_count,
 )
+from fxcompress.selection import layer_selected, normalize_selection
 
 __all__ = ["WeightPruner", "LevelPruner", "NMPruner", "selected_weights"]
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 
 from torch import nn
-from torch.nn.utils.parametrize import type_before_parametrizations
 
 from fxcompress.errors import ConfigError
+from fxcompress.selection import layer_selected, normalize_selection
 from fxcompress.quant.observers import HistogramMSEObserver, MinMaxObserver, Observer
 from fxcompress.quant.quantizers import LSQ, BNN, DoReFa, STEQuantizer, LSQPlus, Quantizer
 from fxcompress.quant.scheme import INT8_WEIGHT, UINT8_ACTIVATION, QScheme
@@ -86,10 +85,7 @@ class QConfig:
     functional: bool = True
 
     def __post_init__(self) -> None:
-        for field in ("op_names", "exclude"):
-            value = getattr(self, field)
-            if isinstance(value, str):
-                object.__setattr__(self, field, (value,))
+        normalize_selection(self)
         unsupported = [t.__name__ for t in self.op_types if t not in WEIGHTED_TYPES]
         if unsupported:
             raise ConfigError(
@@ -98,12 +94,8 @@ class QConfig:
             )
 
     def selects(self, path: str, module: nn.Module) -> bool:
-        """Whether the layer at ``path`` is quantized."""
-        if type_before_parametrizations(module) not in self.op_types:
-            return False
-        if self.op_names and not any(fnmatch.fnmatchcase(path, p) for p in self.op_names):
-            return False
-        return not any(fnmatch.fnmatchcase(path, p) for p in self.exclude)
+        """Whether the layer at ``path`` passes the selection (:func:`fxcompress.selection.layer_selected`)."""
+        return layer_selected(path, module, self.op_types, self.op_names, self.exclude)
 
     @classmethod
     def int8(
