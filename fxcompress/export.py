@@ -371,12 +371,12 @@ def _ort_error(session, flat: fx.GraphModule, tensors: list, tolerance: float) -
 
 
 def _max_error(session, flat: fx.GraphModule, tensors: list[torch.Tensor]) -> float:
-    feeds = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), tensors)}
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), tensors)}
     got = session.run(None, feeds)
     expected = _outputs(flat, tensors)
     worst = 0.0
     for a, b in zip(expected, got):
-        a = a.detach().numpy()
+        a = a.detach().cpu().numpy()
         if a.shape != b.shape:
             return float("inf")
         scale = float(np.abs(a).max()) if a.size else 1.0

@@ -195,7 +195,7 @@ def _combine(module: nn.Module, name: str, existing: torch.Tensor, mask: torch.T
         factors = {d: old.get(d, True) & new.get(d, True) for d in old.keys() | new.keys()}
         if factors.keys() == old.keys() and all(np.array_equal(factors[d], old[d]) for d in old):
             return False  # with every factor nonzero somewhere, the product changes iff a factor does
-    combined = existing * mask
+    combined = existing * mask.to(existing.device)
     if factors is None and torch.equal(combined, existing):
         return False
     existing.copy_(combined)
@@ -233,7 +233,7 @@ def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     factors = mask_factors(mask)
     if mask.dtype != torch.bool:  # a bool mask is a quarter of a float one; ``orig * mask`` reads either
         mask = mask.to(dtype=getattr(module, name).dtype)
-    mask = mask.contiguous()
+    mask = mask.to(getattr(module, name).device).contiguous()  # on the parameter's device
     if factors is not None:
         _record_factors(mask, factors)
     method = _MaskedTensor(mask)
@@ -253,7 +253,7 @@ def _alive_positions(mask: torch.Tensor, dim: int) -> np.ndarray:
         return alive if all(keep.any() for d, keep in factors.items() if d != dim) else np.zeros_like(alive)
     other = [d for d in range(mask.dim()) if d != dim]
     peak = mask.amax(dim=other) if other else mask  # prune masks are 0/1: one pass, no bool copy
-    return (peak != 0).numpy()
+    return (peak != 0).cpu().numpy()
 
 
 def kept_components(analysis: ChannelAnalysis, masks: dict[str, torch.Tensor]) -> np.ndarray:
@@ -335,7 +335,8 @@ def _already_zero(mask: torch.Tensor | None, dead_by_dim: dict[int, np.ndarray])
             return True  # the whole mask is zero
         return all(dim in factors and not factors[dim][dead].any() for dim, dead in dead_by_dim.items())
     return all(
-        not bool(mask.index_select(dim, torch.from_numpy(dead)).any()) for dim, dead in dead_by_dim.items()
+        not bool(mask.index_select(dim, torch.from_numpy(dead).to(mask.device)).any())
+        for dim, dead in dead_by_dim.items()
     )
 
 

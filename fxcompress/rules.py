@@ -540,6 +540,11 @@ def _statistics_over(ctx: AnalyzeContext, node: fx.Node, channels: Channels, k: 
     return channels
 
 
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    """Where the model's tensors live: buffers the rules add go there too."""
+    return next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("cpu"))
+
+
 def _keep_tensor(ctx: ShrinkContext, node: fx.Node) -> torch.Tensor:
     return torch.from_numpy(ctx.keep[ctx.labels[node.meta[meta.STATISTICS]]].astype(np.float32))
 
@@ -570,7 +575,7 @@ def restrict_statistics(ctx: ShrinkContext, node: fx.Node) -> bool:
     """
     if meta.STATISTICS not in node.meta:
         return False
-    keep = _keep_tensor(ctx, node)
+    keep = _keep_tensor(ctx, node).to(_device_of(ctx.gm))
     current = _current_keep(ctx.gm, node)
     if current is not None:
         if torch.equal(current, keep):

@@ -748,12 +748,38 @@ def _drop_unread_state(gm: fx.GraphModule) -> None:
     The unlifted module reads every parameter and buffer of the model with a
     ``get_attr`` node, whether the traced path uses it or not (GoogLeNet's
     auxiliary classifiers in eval mode): such a model would carry weights
-    that nothing prunes, counted in its size, saved and exported.
+    that nothing prunes, counted in its size, saved and exported. A tensor
+    read under any of its names stays under all of them (tied embeddings),
+    and so does every module that still holds a tensor or is called.
     """
     for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
         gm.graph.erase_node(node)
-    gm.delete_all_unused_submodules()
+    targets = [n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
+    read = {id(value) for t in targets if isinstance(value := _attribute(gm, t), torch.Tensor)}
+    for module in gm.modules():
+        for store in (module._parameters, module._buffers):
+            for key in [k for k, t in store.items() if t is not None and id(t) not in read]:
+                del store[key]
+    needed = {prefix for t in targets for prefix in _prefixes(t)}
+    for path, module in reversed(list(gm.named_modules())):  # children before their parents
+        holds = next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
+        if path and path not in needed and not holds:
+            owner, _, name = path.rpartition(".")
+            del gm.get_submodule(owner)._modules[name]
     gm.recompile()
+
+
+def _attribute(gm: nn.Module, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _prefixes(target: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``."""
+    parts = target.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def _tensors(args) -> list[torch.Tensor]:

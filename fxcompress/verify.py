@@ -208,7 +208,7 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
             owner, name = split_target(target)
             module = gm.get_submodule(owner)
             orig, mask = trainable(module, name), mask_of(module, name)
-            index = torch.from_numpy(dead)
+            index = torch.from_numpy(dead).to(orig.device)
             # only the removed slices change: keep those, not copies of whole weights
             saved.append((module, name, dim, index, orig.detach().index_select(dim, index),
                           mask.index_select(dim, index), getattr(module, name)))
@@ -216,10 +216,10 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
                 shape = list(orig.shape)
                 shape[dim] = len(dead)
                 scale = orig.abs().max().item() or 1.0
-                orig.index_copy_(dim, index, scale * (torch.rand(shape, generator=generator) + 0.5).to(orig.dtype))
+                orig.index_copy_(dim, index, scale * (torch.rand(shape, generator=generator) + 0.5).to(orig.device, orig.dtype))
                 # the removed rows read what the kept rows read: noise must not feed other removed channels
                 # (a chain of them would compound it to inf) nor be cut off from the kept ones
-                alive_elsewhere = mask.amax(dim=dim, keepdim=True) if mask.dim() > 1 else torch.ones(1)
+                alive_elsewhere = mask.amax(dim=dim, keepdim=True) if mask.dim() > 1 else torch.ones(1, device=mask.device)
                 mask.index_copy_(dim, index, alive_elsewhere.expand(shape).to(mask.dtype))
             setattr(module, name, masked(orig, mask))
         yield

@@ -48,7 +48,7 @@ def _slice_tensor(module: nn.Module, name: str, kept_by_dim: dict[int, np.ndarra
 
 def _select(value: torch.Tensor, kept_by_dim: dict[int, np.ndarray]) -> torch.Tensor:
     for dim, kept in kept_by_dim.items():
-        value = value.index_select(dim, torch.from_numpy(kept))
+        value = value.index_select(dim, torch.from_numpy(kept).to(value.device))
     return value.contiguous()
 
 

@@ -164,7 +164,7 @@ def _site_statistic(recorder: _Recorder, sites: list[Site], n: int, statistic: s
     total = np.zeros(n)
     for site in sites:
         key = (site.node, site.dim)
-        values = getattr(recorder, statistic)[key].numpy()[site.positions] / max(recorder.count[key], 1)
+        values = getattr(recorder, statistic)[key].cpu().numpy()[site.positions] / max(recorder.count[key], 1)
         per_channel = np.bincount(site.local, weights=values, minlength=n)
         total += per_channel / np.maximum(np.bincount(site.local, minlength=n), 1)
     return total / max(len(sites), 1)
@@ -214,7 +214,7 @@ def _group_slices(analysis: ChannelAnalysis, groups: Sequence[Group]) -> list[tu
 
 def _rows(tensor: torch.Tensor, dim: int, positions: np.ndarray) -> torch.Tensor:
     moved = tensor.movedim(dim, 0)
-    return moved.reshape(moved.shape[0], -1)[torch.from_numpy(positions)].double()
+    return moved.reshape(moved.shape[0], -1)[torch.from_numpy(positions).to(tensor.device)].double().cpu()
 
 
 def each_gradient(gm: fx.GraphModule, evaluator: Evaluator, num_batches: int):

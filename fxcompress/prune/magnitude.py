@@ -56,11 +56,11 @@ def slice_rows(gm: fx.GraphModule, analysis: ChannelAnalysis, group: Group, role
             continue
         positions, local = analysis.positions(k, group)
         tensor = effective_tensor(gm, piece.target).float().movedim(piece.dim, 0)
-        yield k, tensor.reshape(tensor.shape[0], -1)[torch.from_numpy(positions)], local
+        yield k, tensor.reshape(tensor.shape[0], -1)[torch.from_numpy(positions).to(tensor.device)].cpu(), local
 
 
 def _per_channel(values: torch.Tensor, local: np.ndarray, n: int) -> np.ndarray:
-    return np.bincount(local, weights=values.double().numpy(), minlength=n)
+    return np.bincount(local, weights=values.double().cpu().numpy(), minlength=n)
 
 
 def _per_index_norms(tensor: torch.Tensor, dim: int, p: int) -> torch.Tensor:
@@ -163,7 +163,7 @@ def group_norm_scores(
             continue
         per_index = _per_index_norms(effective_tensor(gm, piece.target).float(), piece.dim, p)
         positions, local = analysis.positions(k, group)
-        scores = _per_channel(per_index[torch.from_numpy(positions)], local, len(group)) ** (1.0 / p)
+        scores = _per_channel(per_index[torch.from_numpy(positions).to(per_index.device)], local, len(group)) ** (1.0 / p)
         if scores.max() > 0:
             per_slice.append(normalize(scores, normalizer))
     return reduce_slices(per_slice, reduction, len(group))
@@ -218,7 +218,7 @@ class L2Norm(GroupAggregation, ChannelPruner):
 def _distance_sums(rows: torch.Tensor, local: np.ndarray, n: int) -> np.ndarray:
     """Per channel: the summed Euclidean distance of its filter to every other filter of the layer."""
     filters = torch.zeros(n, rows.shape[1], dtype=torch.float64)
-    filters.index_add_(0, torch.from_numpy(local), rows.double())
+    filters.index_add_(0, torch.from_numpy(local), rows.double().cpu())
     return torch.cdist(filters, filters).sum(1).numpy()
 
 
