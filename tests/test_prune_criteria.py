@@ -13,6 +13,7 @@ from torch import nn
 import fxcompress
 from fxcompress import prune as P
 from fxcompress.analysis import get_analysis
+from fxcompress.errors import ConfigError
 from fxcompress.examples import SmallCNN
 from fxcompress.passes import standard_pruning
 
@@ -135,6 +136,19 @@ def test_fpgm_removes_the_filter_nearest_the_geometric_median_not_the_smallest()
     x = torch.randn(1, 2, 3, 3)
     assert removed_rows(masks_of(model, P.FPGM(0.25), x), "conv1.weight") == [0]
     assert removed_rows(masks_of(model, P.L1Norm(0.25), x), "conv1.weight") in ([1], [2])
+
+
+def test_fpgm_compares_squared_weights_by_default_and_raw_weights_as_the_paper_does():
+    model = TwoConv()
+    with torch.no_grad():
+        # (4, .5) is (-4, 0) again once squared: a duplicate; among raw weights (1, 1) is nearest the median
+        model.conv1.weight.copy_(torch.tensor([[-4.0, 0.0], [4.0, 0.5], [1.0, 1.0], [0.0, -3.0]]).view(4, 2, 1, 1))
+        model.conv2.weight.fill_(1.0)
+    x = torch.randn(1, 2, 3, 3)
+    assert removed_rows(masks_of(model, P.FPGM(0.25), x), "conv1.weight") == [1]
+    assert removed_rows(masks_of(model, P.FPGM(0.25, vectors="weights"), x), "conv1.weight") == [2]
+    with pytest.raises(ConfigError, match="vectors must be"):
+        P.FPGM(0.25, vectors="abs")
 
 
 def test_slim_ranks_by_batchnorm_gamma():

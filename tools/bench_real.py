@@ -258,6 +258,7 @@ def criteria(exclude: tuple[str, ...], normalizer: str | None = None) -> list[Cr
         Criterion("fxcompress", "L1", lambda s, ev: P.L1Norm(s, exclude=exclude, **agg)),
         Criterion("fxcompress", "L2", lambda s, ev: P.L2Norm(s, exclude=exclude, **agg)),
         Criterion("fxcompress", "FPGM", lambda s, ev: P.FPGM(s, exclude=exclude)),
+        Criterion("fxcompress", "FPGM-weights", lambda s, ev: P.FPGM(s, exclude=exclude, vectors="weights")),
         Criterion("fxcompress", "BN scale", lambda s, ev: P.Slim(s, exclude=exclude)),
         Criterion("fxcompress", "Taylor", lambda s, ev: P.Taylor(s, exclude=exclude, evaluator=ev, **agg), True),
         Criterion("fxcompress", "APoZ", lambda s, ev: P.APoZ(s, exclude=exclude, evaluator=ev), True),

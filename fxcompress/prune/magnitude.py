@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
+from fxcompress.errors import ConfigError
 from fxcompress.masks import split_target
 from fxcompress.prune.base import Allocation, ChannelPruner, coerce_enum
 
@@ -231,16 +232,31 @@ class FPGM(ChannelPruner):
     norm. The score of a channel is the sum of its filter's distances to all
     other filters of each producing layer (smallest = nearest the median),
     normalised per layer and averaged over the group's producers.
+
+    ``vectors`` says which points are compared: ``"squared"`` (default) the
+    filters' element-wise squared weights, as Torch-Pruning does, so filters
+    that differ only in signs count as duplicates and small filters sit near
+    each other; ``"weights"`` the raw weights, as in the paper. On CREPE's
+    pretrained weights at identical channel counts (``tools/bench_real.py``)
+    squared vectors keep 54.5 % raw pitch accuracy at 4x fewer MACs where raw
+    weights keep 41.0 % (Torch-Pruning 46.5 %), and 28.5 % against 17.5 % on
+    the ``tiny`` model at 2x.
     """
 
     key = "fpgm"
+    vectors: str = "squared"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vectors not in ("squared", "weights"):
+            raise ConfigError(f"FPGM: vectors must be 'squared' or 'weights', got {self.vectors!r}")
 
     def channel_scores(self, gm, analysis, group):
         total = np.zeros(len(group))
         for _, rows, local in slice_rows(gm, analysis, group, (Role.PRODUCER,)):
             if rows.shape[1] == 1:  # biases: a distance between scalars says nothing about the filter
                 continue
-            sums = _distance_sums(rows, local, len(group))
+            sums = _distance_sums(rows if self.vectors == "weights" else rows.square(), local, len(group))
             total += sums / max(sums.mean(), 1e-12)
         return total
 
