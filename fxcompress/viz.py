@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -442,10 +443,17 @@ def _matplotlib_figure(view: GraphView, positions: dict[str, tuple[float, float]
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    layers = len({round(y, 6) for _, y in positions.values()})
-    width = max(6.0, 1.3 * max(sum(1 for p in positions.values() if abs(p[1] - y) < 1e-9) for _, y in positions.values()))
-    fig, ax = plt.subplots(figsize=(min(width, 40.0), max(4.0, 0.45 * layers)))
+    xs, ys = [x for x, _ in positions.values()], [y for _, y in positions.values()]
+    per_layer = Counter(round(y, 6) for y in ys)
+    layers, widest = len(per_layer), max(per_layer.values())
+    # room for a two-line label per node: 1.8 in across, 0.55 in down (labels are drawn in points)
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 1.8 * widest), 40.0), max(4.0, 0.55 * layers)))
     ax.set_axis_off()
+    # texts do not widen the data limits: set them to the nodes, half a step beyond the outermost ones
+    half_x = ((max(xs) - min(xs)) / max(widest - 1, 1) or 1.0) / 2
+    half_y = ((max(ys) - min(ys)) / max(layers - 1, 1) or 1.0) / 2
+    ax.set_xlim(min(xs) - half_x, max(xs) + half_x)
+    ax.set_ylim(min(ys) - half_y, max(ys) + half_y)
     for edge in view.edges:
         (x0, y0), (x1, y1) = positions[edge.src], positions[edge.dst]
         colour = _darker(view.group(edge.groups[0]).colour) if edge.groups else "#666666"
@@ -459,7 +467,7 @@ def _matplotlib_figure(view: GraphView, positions: dict[str, tuple[float, float]
         text = ax.text(x, y, node.label, fontsize=7, ha="center", va="center",
                        bbox={"boxstyle": "round,pad=0.3", "facecolor": node.colour, "edgecolor": "#444444"})
         text.set_gid("node " + " ".join(f"g{g}" for g in node.groups))
-    fig.tight_layout()
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
     return fig
 
 
@@ -580,7 +588,14 @@ def _legend_row(group: GroupInfo, pruned: bool) -> str:
     )
 
 
-def html_page(view: GraphView, svg: str) -> str:
+#: How each layout engine is named on the page.
+LAYOUT_NAMES = {
+    "graphviz": "Graphviz dot",
+    "networkx": "networkx layered layout (topological generations), drawn with matplotlib",
+}
+
+
+def html_page(view: GraphView, svg: str, engine: str = "graphviz") -> str:
     """A self-contained page: the SVG inline (wheel to zoom, drag to pan) and one legend row per group.
 
     Hovering a legend row dims everything outside that group; hovering a box
@@ -597,6 +612,7 @@ def html_page(view: GraphView, svg: str) -> str:
         f"<p>{len(view.nodes)} nodes, {len(view.groups)} groups, {prunable} prunable{note}. "
         "Wheel to zoom, drag to pan, double-click to see it all, hover a row to highlight its group. "
         "Grey: frozen (never pruned); hover a box for its reason.</p>"
+        f'<p class="layout">Layout: {LAYOUT_NAMES[engine]}.</p>'
         f'<table class="legend"><tr><th>group</th><th>channels</th><th>status</th><th>members</th></tr>\n{rows}\n'
         f"</table></aside><script>{_HTML_SCRIPT}</script></body></html>\n"
     )
@@ -632,14 +648,14 @@ def render(
         if fmt == "png":
             path.write_bytes(render_png(view, engine, rankdir, dpi))
         else:
-            path.write_text(_text_output(view, fmt, svg, rankdir), encoding="utf-8")
+            path.write_text(_text_output(view, fmt, svg, rankdir, engine), encoding="utf-8")
         written[fmt] = path
     return written
 
 
-def _text_output(view: GraphView, fmt: str, svg: str | None, rankdir: str) -> str:
+def _text_output(view: GraphView, fmt: str, svg: str | None, rankdir: str, engine: str) -> str:
     if fmt == "html":
-        return html_page(view, svg)
+        return html_page(view, svg, engine)
     if fmt == "svg":
         return svg
     if fmt == "dot":

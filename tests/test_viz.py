@@ -109,6 +109,28 @@ def test_networkx_fallback_renders_without_graphviz(traced, tmp_path):
     assert len(png) > 5_000 and _png_colours(png) > 10
 
 
+def test_fallback_drawing_of_mobilenet_v2_shows_every_label_and_edge_without_overlap(tmp_path):
+    """Without Graphviz: every node's label lies inside the picture, clear of every other label, and every
+    edge is drawn; the page says which layout it used."""
+    import itertools
+
+    from fxcompress.viz import _layered_positions, _matplotlib_figure
+
+    gm = fxcompress.compile(torchvision.models.mobilenet_v2().eval(), torch.randn(1, 3, 64, 64), [])
+    view = view_graph(gm, pruner=L1Norm(0.5))
+    figure = _matplotlib_figure(view, _layered_positions(view))
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    drawn = {kind: [t for t in figure.axes[0].texts if (t.get_gid() or "").startswith(kind)] for kind in ("node", "edge")}
+    assert sorted(t.get_text() for t in drawn["node"]) == sorted(n.label for n in view.nodes)
+    assert len(drawn["edge"]) == len(view.edges) > 150
+    boxes = [t.get_window_extent(renderer) for t in drawn["node"]]
+    assert all(figure.bbox.contains(b.x0, b.y0) and figure.bbox.contains(b.x1, b.y1) for b in boxes)
+    assert not [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
+    page = render(view, tmp_path / "mnv2", ("html",), engine="networkx")["html"].read_text()
+    assert "Layout: networkx layered layout" in page
+
+
 def test_pruned_counts_match_the_shrunk_model():
     inputs = torch.randn(1, 3, 16, 16)
     view = view_graph(fxcompress.trace(ConcatSplit(), inputs), pruner=L1Norm(0.5))
