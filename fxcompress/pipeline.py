@@ -28,7 +28,7 @@ from fxcompress import meta
 from fxcompress.analysis import invalidate_analysis
 from fxcompress.errors import ConfigError, PipelineError, VerificationError
 from fxcompress.trace import normalize_example_inputs
-from fxcompress.verify import forward, nonfinite_leaf, oracle_outputs, unreachable_error, worst_leaf
+from fxcompress.verify import forward, largest_error, nonfinite_leaf, oracle_outputs, unreachable_error, worst_leaf
 
 __all__ = [
     "Pass",
@@ -279,8 +279,9 @@ class VerifyOutputs:
             )
 
     def check(self, previous, outputs) -> None:
-        worst = worst_leaf(self.reference, outputs, self.rtol)
-        self.errors[previous.name] = max(worst.error if worst else 0.0, self.errors.get(previous.name, 0.0))
+        largest = largest_error(self.reference, outputs)
+        self.errors[previous.name] = max(largest.error if largest else 0.0, self.errors.get(previous.name, 0.0))
+        worst = largest if largest is not None and largest.error > self.rtol else None
         if worst is None:
             return
         if worst.kind == "shape":

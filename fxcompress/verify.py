@@ -67,7 +67,7 @@ def _at(flat_index: int, shape) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), shape)) if len(shape) else ()
 
 
-def leaf_error(name: str, a: torch.Tensor, b: torch.Tensor, rtol: float) -> LeafError:
+def leaf_error(name: str, a: torch.Tensor, b: torch.Tensor) -> LeafError:
     """The worse of ``b``'s error relative to ``a``'s scale and its element-wise error (divided by ``ELEMENT_SLACK``)."""
     a64, b64 = a.detach().double(), b.detach().double()
     if not a64.numel():
@@ -84,22 +84,29 @@ def leaf_error(name: str, a: torch.Tensor, b: torch.Tensor, rtol: float) -> Leaf
     return LeafError(name, rel.max().item(), index, a64.flatten()[flat].item(), b64.flatten()[flat].item(), kind)
 
 
-def worst_leaf(reference, outputs, rtol: float) -> LeafError | None:
-    """The leaf whose error exceeds ``rtol`` the most, or None when every leaf agrees.
+def largest_error(reference, outputs) -> LeafError | None:
+    """The leaf with the largest error (None when there are no leaves).
 
     Leaves are matched by key path; a leaf missing on one side or with another
-    shape is a failure with ``error = inf``.
+    shape is an error of ``inf``. ``rtol`` plays no part: this is the measure
+    a report prints, :func:`worst_leaf` the verdict.
     """
     ref, got = output_leaves(reference), output_leaves(outputs)
-    worst = None
+    largest = None
     for name in ref.keys() | got.keys():
         a, b = ref.get(name), got.get(name)
         if a is None or b is None or a.shape != b.shape:
             return LeafError(name, float("inf"), (), float("nan"), float("nan"), "shape")
-        err = leaf_error(name, a, b, rtol)
-        if err.error > rtol and (worst is None or err.error > worst.error):
-            worst = err
-    return worst
+        err = leaf_error(name, a, b)
+        if largest is None or err.error > largest.error:
+            largest = err
+    return largest
+
+
+def worst_leaf(reference, outputs, rtol: float) -> LeafError | None:
+    """The leaf whose error exceeds ``rtol`` the most, or None when every leaf agrees (see :func:`largest_error`)."""
+    largest = largest_error(reference, outputs)
+    return largest if largest is not None and largest.error > rtol else None
 
 
 def nonfinite_leaf(outputs) -> str | None:

@@ -6,7 +6,9 @@ cases belong in their own functions.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from typing import ClassVar
 
 import pytest
 import torch
@@ -70,7 +72,7 @@ def test_verify_names_leaf_and_index():
 
 def test_verify_elementwise_catches_error_on_small_elements():
     a = torch.tensor([1000.0, 1.0])
-    err = leaf_error("0", a, torch.tensor([1000.0, 1.3]), rtol=1e-4)
+    err = leaf_error("0", a, torch.tensor([1000.0, 1.3]))
     assert (err.kind, err.index, err.expected) == ("element", (1,), 1.0)
     assert err.error == pytest.approx(0.3 / 1.0 / 100.0)
     assert worst_leaf(a, a.clone() + torch.tensor([1e-3, 0.0]), rtol=1e-4) is None
@@ -301,3 +303,23 @@ def test_a_shrunk_graph_that_fails_to_run_is_one_error_naming_its_line_and_print
         fxcompress.compile(LiteralView().eval(), torch.randn(1, 3, 4, 4), standard_pruning(L1Norm(0.5)))
     assert "line" in str(caught.value) and "view(" in str(caught.value)  # the graph line that failed
     assert capfd.readouterr().err == ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Nudge(Pass):
+    """Scales the last layer's weight by 1 + 1e-6: an output change well inside the tolerance."""
+
+    name: ClassVar[str] = "nudge"
+
+    def run(self, gm):
+        with torch.no_grad():
+            gm.get_submodule("2").weight.mul_(1 + 1e-6)
+        return True
+
+
+def test_verification_records_the_error_it_measured_not_only_failures():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    verifier = VerifyOutputs((x,), rtol=1e-4)
+    fxcompress.compile(model, x, [Nudge()], verify=False, hooks=[verifier])
+    assert verifier.errors["nudge"] == pytest.approx(1e-6, rel=0.2)
