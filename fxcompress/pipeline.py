@@ -15,6 +15,7 @@ next_pass)``; verification, timing and printing are all such hooks.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +41,8 @@ __all__ = [
     "VerifyOutputs",
     "TimePasses",
     "PASS_REGISTRY",
+    "format_pipeline",
+    "changed_fields",
     "Rewrite",
     "apply_rewrites",
 ]
@@ -64,6 +67,21 @@ class Pass:
 
     def run(self, gm: fx.GraphModule) -> bool:
         raise NotImplementedError
+
+    def text_options(self) -> dict[str, Any]:
+        """The options that rebuild this pass from text: its fields that differ from their defaults."""
+        return changed_fields(self)
+
+    def to_text(self) -> str:
+        """This pass as a textual pipeline writes it (``parse_pipeline`` reads it back to an equal pass).
+
+        >>> from fxcompress.passes import InsertMasks
+        >>> from fxcompress.prune import L1Norm
+        >>> InsertMasks(L1Norm(0.3, exclude="fc")).to_text()
+        'insert-masks{pruner=l1,sparsity=0.3,exclude=fc}'
+        """
+        body = ",".join(f"{key}={_text_value(self.name, key, value)}" for key, value in self.text_options().items())
+        return f"{self.name}{{{body}}}" if body else self.name
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         history = gm.meta.setdefault(meta.PASS_HISTORY, [])
@@ -120,6 +138,50 @@ def apply_rewrites(
             refresh(gm)
         modified |= bool(matched)
     return modified
+
+
+def changed_fields(obj) -> dict[str, Any]:
+    """The constructor fields of dataclass ``obj`` whose values differ from their defaults, in field order."""
+    if not dataclasses.is_dataclass(obj):
+        return {}
+    changed = {}
+    for field in dataclasses.fields(obj):
+        if not field.init:
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = dataclasses.MISSING
+        value = getattr(obj, field.name)
+        if default is dataclasses.MISSING or value != default:
+            changed[field.name] = value
+    return changed
+
+
+def _text_value(pass_name: str, key: str, value) -> str:
+    """``value`` as text that :func:`parse_pipeline` reads back to it; a ConfigError when there is none."""
+    plain = value.value if isinstance(value, enum.Enum) else value
+    if isinstance(plain, tuple) and len(plain) == 1 and isinstance(plain[0], str):
+        plain = plain[0]  # a one-pattern selection: the pruners accept the bare string
+    if plain is None or isinstance(plain, (bool, int, float, str)):
+        text = "none" if plain is None else str(plain).lower() if isinstance(plain, bool) else str(plain)
+        if _parse_value(text) == plain and not re.search(r"[,{}]", text):
+            return text
+    raise ConfigError(
+        f"pass {pass_name!r}: option {key}={value!r} has no text form (text options are numbers, booleans, "
+        "names and one glob pattern); build this pass in Python"
+    )
+
+
+def format_pipeline(passes: Sequence[Pass]) -> str:
+    """The text of a pipeline, the inverse of :func:`parse_pipeline`.
+
+    >>> format_pipeline(parse_pipeline("insert-masks{pruner=fpgm,sparsity=0.4},propagate-channels,shrink"))
+    'insert-masks{pruner=fpgm,sparsity=0.4},propagate-channels,shrink'
+    """
+    return ",".join(p.to_text() for p in passes)
 
 
 def _parse_value(text: str) -> Any:

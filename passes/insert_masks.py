@@ -10,8 +10,8 @@ from torch import fx
 from fxcompress.analysis import get_analysis, report_coverage
 from fxcompress.errors import ConfigError
 from fxcompress.masks import apply_masks, current_masks, kept_components
-from fxcompress.pipeline import Pass, register_pass
-from fxcompress.prune import ChannelPruner, Pruner, Targeted, make_pruner
+from fxcompress.pipeline import Pass, changed_fields, register_pass
+from fxcompress.prune import PRUNERS, ChannelPruner, Pruner, Targeted, make_pruner
 
 __all__ = ["InsertMasks"]
 
@@ -55,6 +55,18 @@ class InsertMasks(Pass):
             raise ConfigError("insert-masks needs a pruner option, e.g. insert-masks{pruner=l1,sparsity=0.5}")
         pruner = make_pruner(str(name), **options)
         return cls(Targeted(pruner, str(target)) if target is not None else pruner)
+
+    def text_options(self) -> dict:
+        """``pruner=<key>``, the pruner's own changed fields and, for a target, ``target=<budget>``."""
+        pruner, target = self.pruner, {}
+        if isinstance(pruner, Targeted):
+            if "tolerance" in changed_fields(pruner):
+                raise ConfigError(f"pass 'insert-masks': a target tolerance ({pruner.tolerance}) has no text form")
+            pruner, target = pruner.criterion, {"target": str(pruner.target)}
+        key = getattr(type(pruner), "key", None)
+        if PRUNERS.get(key) is not type(pruner):
+            raise ConfigError(f"pass 'insert-masks': the pruner {type(pruner).__name__} has no text name")
+        return {"pruner": key, **changed_fields(pruner), **target}
 
     def run(self, gm: fx.GraphModule) -> bool:
         analysis = get_analysis(gm)

@@ -348,3 +348,36 @@ def test_shrink_updates_shapes_without_a_forward_pass(name):
     propagate_shapes(shrunk, (x,))
     real = {n.name: tuple(n.meta[meta.TENSOR_META].shape) for n in shrunk.graph.nodes if n.name in derived}
     assert derived == real
+
+
+# ---------------------------------------------------------------- pipelines as text, both ways
+
+ROUND_TRIPS = [
+    "insert-masks{pruner=l1,sparsity=0.3},analyze-groups,propagate-channels,shrink",
+    "insert-masks{pruner=fpgm,sparsity=0.3,exclude=fc*,round_to=8,vectors=weights}",
+    "insert-masks{pruner=lamp,sparsity=0.6,allocation=local,max_sparsity_per_layer=0.9}",
+    "insert-masks{pruner=l2,sparsity=0.4,target=params=3}",
+    "insert-masks{pruner=nm,n=1,m=8},fold-batch-norm,channels-last",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIPS)
+def test_every_pass_prints_back_to_the_text_it_was_parsed_from(text):
+    """Options at their defaults are left out, so these texts are written without them."""
+    from fxcompress.pipeline import format_pipeline
+
+    passes = parse_pipeline(text)
+    assert format_pipeline(passes) == text
+    assert parse_pipeline(format_pipeline(passes)) == passes
+
+
+def test_options_without_a_text_form_are_named():
+    from fxcompress.prune import Evaluator, Taylor
+
+    taylor = Taylor(0.5, evaluator=Evaluator([(torch.zeros(1, 3), torch.zeros(1))], lambda m, b: m(b[0]).sum()))
+    with pytest.raises(ConfigError, match="option evaluator=.*has no text form"):
+        InsertMasks(taylor).to_text()
+    with pytest.raises(ConfigError, match="option op_types=.*has no text form"):
+        InsertMasks(L1Norm(0.5, op_types=(nn.Conv2d,))).to_text()
+    with pytest.raises(ConfigError, match="option exclude=.*has no text form"):
+        InsertMasks(L1Norm(0.5, exclude=("a", "b"))).to_text()
