@@ -292,13 +292,28 @@ def cmd_passes(args) -> int:
     from fxcompress.prune import PRUNERS
     from tabulate import tabulate
 
-    rows = [[name, ", ".join(f.name for f in dataclasses.fields(cls)) or "-", _first_line(cls.__doc__)]
-            for name, cls in sorted(PASS_REGISTRY.items())]
+    rows = [[name, _options(cls), _first_line(cls.__doc__)] for name, cls in sorted(PASS_REGISTRY.items())]
     print(tabulate(rows, headers=["pass", "options", "what it does"]))
     print()
-    rows = [[name, _first_line(cls.__doc__)] for name, cls in sorted(PRUNERS.items())]
-    print(tabulate(rows, headers=["pruner", "what it does"]))
+    rows = [[name, _first_line(cls.__doc__), _options(cls)] for name, cls in sorted(PRUNERS.items())]
+    print(tabulate(rows, headers=["pruner", "what it does", "options (insert-masks{pruner=NAME,option=value})"]))
     return 0
+
+
+def _options(cls) -> str:
+    """``name: type = default`` for each constructor field of a dataclass (``-`` when there are none)."""
+    shown = []
+    for field in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        if not field.init:
+            continue
+        text = f"{field.name}: {field.type}"
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+            if isinstance(default, tuple) and all(isinstance(t, type) for t in default) and default:
+                default = "(" + ", ".join(t.__name__ for t in default) + ("," if len(default) == 1 else "") + ")"
+            text += f" = {getattr(default, 'value', default)}"
+        shown.append(text)
+    return ", ".join(shown) or "-"
 
 
 def _first_line(doc: str | None) -> str:

@@ -103,6 +103,8 @@ def test_passes_lists_passes_and_pruners(capsys):
     out = capsys.readouterr().out
     for name in ("insert-masks", "analyze-groups", "propagate-channels", "shrink", "l1", "l2"):
         assert name in out
+    fpgm = next(line for line in out.splitlines() if line.startswith("fpgm "))
+    assert "sparsity: float = 0.5" in fpgm and "vectors: str = squared" in fpgm and "op_types" in fpgm
 
 
 def test_compress_exports_onnx_saves_and_traces_passes(tmp_path, capsys):
