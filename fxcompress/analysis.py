@@ -365,7 +365,7 @@ def _get_attr(ctx: AnalyzeContext, node: fx.Node):
     ids = tuple(ctx.space.fresh(n) for n in value.shape)
     owner, _, name = node.target.rpartition(".")
     for dim, dim_ids in enumerate(ids):
-        ctx.space.add_slice(owner, name, dim, dim_ids, Role.AFFINE, maskable=False)
+        ctx.space.add_slice(owner, name, dim, dim_ids, Role.AFFINE, maskable=False, provisional=True)
     return ids
 
 

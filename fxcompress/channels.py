@@ -52,6 +52,8 @@ class ParamSlice:
     ids: Ids = field(repr=False)
     role: Role
     maskable: bool = True  #: whether InsertMasks may put a mask on the tensor
+    #: recorded by a ``get_attr`` read alone; the rule of the op that reads the tensor replaces it
+    provisional: bool = False
 
     @property
     def target(self) -> str:
@@ -202,7 +204,9 @@ class ChannelSpace:
             return
         self._freezes.append((ids, reason))
 
-    def add_slice(self, owner: str, name: str, dim: int, ids: Ids, role: Role, maskable: bool = True) -> None:
+    def add_slice(
+        self, owner: str, name: str, dim: int, ids: Ids, role: Role, maskable: bool = True, provisional: bool = False
+    ) -> None:
         """Record that ``owner.name`` indexes channels ``ids`` along ``dim``.
 
         A tensor used twice (a module called twice, a shared weight) is recorded
@@ -212,15 +216,18 @@ class ChannelSpace:
         index = self._slice_by_key.get(key)
         if index is None:
             self._slice_by_key[key] = len(self.slices)
-            self.slices.append(ParamSlice(owner, name, dim, ids, role, maskable))
+            self.slices.append(ParamSlice(owner, name, dim, ids, role, maskable, provisional))
             return
         seen = self.slices[index]
         self.couple(seen.ids, ids)
-        # A get_attr read records a provisional slice (not maskable); the rule of the op that
-        # reads the tensor (F.linear's weight, F.batch_norm's running mean) says what it is.
-        provisional = not seen.maskable and maskable
-        if provisional or _ROLE_STRENGTH[role] > _ROLE_STRENGTH[seen.role]:
-            self.slices[index] = ParamSlice(owner, name, dim, seen.ids, role, maskable)
+        # A get_attr read records a provisional slice; the rule of the op that reads the tensor
+        # (F.linear's weight, F.batch_norm's running mean: a buffer) says what it is.
+        if seen.provisional != provisional:
+            replace = seen.provisional
+        else:
+            replace = _ROLE_STRENGTH[role] > _ROLE_STRENGTH[seen.role]
+        if replace:
+            self.slices[index] = ParamSlice(owner, name, dim, seen.ids, role, maskable, provisional)
 
     def reshape(self, big: Ids, grid: tuple[int, ...], pieces: list[Ids], where: str) -> None:
         """Record that dim ``big`` is the row-major product of the ``pieces`` dims.

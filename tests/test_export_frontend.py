@@ -72,6 +72,18 @@ def test_export_graph_of_resnet18_has_the_same_groups_as_its_fx_graph():
     assert sizes["export"] == sizes["fx"] and len(sizes["fx"]) == 12
 
 
+def test_export_gives_every_tensor_the_role_symbolic_trace_gives_it():
+    """Running statistics read through get_attr are buffers, not affine weights that criteria score."""
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)
+    roles = {}
+    for frontend in ("fx", "export"):
+        analysis = analyze(fxcompress.trace(model, x, frontend=frontend))
+        pieces = [analysis.slices[k] for g in analysis.prunable_groups() for k in g.slices]
+        roles[frontend] = {(p.target, p.dim): p.role for p in pieces}
+    assert roles["export"] == roles["fx"]
+    assert roles["export"][("bn1.running_var", 0)].name == "BUFFER"
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """timm's ``BatchNormAct2d`` pattern: a BatchNorm2d subclass that calls ``F.batch_norm`` itself."""
 
