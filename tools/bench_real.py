@@ -276,8 +276,13 @@ def criteria(exclude: tuple[str, ...], normalizer: str | None = None) -> list[Cr
 
 
 def keep_for(c: Criterion, model, x, sparsity, evaluator) -> tuple[dict[str, np.ndarray] | dict, float]:
-    """Scores of criterion ``c`` per layer, and the seconds scoring took."""
+    """Scores of criterion ``c`` per layer, and the seconds scoring took.
+
+    Each scoring gets its own copy of the model (not timed), so no row depends on what earlier rows
+    left on it (gradients, hooks, dependency-graph state).
+    """
     tool = c.build(sparsity, evaluator)
+    model = load_like(model)
     start = time.perf_counter()
     if c.tool == "fxcompress":
         scores = fx_scores(model, x, tool)
