@@ -29,6 +29,7 @@ as ratios within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -79,13 +80,30 @@ def tones(n: int, seed: int, snr_db: float = 20.0) -> tuple[torch.Tensor, torch.
     return torch.tensor(frames, dtype=torch.float32), torch.tensor(f0, dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def without_dither():
+    """torchcrepe's bin-to-cents conversion adds dither drawn from numpy's global, unseeded random state
+    (``scipy.stats.triang.rvs``): targets and decoded pitch would change from run to run. Within the
+    block the conversion is exact, so every row of every run sees the same targets and decoding."""
+    import torchcrepe
+
+    dither = torchcrepe.convert.dither
+    torchcrepe.convert.dither = lambda cents: cents
+    try:
+        yield
+    finally:
+        torchcrepe.convert.dither = dither
+
+
 def pitch(model: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-    """Decoded pitch in Hz: torchcrepe's ``weighted_argmax`` on the model's probabilities, as ``predict`` does."""
+    """Decoded pitch in Hz: torchcrepe's ``weighted_argmax`` on the model's probabilities, as ``predict``
+    does, without dither."""
     import torchcrepe
 
     with torch.no_grad():
         probs = torch.cat([model(chunk) for chunk in frames.split(100)])
-    return torchcrepe.decode.weighted_argmax(probs.T[None].clone())[1].reshape(-1)
+    with without_dither():
+        return torchcrepe.decode.weighted_argmax(probs.T[None].clone())[1].reshape(-1)
 
 
 def raw_pitch_accuracy(model: nn.Module, frames: torch.Tensor, f0: torch.Tensor) -> float:
@@ -98,7 +116,8 @@ def target_distribution(f0: torch.Tensor) -> torch.Tensor:
     """CREPE's training target: a Gaussian over the 360 pitch bins (25 cents wide) around the true pitch."""
     import torchcrepe
 
-    bins = torchcrepe.convert.bins_to_cents(torch.arange(360)).float()
+    with without_dither():
+        bins = torchcrepe.convert.bins_to_cents(torch.arange(360)).float()
     cents = torchcrepe.convert.frequency_to_cents(f0)[:, None]
     return torch.exp(-((bins[None] - cents) ** 2) / (2 * 25.0**2))
 
