@@ -44,7 +44,7 @@ from fxcompress import meta
 from fxcompress.channels import ChannelSpace, Ids, ParamSlice, Role, Solution
 from fxcompress.errors import LowCoverageError
 from fxcompress.rules import RULES, AnalyzeContext, Multi, Opaque
-from fxcompress.trace import describe_node
+from fxcompress.trace import describe_node, fetch_attr
 
 __all__ = [
     "Group",
@@ -359,7 +359,7 @@ def _tensor_inputs(ctx: AnalyzeContext, node: fx.Node) -> list:
 
 
 def _get_attr(ctx: AnalyzeContext, node: fx.Node):
-    value = _fetch_attr(ctx.gm, node.target)
+    value = fetch_attr(ctx.gm, node.target)
     if not isinstance(value, torch.Tensor):
         return None
     ids = tuple(ctx.space.fresh(n) for n in value.shape)
@@ -367,13 +367,6 @@ def _get_attr(ctx: AnalyzeContext, node: fx.Node):
     for dim, dim_ids in enumerate(ids):
         ctx.space.add_slice(owner, name, dim, dim_ids, Role.AFFINE, maskable=False, provisional=True)
     return ids
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    value = gm
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
 
 
 def _analyze_node(ctx: AnalyzeContext, node: fx.Node, opaque: dict[str, list[str]]):
@@ -463,7 +456,7 @@ def _component_mass(gm: fx.GraphModule, slices: list[ParamSlice], solution: Solu
         if piece.role is Role.BUFFER:
             continue
         try:
-            tensor = _fetch_attr(gm, piece.target)
+            tensor = fetch_attr(gm, piece.target)
         except AttributeError:
             continue
         if isinstance(tensor, torch.Tensor) and tensor.dim() > piece.dim and tensor.shape[piece.dim]:

@@ -302,13 +302,12 @@ def cmd_passes(args) -> int:
 
 def _options(cls) -> str:
     """``name: type = default`` for each constructor field of a dataclass (``-`` when there are none)."""
+    from fxcompress.pipeline import option_fields
+
     shown = []
-    for field in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
-        if not field.init:
-            continue
+    for field, default in option_fields(cls):
         text = f"{field.name}: {field.type}"
-        if field.default is not dataclasses.MISSING:
-            default = field.default
+        if default is not dataclasses.MISSING:
             if isinstance(default, tuple) and all(isinstance(t, type) for t in default) and default:
                 default = "(" + ", ".join(t.__name__ for t in default) + ("," if len(default) == 1 else "") + ")"
             text += f" = {getattr(default, 'value', default)}"

@@ -43,6 +43,7 @@ __all__ = [
     "PASS_REGISTRY",
     "format_pipeline",
     "changed_fields",
+    "option_fields",
     "Rewrite",
     "apply_rewrites",
 ]
@@ -140,20 +141,22 @@ def apply_rewrites(
     return modified
 
 
+def option_fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    """The constructor fields of a dataclass (pass or pruner) with their defaults (``MISSING`` if none)."""
+    if not dataclasses.is_dataclass(cls):
+        return []
+    found = []
+    for field in dataclasses.fields(cls):
+        if field.init:
+            has_factory = field.default_factory is not dataclasses.MISSING
+            found.append((field, field.default_factory() if has_factory else field.default))
+    return found
+
+
 def changed_fields(obj) -> dict[str, Any]:
     """The constructor fields of dataclass ``obj`` whose values differ from their defaults, in field order."""
-    if not dataclasses.is_dataclass(obj):
-        return {}
     changed = {}
-    for field in dataclasses.fields(obj):
-        if not field.init:
-            continue
-        if field.default is not dataclasses.MISSING:
-            default = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        else:
-            default = dataclasses.MISSING
+    for field, default in option_fields(obj):
         value = getattr(obj, field.name)
         if default is dataclasses.MISSING or value != default:
             changed[field.name] = value

@@ -49,6 +49,7 @@ __all__ = [
     "trace", "ExampleInputs", "normalize_example_inputs", "dynamic_dims", "resized_inputs", "BATCH", "SEQUENCE",
     "export_program", "accept_keywords",
     "propagate_shapes", "describe_node", "FRONTENDS", "inference_mode", "module_type", "copy_model", "module_uses",
+    "fetch_attr",
 ]
 
 logger = logging.getLogger(__name__)
@@ -755,7 +756,7 @@ def _drop_unread_state(gm: fx.GraphModule) -> None:
     for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
         gm.graph.erase_node(node)
     targets = [n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
-    read = {id(value) for t in targets if isinstance(value := _attribute(gm, t), torch.Tensor)}
+    read = {id(value) for t in targets if isinstance(value := fetch_attr(gm, t), torch.Tensor)}
     for module in gm.modules():
         for store in (module._parameters, module._buffers):
             for key in [k for k, t in store.items() if t is not None and id(t) not in read]:
@@ -769,10 +770,11 @@ def _drop_unread_state(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _attribute(gm: nn.Module, target: str):
+def fetch_attr(gm: nn.Module, target: str):
+    """The attribute a ``get_attr``/``call_module`` target names (``layer1.0.conv1.weight``)."""
     value = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
+    for atom in target.split("."):
+        value = getattr(value, atom)
     return value
 
 

@@ -236,11 +236,11 @@ class FPGM(ChannelPruner):
     ``vectors`` says which points are compared: ``"squared"`` (default) the
     filters' element-wise squared weights, as Torch-Pruning does, so filters
     that differ only in signs count as duplicates and small filters sit near
-    each other; ``"weights"`` the raw weights, as in the paper. On CREPE's
-    pretrained weights at identical channel counts (``tools/bench_real.py``)
-    squared vectors keep 54.5 % raw pitch accuracy at 4x fewer MACs where raw
-    weights keep 41.0 % (Torch-Pruning 46.5 %), and 28.5 % against 17.5 % on
-    the ``tiny`` model at 2x.
+    each other; ``"weights"`` the raw weights, as in the paper. The default
+    was chosen on CREPE's pretrained weights at identical channel counts,
+    where squared vectors keep more accuracy than raw ones and than
+    Torch-Pruning's FPGM (``tools/bench_real.py --criteria fpgm,fpgm-weights``;
+    figures in ``docs/benchmarks.md``).
     """
 
     key = "fpgm"
