@@ -16,6 +16,7 @@ __all__ = [
     "VALUE",
     "PASS_SECONDS",
     "STATISTICS",
+    "WEIGHT_GRIDS",
 ]
 
 #: Written by ``torch.fx.passes.shape_prop.ShapeProp``: shape and dtype of the node's output.
@@ -51,3 +52,9 @@ PASS_SECONDS = "fxcompress.pass_seconds"
 #: that dimension's channel ids. When some are removed, masking switches the
 #: node to statistics over the kept channels (``fxcompress.modules.MASKED_STATISTICS``).
 STATISTICS = "fxcompress.statistics"
+
+#: On the module: ``{weight's fully qualified name: fxcompress.oneshot.WeightGrid}``, the integer grid
+#: (``QScheme``, per-group scales and zero points, each input column's group) that one-shot weight
+#: quantization (RTN, GPTQ) rounded the weight onto; the parameter holds the dequantized values, so a
+#: later step can pack ``grid.integers(weight)`` into int4/int8 kernels.
+WEIGHT_GRIDS = "fxcompress.weight_grids"

@@ -9,6 +9,7 @@ from fxcompress.passes.fold_qdq import FoldQDQ
 from fxcompress.passes.fuse_conv_activation import FuseConvActivation
 from fxcompress.passes.insert_masks import InsertMasks
 from fxcompress.passes.insert_observers import InsertObservers
+from fxcompress.passes.one_shot import OneShot
 from fxcompress.passes.propagate_channels import PropagateChannels
 from fxcompress.passes.shrink import Shrink
 
@@ -24,6 +25,7 @@ __all__ = [
     "Calibrate",
     "FakeQuantize",
     "FoldQDQ",
+    "OneShot",
     "standard_pruning",
     "standard_ptq",
     "inference_passes",
