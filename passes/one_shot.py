@@ -5,7 +5,8 @@ The pass runs a one-shot algorithm of :mod:`fxcompress.oneshot` (``Wanda``,
 layer-sequential engine: each layer is compressed from the inputs that the
 already-compressed layers before it produce on ``data``. ``data`` is a
 sequence of batches, as :class:`~fxcompress.passes.Calibrate` takes it: one
-tensor (for a one-input model) or a tuple of ``forward`` arguments per batch.
+tensor (for a one-input model) or a tuple of ``forward`` arguments per batch,
+or a dict of keyword arguments (a tokenizer's output).
 Sparsity installs masks; quantization writes dequantized weights and records
 their grids under :data:`fxcompress.meta.WEIGHT_GRIDS`. The graph itself does
 not change, and a second run finds nothing left to do.
@@ -61,7 +62,7 @@ class OneShot(Pass):
         if not isinstance(self.algorithm, OneShotAlgorithm):
             raise ConfigError(f"OneShot needs a one-shot algorithm (fxcompress.oneshot: {', '.join(sorted(ALGORITHMS))}"
                               f"), got {type(self.algorithm).__name__}")
-        if isinstance(self.data, (torch.Tensor, dict)):
+        if isinstance(self.data, (torch.Tensor, dict, str)):
             raise ConfigError("OneShot takes data as a sequence of batches, e.g. tuple(tokens.split(8))")
 
     @classmethod

@@ -39,7 +39,7 @@ from fxcompress.errors import ConfigError
 from fxcompress.masks import apply_masks, mask_of, masked, refresh, split_target, trainable
 from fxcompress.ops import runs_one_of
 from fxcompress.selection import layer_selected
-from fxcompress.trace import describe_node, fetch_attr, inference_mode, module_type
+from fxcompress.trace import ExampleInputs, describe_node, fetch_attr, inference_mode, module_type
 
 __all__ = [
     "Statistics", "InputStats", "Layer", "Compressed", "OneShotAlgorithm", "LINEAR_OPS", "LinearSite",
@@ -288,11 +288,9 @@ def gather_stats(where: str, values: Sequence[torch.Tensor], like: torch.Tensor,
 
 
 def _placeholder_values(gm: fx.GraphModule, batch, placeholders: list[fx.Node]) -> list:
-    """The values ``batch`` (a tensor or a tuple of positional ``forward`` arguments) gives each placeholder."""
-    if isinstance(batch, dict):
-        raise ConfigError("one-shot calibration batches are tensors or tuples of positional forward() arguments "
-                          "(as for Calibrate); got a dict: pass tuple(batch.values()) in forward()'s order")
-    args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+    """The values ``batch`` gives each placeholder: a tensor, a tuple of positional ``forward`` arguments (as
+    Calibrate takes them), a dict of keyword arguments (a tokenizer's output) or an ``(args, kwargs)`` pair."""
+    args = ExampleInputs.of(batch).positional(gm)
     flat = list(gm.graph.process_inputs(*args))
     for node in placeholders[len(flat):]:
         if not node.args:
