@@ -55,6 +55,6 @@ STATISTICS = "fxcompress.statistics"
 
 #: On the module: ``{weight's fully qualified name: fxcompress.oneshot.WeightGrid}``, the integer grid
 #: (``QScheme``, per-group scales and zero points, each input column's group) that one-shot weight
-#: quantization (RTN, GPTQ) rounded the weight onto; the parameter holds the dequantized values, so a
+#: quantization (RTN, GPTQ, AWQ) rounded the weight onto; the parameter holds the dequantized values, so a
 #: later step can pack ``grid.integers(weight)`` into int4/int8 kernels.
 WEIGHT_GRIDS = "fxcompress.weight_grids"

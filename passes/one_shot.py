@@ -1,7 +1,7 @@
 """OneShot: compress every selected linear layer from calibration data, one layer after another.
 
 The pass runs a one-shot algorithm of :mod:`fxcompress.oneshot` (``Wanda``,
-``SparseGPT``, ``MagnitudeSparsity``, ``GPTQ``, ``RTN``) through the
+``SparseGPT``, ``MagnitudeSparsity``, ``GPTQ``, ``AWQ``, ``RTN``) through the
 layer-sequential engine: each layer is compressed from the inputs that the
 already-compressed layers before it produce on ``data``. ``data`` is a
 sequence of batches, as :class:`~fxcompress.passes.Calibrate` takes it: one

@@ -16,6 +16,7 @@ from fxcompress import meta
 from fxcompress.errors import ConfigError
 from fxcompress.masks import current_masks
 from fxcompress.oneshot import (
+    AWQ,
     GPTQ,
     RTN,
     MagnitudeSparsity,
@@ -130,6 +131,27 @@ def test_wanda_is_magnitude_per_row_when_every_input_has_the_same_norm():
     assert torch.equal(unstructured, drop_lowest_per_row(weight, 8))
 
 
+def test_awq_search_scales_up_the_weights_of_a_loud_input_and_beats_rtn():
+    model, data = loud_channel_case()
+    x, dense = torch.cat(data), model[0].weight.detach()
+    errors, grids = {}, {}
+    for algorithm in (RTN(bits=3, group_size=8), AWQ(bits=3, group_size=8)):
+        gm, _ = one_shot(model, algorithm, data)
+        errors[algorithm.key] = output_error(x, dense, weight_of(gm, "0.weight"))
+        grids[algorithm.key] = gm.meta[meta.WEIGHT_GRIDS]["0.weight"]
+    assert errors["awq"] < 0.7 * errors["rtn"]
+    assert int(grids["awq"].input_scale.argmax()) == 3 and grids["rtn"].input_scale is None
+    assert grids["awq"].holds(weight_of(one_shot(model, AWQ(bits=3, group_size=8), data)[0], "0.weight"))
+
+
+def test_awq_is_rtn_when_every_input_is_equally_active():
+    model = one_layer(16, 8)
+    data = list(torch.randint(0, 2, (2, 32, 16)).float() * 2 - 1)
+    weights = [weight_of(one_shot(model, a, data)[0], "0.weight") for a in (RTN(bits=3, group_size=8),
+                                                                           AWQ(bits=3, group_size=8))]
+    assert torch.equal(*weights)
+
+
 # ---------------------------------------------------------------------------- exact amounts
 
 
@@ -231,7 +253,7 @@ def test_both_frontends_give_the_same_result():
 def test_a_second_run_changes_nothing():
     model, data = one_layer(32, 16), correlated_inputs(2, 32, 32)
     for algorithm in (MagnitudeSparsity(0.5), Wanda(n=2, m=4), SparseGPT(0.5, block_size=16), RTN(),
-                      GPTQ(bits=3, group_size=8)):
+                      GPTQ(bits=3, group_size=8), AWQ(bits=3, group_size=8, grid_points=4)):
         gm, modified = one_shot(model, algorithm, data)
         again = OneShot(algorithm, data, progress=False)(gm)
         assert modified and not again.modified, algorithm

@@ -1,5 +1,5 @@
 """One-shot compression of large models from a little calibration data: sparsity (magnitude, Wanda,
-SparseGPT; unstructured or N:M) and weight quantization (RTN, GPTQ) on a layer-sequential engine.
+SparseGPT; unstructured or N:M) and weight quantization (RTN, GPTQ, AWQ) on a layer-sequential engine.
 
 The algorithms are small frozen dataclasses that the ``one-shot`` pass
 (:class:`fxcompress.passes.OneShot`) consults, one linear layer at a time, in
@@ -35,11 +35,11 @@ from fxcompress.oneshot.engine import (
     register_algorithm,
 )
 from fxcompress.oneshot.grid import WeightGrid
-from fxcompress.oneshot.quantize import GPTQ, RTN, WeightQuantizer
+from fxcompress.oneshot.quantize import AWQ, GPTQ, RTN, WeightQuantizer
 from fxcompress.oneshot.sparsity import MagnitudeSparsity, SparseGPT, SparsityAlgorithm, Wanda
 
 __all__ = [
-    "MagnitudeSparsity", "Wanda", "SparseGPT", "RTN", "GPTQ", "WeightGrid",
+    "MagnitudeSparsity", "Wanda", "SparseGPT", "RTN", "GPTQ", "AWQ", "WeightGrid",
     "SparsityAlgorithm", "WeightQuantizer", "OneShotAlgorithm", "Layer", "Compressed", "InputStats", "Statistics",
     "LinearSite", "LINEAR_OPS", "ALGORITHMS", "compress_layers", "gather_stats", "linear_sites", "make_algorithm",
     "register_algorithm",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -62,11 +63,12 @@ class Statistics(enum.IntEnum):
 @dataclasses.dataclass(frozen=True, eq=False)
 class InputStats:
     """A layer's calibration input ``X`` (``tokens x in``) summarised: ``hessian = XᵀX / tokens`` (float32,
-    None when not asked for) and ``sq_norms = ||X_j||²`` summed over all tokens (float64)."""
+    None when not asked for), ``sq_norms = ||X_j||²`` and ``abs_sums = Σ|X_j|`` over all tokens (float64)."""
 
     tokens: int
     sq_norms: torch.Tensor
     hessian: torch.Tensor | None = None
+    abs_sums: torch.Tensor | None = None
 
     @property
     def norms(self) -> torch.Tensor:
@@ -270,6 +272,7 @@ def gather_stats(where: str, values: Sequence[torch.Tensor], like: torch.Tensor,
     """Summarise a layer's inputs (one tensor per batch, last dim = the layer's inputs) on ``like``'s device."""
     columns = like.shape[1]
     sq_norms = torch.zeros(columns, dtype=torch.float64, device=like.device)
+    abs_sums = torch.zeros_like(sq_norms)
     hessian = torch.zeros(columns, columns, device=like.device) if level >= Statistics.HESSIAN else None
     tokens = 0
     for value in values:
@@ -278,10 +281,11 @@ def gather_stats(where: str, values: Sequence[torch.Tensor], like: torch.Tensor,
                               f"inputs (got {type(value).__name__} {tuple(getattr(value, 'shape', ()))})")
         x = value.detach().reshape(-1, columns).to(device=like.device, dtype=torch.float32)
         sq_norms += x.double().square().sum(0)
+        abs_sums += x.double().abs().sum(0)
         if hessian is not None and len(x):  # running mean of XᵀX: no overflow on long calibration sets
             hessian.mul_(tokens / (tokens + len(x))).addmm_(x.T, x, alpha=1 / (tokens + len(x)))
         tokens += len(x)
-    return InputStats(tokens, sq_norms, hessian)
+    return InputStats(tokens, sq_norms, hessian, abs_sums)
 
 
 # ---------------------------------------------------------------------------- the walk
@@ -338,7 +342,7 @@ class _Walk:
 
     def run(self, node: fx.Node) -> None:
         try:
-            self.values[node] = [_run_node(self.gm, node, lambda n: self.load(n, b)) for b in range(self.batches)]
+            self.values[node] = [_run_node(self.gm, node, functools.partial(self.load, batch=b)) for b in range(self.batches)]
         except ConfigError:
             raise
         except Exception as exc:

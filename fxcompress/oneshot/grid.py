@@ -1,7 +1,7 @@
 """The integer grid a one-shot quantized weight lies on: one :class:`~fxcompress.quant.scheme.QScheme`,
 a scale and zero point per (output row, group of input columns).
 
-RTN and GPTQ write the *dequantized* weight back to the parameter (the model
+RTN, GPTQ and AWQ write the *dequantized* weight back to the parameter (the model
 keeps running in float and composes with masks and fine-tuning) and record its
 grid under :data:`fxcompress.meta.WEIGHT_GRIDS`, so that a packing step can
 turn ``grid.integers(weight)`` into int4/int8 kernels without re-deriving
@@ -49,7 +49,10 @@ class WeightGrid:
 
     ``group_index`` is contiguous (``column // group_size``) unless GPTQ ran
     with act-order and dynamic groups, where groups follow the order columns
-    were quantized in (GPTQ's ``g_idx``).
+    were quantized in (GPTQ's ``g_idx``). ``input_scale`` (AWQ) means the grid
+    holds ``weight · input_scale`` per input column: the weight is
+    ``dequantized / input_scale``, and a kernel multiplies its input by
+    ``1 / input_scale`` (or folds it into the op before).
     """
 
     scheme: QScheme
@@ -57,19 +60,23 @@ class WeightGrid:
     scale: torch.Tensor
     zero_point: torch.Tensor
     group_index: torch.Tensor
+    input_scale: torch.Tensor | None = None
 
     @property
     def bits(self) -> int:
         return self.scheme.bits
 
     @classmethod
-    def fit(cls, scheme: QScheme, weight: torch.Tensor, group_size: int) -> WeightGrid:
-        """The min/max grid of every contiguous group of ``group_size`` columns of ``weight`` (RTN's grid)."""
+    def fit(cls, scheme: QScheme, weight: torch.Tensor, group_size: int,
+            input_scale: torch.Tensor | None = None) -> WeightGrid:
+        """The min/max grid of every contiguous group of ``group_size`` columns of ``weight`` (times
+        ``input_scale`` per column, when given): RTN's grid."""
+        scaled = weight.float() if input_scale is None else weight.float() * input_scale
         columns = weight.shape[1]
-        pieces = [group_qparams(scheme, weight[:, i : i + group_size].float()) for i in range(0, columns, group_size)]
+        pieces = [group_qparams(scheme, scaled[:, i : i + group_size]) for i in range(0, columns, group_size)]
         index = torch.arange(columns, device=weight.device) // group_size
         return cls(scheme, group_size, torch.stack([s for s, _ in pieces], 1), torch.stack([z for _, z in pieces], 1),
-                   index)
+                   index, input_scale)
 
     def _per_column(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scale[:, self.group_index], self.zero_point[:, self.group_index]
@@ -77,13 +84,15 @@ class WeightGrid:
     def integers(self, weight: torch.Tensor) -> torch.Tensor:
         """The grid integers of ``weight`` (``int32``, saturated to the scheme's range)."""
         scale, zero_point = self._per_column()
-        q = torch.round(weight.float() / scale) + zero_point
+        scaled = weight.float() if self.input_scale is None else weight.float() * self.input_scale
+        q = torch.round(scaled / scale) + zero_point
         return torch.clamp(q, self.scheme.qmin, self.scheme.qmax).to(torch.int32)
 
     def dequantize(self, integers: torch.Tensor) -> torch.Tensor:
         """The float32 weight the grid ``integers`` stand for."""
         scale, zero_point = self._per_column()
-        return (integers.float() - zero_point.float()) * scale
+        values = (integers.float() - zero_point.float()) * scale
+        return values if self.input_scale is None else values / self.input_scale
 
     def holds(self, weight: torch.Tensor) -> bool:
         """Whether ``weight`` lies exactly on this grid (so packing it loses nothing)."""

@@ -1,4 +1,4 @@
-"""One-shot weight quantization on the layer-sequential engine: round-to-nearest and GPTQ.
+"""One-shot weight quantization on the layer-sequential engine: round-to-nearest, GPTQ and AWQ.
 
 Both round each linear weight onto a per-(row, group of ``group_size`` input
 columns) grid of ``bits`` (a :class:`~fxcompress.quant.scheme.QScheme`:
@@ -25,7 +25,7 @@ from fxcompress.oneshot.obs import inverse_hessian_factor, obs_columns
 from fxcompress.quant.scheme import QScheme
 from fxcompress.selection import normalize_selection
 
-__all__ = ["WeightQuantizer", "RTN", "GPTQ"]
+__all__ = ["WeightQuantizer", "RTN", "GPTQ", "AWQ"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,11 @@ class WeightQuantizer:
         return (isinstance(grid, WeightGrid) and grid.scheme == self.scheme
                 and grid.group_size == self.groups_of(layer) and grid.holds(layer.weight))
 
+    def rounded(self, layer: Layer, input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, WeightGrid]:
+        """``layer``'s weight rounded to nearest on its min/max group grid (of ``weight · input_scale``)."""
+        grid = WeightGrid.fit(self.scheme, layer.weight.float(), self.groups_of(layer), input_scale)
+        return grid.dequantize(grid.integers(layer.weight)), grid
+
 
 @dataclasses.dataclass(frozen=True)
 class RTN(WeightQuantizer):
@@ -93,8 +98,8 @@ class RTN(WeightQuantizer):
     def compress(self, layer: Layer, stats: InputStats | None) -> Compressed:
         if self.already_done(layer):
             return Compressed()
-        grid = WeightGrid.fit(self.scheme, layer.weight.float(), self.groups_of(layer))
-        return Compressed(weight=grid.dequantize(grid.integers(layer.weight)).to(layer.weight.dtype), grid=grid)
+        weight, grid = self.rounded(layer)
+        return Compressed(weight=weight.to(layer.weight.dtype), grid=grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,3 +181,52 @@ class GPTQ(WeightQuantizer):
             return q if keep is None else torch.where(keep[:, position], q, 0.0)
 
         return target
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQ(WeightQuantizer):
+    """AWQ (Lin et al. 2023): scale each input column by ``s_j = mean|X_j|^α`` before rounding to nearest, so
+    the weights that read the most active inputs lose the least to rounding; ``α`` is searched.
+
+    The candidates ``α = 0, 1/grid_points, ...`` are scored by the layer's output
+    error on the calibration data, ``tr(ΔW H ΔWᵀ)`` with ``H = XᵀX``, and the
+    best is kept (``α = 0`` is RTN, so AWQ is never worse than RTN there). The
+    parameter holds ``Q(W·s) / s``; the recorded grid carries ``s`` as its
+    ``input_scale`` (a kernel multiplies its input by ``1/s``, or the op before
+    it is folded). Each layer gets its own ``s``: layers sharing an input are
+    not tied, since nothing is folded into a shared op here.
+    """
+
+    grid_points: int = 20
+
+    key = "awq"
+    statistics = Statistics.HESSIAN
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.grid_points, int) or self.grid_points < 1:
+            raise ConfigError(f"AWQ: grid_points must be a positive integer, got {self.grid_points!r}")
+
+    def compress(self, layer: Layer, stats: InputStats | None) -> Compressed:
+        if self.already_done(layer):
+            return Compressed()
+        hessian = stats.hessian.to(layer.weight.device)
+        activity = (stats.abs_sums / max(stats.tokens, 1)).to(device=layer.weight.device, dtype=torch.float32)
+        best = None
+        for step in range(self.grid_points):
+            weight, grid = self.rounded(layer, self.input_scale(activity, step / self.grid_points))
+            delta = weight - layer.weight.float()
+            loss = float(((delta @ hessian) * delta).sum())
+            if best is None or loss < best[0]:
+                best = (loss, weight, grid)
+        return Compressed(weight=best[1].to(layer.weight.dtype), grid=best[2])
+
+    @staticmethod
+    def input_scale(activity: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``mean|X_j|^α``, normalised to a geometric middle of 1 (AWQ's ``s / sqrt(max s · min s)``).
+
+        >>> AWQ.input_scale(torch.tensor([1.0, 4.0, 16.0]), 0.5)
+        tensor([0.5000, 1.0000, 2.0000])
+        """
+        scale = activity.clamp(min=1e-8).pow(alpha)
+        return scale / (scale.max() * scale.min()).sqrt()
