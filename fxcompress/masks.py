@@ -15,8 +15,12 @@ tensor has been modified in place, so any other mask takes the general path.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import math
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,7 +36,7 @@ if TYPE_CHECKING:  # masks read an analysis; the analysis never needs masks
 __all__ = [
     "current_masks", "apply_masks", "channel_masks", "kept_components", "split_target", "mask_factors",
     "ones_where_kept", "masked", "own_masks", "mask_of", "trainable", "refresh", "storage_names", "public_name",
-    "remove_masks", "is_masked", "set_masked", "unmask",
+    "remove_masks", "MaskStamp", "mask_stamp", "is_masked", "set_masked", "unmask", "replace_mask", "deferred_values", "forward_value",
 ]
 
 #: id(mask) -> (mask._version when recorded, {dim: bool keep-vector}); entries leave with their tensor.
@@ -117,8 +121,90 @@ def trainable(module: nn.Module, name: str) -> torch.Tensor | None:
 
 
 def refresh(module: nn.Module, name: str) -> None:
-    """Recompute ``module.name`` from its dense values and mask after either changed outside a forward."""
-    setattr(module, name, masked(trainable(module, name), mask_of(module, name)))
+    """Recompute ``module.name`` from its dense values and mask after either changed outside a forward.
+
+    Inside :func:`deferred_values` the recomputation waits (see there).
+    """
+    pending = _PENDING.get()
+    if pending is None:
+        _settle(module, name)
+        return
+    setattr(module, name, torch.empty_like(trainable(module, name), device="meta"))
+    pending.append((module, name))
+
+
+def _settle(module: nn.Module, name: str) -> None:
+    """Give masked ``module.name`` a mask of its own memory (writable in place by the user, unlike a
+    broadcast view) and compute its forward value."""
+    mask = mask_of(module, name)
+    if not mask.is_contiguous():
+        factors, view = mask_factors(mask), mask
+        mask = module._buffers[name + _MASK] = view.contiguous()
+        if factors is not None:
+            _record_factors(mask, factors)
+        _note_settled(view, mask)
+    with torch.no_grad():  # a leaf, like the values forwards compute, so the model can be deep-copied
+        setattr(module, name, masked(trainable(module, name), mask))
+
+
+#: the masked tensors whose forward values wait for the end of :func:`deferred_values`; None outside it
+_PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("fxcompress_pending_masks", default=None)
+
+
+@contextlib.contextmanager
+def deferred_values(root: nn.Module):
+    """Within the block, installing or changing a mask does not recompute the masked tensor, and channel
+    masks stay broadcast views; on leaving, every masked tensor still waiting is settled once.
+
+    A pipeline changes masks several times (pruner, propagation) and usually
+    ends by slicing them away (shrink); computing ``orig * mask`` and a
+    weight-sized mask at every step cost time and memory for tensors that
+    were about to go. Meanwhile ``module.name`` holds a ``meta`` tensor of
+    the right shape: reading its values fails loudly instead of giving stale
+    ones, code that needs the value outside a forward asks
+    :func:`forward_value`, and a forward of ``root`` first computes every
+    waiting value (the owners' pre-hooks do not run for tensors a graph reads
+    with ``get_attr``). Nested blocks join the outermost.
+    """
+    if _PENDING.get() is not None:
+        yield
+        return
+    pending: list[tuple[nn.Module, str]] = []
+    token = _PENDING.set(pending)
+    handle = root.register_forward_pre_hook(lambda *_: _compute_waiting(pending))
+    try:
+        yield
+    finally:
+        handle.remove()
+        _PENDING.reset(token)
+        for module, name in pending:
+            if mask_of(module, name) is not None:
+                _settle(module, name)
+
+
+def _note_settled(view: torch.Tensor, mask: torch.Tensor) -> None:
+    """Remember that ``mask`` replaced the broadcast ``view`` with the same values, for stamps of ``view``.
+
+    The note lives while ``view`` does (a stamp holds it); it points to ``mask`` weakly.
+    """
+    ref, version = weakref.ref(mask), _version(mask)
+    key = id(view)
+    _SETTLED[key] = (view, lambda: (ref(), version))
+    weakref.finalize(mask, _SETTLED.pop, key, None)
+
+
+def _compute_waiting(pending: list[tuple[nn.Module, str]]) -> None:
+    for module, name in pending:
+        mask = mask_of(module, name)
+        if mask is not None and getattr(module, name).is_meta:
+            with torch.no_grad():
+                setattr(module, name, masked(trainable(module, name), mask))
+
+
+def forward_value(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.name`` as the forward reads it: ``orig * mask`` when masked (computed now), else the tensor."""
+    mask = mask_of(module, name)
+    return getattr(module, name, None) if mask is None else masked(trainable(module, name), mask)
 
 
 def is_masked(module: nn.Module) -> bool:
@@ -132,6 +218,17 @@ def set_masked(module: nn.Module, name: str, orig: torch.Tensor, mask: torch.Ten
     module._parameters[name + _ORIG] = nn.Parameter(orig, requires_grad=requires_grad)
     module._buffers[name + _MASK] = mask
     refresh(module, name)
+
+
+def replace_mask(module: nn.Module, name: str, mask: torch.Tensor) -> torch.Tensor:
+    """Make ``mask`` the mask of masked ``module.name``; return the mask it replaces (to restore it later).
+
+    Masks are replaced, never written in place: channel masks are broadcast views (see :func:`_outer_mask`).
+    """
+    old = module._buffers[name + _MASK]
+    module._buffers[name + _MASK] = mask
+    refresh(module, name)
+    return old
 
 
 def unmask(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -157,6 +254,52 @@ def public_name(state_name: str) -> str | None:
     (A name that merely ends like storage, on a model without masks, is taken as storage too.)
     """
     return None if state_name.endswith(_MASK) else state_name.removesuffix(_ORIG)
+
+
+class MaskStamp:
+    """Which masks a graph holds at one moment (each mask's name, tensor and write count), to tell later
+    whether it still holds exactly those.
+
+    fxcompress replaces masks and never rewrites them (settling a broadcast
+    mask into memory of its own leaves a forwarding note, see
+    :func:`_settle`), and an in-place edit by the user moves a tensor's
+    write count, so a match means the same masks. A deep copy of the graph,
+    which copies the stamp with the graph's meta, stamps the copied masks.
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor]) -> None:
+        self._entries = {target: (mask, _version(mask)) for target, mask in masks.items()}
+
+    def _now(self, target: str) -> torch.Tensor | None:
+        """The stamped mask of ``target`` as it is now (its settled successor, if any), unless written since."""
+        mask, version = self._entries[target]
+        successor = _SETTLED.get(id(mask))
+        if successor is not None and successor[0] is mask:
+            mask, version = successor[1]()
+        if mask is None or version is None or _version(mask) != version:
+            return None
+        return mask
+
+    def matches(self, gm: fx.GraphModule) -> bool:
+        masks = current_masks(gm)
+        return masks.keys() == self._entries.keys() and all(masks[t] is self._now(t) for t in masks)
+
+    def __deepcopy__(self, memo) -> MaskStamp:
+        now = {target: self._now(target) for target in self._entries}
+        if any(mask is None for mask in now.values()):
+            stale = MaskStamp({})
+            stale._entries = {"": (None, None)}  # matches no graph
+            return stale
+        return MaskStamp({target: copy.deepcopy(mask, memo) for target, mask in now.items()})
+
+
+#: id(broadcast mask) -> (that mask, weakref to (its settled copy, the copy's write count)); see :func:`_settle`
+_SETTLED: dict[int, tuple[torch.Tensor, Callable[[], tuple]]] = {}
+
+
+def mask_stamp(gm: fx.GraphModule) -> MaskStamp:
+    """A :class:`MaskStamp` of ``gm``'s masks now."""
+    return MaskStamp(current_masks(gm))
 
 
 def current_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -195,13 +338,13 @@ def _combine(module: nn.Module, name: str, existing: torch.Tensor, mask: torch.T
         factors = {d: old.get(d, True) & new.get(d, True) for d in old.keys() | new.keys()}
         if factors.keys() == old.keys() and all(np.array_equal(factors[d], old[d]) for d in old):
             return False  # with every factor nonzero somewhere, the product changes iff a factor does
-    combined = existing * mask.to(existing.device)
-    if factors is None and torch.equal(combined, existing):
-        return False
-    existing.copy_(combined)
     if factors is not None:
-        _record_factors(existing, factors)
-    refresh(module, name)
+        combined = _outer_mask(existing.shape, {d: np.flatnonzero(~keep) for d, keep in factors.items()})
+    else:
+        combined = existing * mask.to(existing.device)
+        if torch.equal(combined, existing):
+            return False
+    replace_mask(module, name, combined.to(existing.device))
     return True
 
 
@@ -233,7 +376,7 @@ def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     factors = mask_factors(mask)
     if mask.dtype != torch.bool:  # a bool mask is a quarter of a float one; ``orig * mask`` reads either
         mask = mask.to(dtype=getattr(module, name).dtype)
-    mask = mask.to(getattr(module, name).device).contiguous()  # on the parameter's device
+    mask = mask.to(getattr(module, name).device)  # on the parameter's device
     if factors is not None:
         _record_factors(mask, factors)
     method = _MaskedTensor(mask)
@@ -241,7 +384,7 @@ def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     orig = module._parameters.pop(name)
     module.register_parameter(name + _ORIG, orig)
     module.register_buffer(name + _MASK, mask)
-    setattr(module, name, method.apply_mask(module))
+    refresh(module, name)
     module.register_forward_pre_hook(method)
 
 
@@ -291,9 +434,12 @@ def _removed_positions(analysis: ChannelAnalysis, removed: np.ndarray) -> dict[s
 
 
 def _outer_mask(shape: torch.Size, dead_by_dim: dict[int, np.ndarray]) -> torch.Tensor:
-    """A bool mask of ``shape`` that zeroes the given positions of each dim, built in one pass.
+    """A bool mask of ``shape`` that zeroes the given positions of each dim.
 
-    It is the product of one keep-vector per dim, broadcast to the full shape.
+    It is the product of one keep-vector per dim, expanded (not copied) to
+    the full shape: a conv weight's output-channel mask holds one bool per
+    channel, not one per weight. An expanded view cannot be written in
+    place, so masks are replaced instead (:func:`replace_mask`).
     """
     mask = torch.ones((), dtype=torch.bool)
     factors = {}
@@ -302,7 +448,7 @@ def _outer_mask(shape: torch.Size, dead_by_dim: dict[int, np.ndarray]) -> torch.
         factors[dim][dead] = False
         keep = torch.from_numpy(factors[dim])
         mask = mask & keep.view([-1 if d == dim else 1 for d in range(len(shape))])
-    mask = mask.expand(shape).contiguous()
+    mask = mask.expand(shape)
     _record_factors(mask, factors)
     return mask
 

@@ -17,6 +17,8 @@ __all__ = [
     "PASS_SECONDS",
     "STATISTICS",
     "WEIGHT_GRIDS",
+    "KEEP",
+    "QCONFIG",
 ]
 
 #: Written by ``torch.fx.passes.shape_prop.ShapeProp``: shape and dtype of the node's output.
@@ -32,6 +34,13 @@ EXAMPLE_INPUTS = "fxcompress.example_inputs"
 
 #: On the module: the :class:`fxcompress.analysis.ChannelAnalysis` of the current graph.
 ANALYSIS = "fxcompress.analysis"
+
+#: On the module: the :class:`fxcompress.decision.KeepDecision`, which channel components survive.
+KEEP = "fxcompress.keep"
+
+#: On the module: the :class:`fxcompress.quant.QConfig` ``insert-observers`` applied (calibration and
+#: fake quantization need it, even when it selected no layer).
+QCONFIG = "fxcompress.qconfig"
 
 #: On the module: names of the passes that have run on it, in order.
 PASS_HISTORY = "fxcompress.pass_history"

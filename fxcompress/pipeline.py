@@ -28,11 +28,13 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxcompress import meta
 from fxcompress.analysis import invalidate_analysis
 from fxcompress.errors import ConfigError, PipelineError, VerificationError
+from fxcompress.masks import deferred_values
 from fxcompress.trace import normalize_example_inputs
 from fxcompress.verify import forward, largest_error, nonfinite_leaf, oracle_outputs, unreachable_error, worst_leaf
 
 __all__ = [
     "Pass",
+    "Requires",
     "PassResult",
     "Hook",
     "register_pass",
@@ -51,18 +53,33 @@ __all__ = [
 PASS_REGISTRY: dict[str, type[Pass]] = {}
 
 
+@dataclasses.dataclass(frozen=True)
+class Requires:
+    """A fact about the graph a pass needs, checked on the graph itself when the pass is called
+    (like ``torch.fx``'s ``PassBase.requires(gm)``), and the pass that establishes it.
+
+    A check of the graph rather than of the pass history: masks changed
+    after ``propagate-channels`` (a schedule, a training step, the user's
+    edit) must be propagated again before ``shrink``, however often the
+    propagation ran before.
+    """
+
+    established_by: str
+    holds: Callable[[fx.GraphModule], bool]
+
+
 class Pass:
     """Base class of fxcompress passes.
 
-    Subclasses set ``name`` (kebab-case), ``requires`` (names of passes that
-    must have run before), ``preserves_outputs`` (whether outputs must be
+    Subclasses set ``name`` (kebab-case), ``requires`` (what the graph must
+    hold before the pass runs, see :class:`Requires`), ``preserves_outputs`` (whether outputs must be
     unchanged, which verification then checks) and ``keeps_analysis``
     (whether the channel analysis of the graph stays valid), and implement
     ``run(gm) -> bool`` returning whether anything changed.
     """
 
     name: ClassVar[str] = ""
-    requires: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[Requires, ...]] = ()
     preserves_outputs: ClassVar[bool] = True
     keeps_analysis: ClassVar[bool] = False
 
@@ -86,7 +103,7 @@ class Pass:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         history = gm.meta.setdefault(meta.PASS_HISTORY, [])
-        missing = [r for r in self.requires if r not in history]
+        missing = [r.established_by for r in self.requires if not r.holds(gm)]
         if missing:
             raise PipelineError(
                 f"pass '{self.name}' needs {', '.join(repr(m) for m in missing)} to run before it; "
@@ -371,20 +388,28 @@ class TimePasses:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
+def _graph_signature(gm: fx.GraphModule) -> tuple:
+    """What the generated code depends on: every node with its op, target and arguments (fx keeps
+    arguments immutable, so an edit replaces them and the signature differs)."""
+    return tuple((node, node.op, node.target, node.args, node.kwargs) for node in gm.graph.nodes)
+
+
 def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], hooks: Sequence[Hook] = ()) -> fx.GraphModule:
     """Run ``passes`` in order, calling every hook before the first, between passes and after the last."""
     previous = None
-    for next_pass in [*passes, None]:
-        for hook in hooks:
-            hook(previous, gm, next_pass)
-        if next_pass is None:
-            break
-        start = time.perf_counter()
-        result = next_pass(gm)
-        gm = result.graph_module
-        if result.modified:
-            gm.graph.lint()
-            gm.recompile()
-        gm.meta.setdefault(meta.PASS_SECONDS, []).append((next_pass.name, time.perf_counter() - start))
-        previous = next_pass
+    with deferred_values(gm):  # masked tensors are computed by forwards, and once at the end
+        for next_pass in [*passes, None]:
+            for hook in hooks:
+                hook(previous, gm, next_pass)
+            if next_pass is None:
+                break
+            start = time.perf_counter()
+            before = _graph_signature(gm)
+            result = next_pass(gm)
+            gm = result.graph_module
+            if result.modified and _graph_signature(gm) != before:  # parameters alone need no new code
+                gm.graph.lint()
+                gm.recompile()
+            gm.meta.setdefault(meta.PASS_SECONDS, []).append((next_pass.name, time.perf_counter() - start))
+            previous = next_pass
     return gm

@@ -23,7 +23,9 @@ from torch.utils import _pytree as pytree
 
 from fxcompress.analysis import get_analysis
 from fxcompress.channels import Role
-from fxcompress.masks import current_masks, kept_components, mask_of, masked, split_target, storage_names, trainable
+from fxcompress.masks import (
+    current_masks, kept_components, mask_of, masked, replace_mask, split_target, storage_names, trainable,
+)
 from fxcompress.modules import has_masked_statistics
 from fxcompress.trace import fx_errors_as_notes, inference_mode
 
@@ -214,11 +216,12 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
         for target, dim, dead in _removed_slices(gm):
             owner, name = split_target(target)
             module = gm.get_submodule(owner)
-            orig, mask = trainable(module, name), mask_of(module, name)
+            orig, original_mask = trainable(module, name), mask_of(module, name)
+            mask = torch.clone(original_mask, memory_format=torch.contiguous_format)
             index = torch.from_numpy(dead).to(orig.device)
-            # only the removed slices change: keep those, not copies of whole weights
+            # only the removed slices of the weights change: keep those, not copies of whole weights
             saved.append((module, name, dim, index, orig.detach().index_select(dim, index),
-                          mask.index_select(dim, index), getattr(module, name)))
+                          original_mask, getattr(module, name)))
             with torch.no_grad():
                 shape = list(orig.shape)
                 shape[dim] = len(dead)
@@ -228,13 +231,14 @@ def perturbed_removed_channels(gm: fx.GraphModule, seed: int = 0):
                 # (a chain of them would compound it to inf) nor be cut off from the kept ones
                 alive_elsewhere = mask.amax(dim=dim, keepdim=True) if mask.dim() > 1 else torch.ones(1, device=mask.device)
                 mask.index_copy_(dim, index, alive_elsewhere.expand(shape).to(mask.dtype))
+            replace_mask(module, name, mask)
             setattr(module, name, masked(orig, mask))
         yield
     finally:
         with torch.no_grad():
             for module, name, dim, index, orig, mask, tensor in reversed(saved):
                 trainable(module, name).index_copy_(dim, index, orig)
-                mask_of(module, name).index_copy_(dim, index, mask)
+                replace_mask(module, name, mask)
                 setattr(module, name, tensor)
 
 

@@ -28,15 +28,10 @@ from tqdm.auto import tqdm
 
 from fxcompress.trace import inference_mode
 from fxcompress.errors import ConfigError
-from fxcompress.pipeline import Pass, register_pass
-from fxcompress.quant.quantizers import Quantizer
+from fxcompress.pipeline import Pass, Requires, register_pass
+from fxcompress.quant.quantizers import is_planned, quantizers
 
 __all__ = ["Calibrate", "quantizers"]
-
-
-def quantizers(gm: fx.GraphModule) -> list[Quantizer]:
-    """Every quantizer in the module (weight parametrizations included), each once."""
-    return [m for m in gm.modules() if isinstance(m, Quantizer)]
 
 
 def _as_args(batch) -> tuple:
@@ -52,7 +47,7 @@ class Calibrate(Pass):
     progress: bool = True
 
     name: ClassVar[str] = "calibrate"
-    requires: ClassVar[tuple[str, ...]] = ("insert-observers",)
+    requires: ClassVar[tuple[Requires, ...]] = (Requires("insert-observers", is_planned),)
     preserves_outputs: ClassVar[bool] = True
     keeps_analysis: ClassVar[bool] = True
 

@@ -27,8 +27,8 @@ from torch import fx
 from torch.nn.utils import parametrize
 
 from fxcompress.errors import PipelineError
-from fxcompress.pipeline import Pass, register_pass
-from fxcompress.quant.quantizers import Quantizer
+from fxcompress.pipeline import Pass, Requires, register_pass
+from fxcompress.quant.quantizers import Quantizer, is_planned
 
 __all__ = ["FakeQuantize"]
 
@@ -64,7 +64,7 @@ class FakeQuantize(Pass):
     """Freeze the grid of every quantizer not yet enabled; a second run finds none and changes nothing."""
 
     name: ClassVar[str] = "fake-quantize"
-    requires: ClassVar[tuple[str, ...]] = ("insert-observers",)
+    requires: ClassVar[tuple[Requires, ...]] = (Requires("insert-observers", is_planned),)
     preserves_outputs: ClassVar[bool] = False
     keeps_analysis: ClassVar[bool] = True
 

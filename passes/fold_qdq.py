@@ -30,9 +30,9 @@ from torch.nn.utils import parametrize
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError
-from fxcompress.pipeline import Pass, Rewrite, apply_rewrites, register_pass
+from fxcompress.pipeline import Pass, Requires, Rewrite, apply_rewrites, register_pass
 from fxcompress.quant.ops import DEQUANTIZE, QUANTIZE
-from fxcompress.quant.quantizers import Quantizer
+from fxcompress.quant.quantizers import Quantizer, all_frozen
 from fxcompress.trace import describe_node, propagate_shapes
 
 __all__ = ["FoldQDQ", "REWRITES", "LAYER_FUNCTIONS"]
@@ -226,7 +226,7 @@ class FoldQDQ(Pass):
     """Apply :data:`REWRITES`; a graph already in QDQ form matches none of them, so a second run is a no-op."""
 
     name: ClassVar[str] = "fold-qdq"
-    requires: ClassVar[tuple[str, ...]] = ("fake-quantize",)
+    requires: ClassVar[tuple[Requires, ...]] = (Requires("fake-quantize", all_frozen),)
     preserves_outputs: ClassVar[bool] = False
 
     def run(self, gm: fx.GraphModule) -> bool:

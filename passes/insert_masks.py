@@ -7,11 +7,12 @@ from typing import ClassVar
 
 from torch import fx
 
+from fxcompress import decision
 from fxcompress.analysis import get_analysis, report_coverage
 from fxcompress.errors import ConfigError
-from fxcompress.masks import apply_masks, current_masks, kept_components
+from fxcompress.masks import apply_masks, channel_masks, current_masks, kept_components
 from fxcompress.pipeline import Pass, changed_fields, register_pass
-from fxcompress.prune import PRUNERS, ChannelPruner, Pruner, Targeted, make_pruner
+from fxcompress.prune import PRUNERS, ChannelDecider, ChannelPruner, Pruner, Targeted, make_pruner
 
 __all__ = ["InsertMasks"]
 
@@ -22,6 +23,10 @@ class InsertMasks(Pass):
     """Install the masks ``pruner`` computes on the graph's parameters.
 
     The graph itself does not change; masked weights read as zero from now on.
+    A pruner of whole channels (:class:`~fxcompress.prune.ChannelDecider`)
+    returns its keep decision, which is recorded on the graph (see
+    :mod:`fxcompress.decision`) for propagation and shrinking; masks of any
+    other pruner are read back into channels once, here.
     Running it again with the same pruner yields the same masks (the masked
     channels score lowest), so the second run reports no change.
 
@@ -70,7 +75,15 @@ class InsertMasks(Pass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         analysis = get_analysis(gm)
-        modified = apply_masks(gm, self.pruner.compute_masks(gm, analysis))
+        if isinstance(self.pruner, ChannelDecider):
+            before = decision.current_decision(gm, analysis)
+            chosen = self.pruner.decide(gm, analysis)
+            modified = apply_masks(gm, channel_masks(gm, analysis, chosen))
+            keep = before & chosen
+        else:
+            modified = apply_masks(gm, self.pruner.compute_masks(gm, analysis))
+            keep = kept_components(analysis, current_masks(gm))
+        decision.record(gm, analysis, keep)
         report_coverage(self.coverage(gm), stacklevel=4)
         return modified
 
@@ -79,7 +92,7 @@ class InsertMasks(Pass):
         from fxcompress.report import count_nonzero_params, count_params
 
         analysis = get_analysis(gm)
-        keep = kept_components(analysis, current_masks(gm))
+        keep = decision.current_decision(gm, analysis)
         requested, selected = None, None
         if isinstance(self.pruner, ChannelPruner):
             requested, selected = self.pruner.sparsity, lambda g: self.pruner.selects(gm, analysis, g)

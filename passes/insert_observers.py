@@ -105,6 +105,7 @@ class InsertObservers(Pass):
             raise ConfigError(f"InsertObservers needs a fxcompress.quant.QConfig, got {type(self.config).__name__}")
 
     def run(self, gm: fx.GraphModule) -> bool:
+        gm.meta[meta.QCONFIG] = self.config
         layers = _weighted_layers(gm, self.config) if self.config.weight is not None else []
         for path, module in layers:
             _quantize_weight(path, module, self.config)

@@ -13,11 +13,9 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxcompress import meta
 from fxcompress.analysis import get_analysis
-from fxcompress.masks import (
-    current_masks, kept_components, mask_of, ones_where_kept, public_name, set_masked, split_target, trainable,
-    unmask,
-)
-from fxcompress.pipeline import Pass, register_pass
+from fxcompress.decision import current_decision, is_propagated, record_shrunk
+from fxcompress.masks import mask_of, ones_where_kept, public_name, set_masked, split_target, trainable, unmask
+from fxcompress.pipeline import Pass, Requires, register_pass
 from fxcompress.rules import RULES, Multi, ShrinkContext
 
 __all__ = ["Shrink"]
@@ -91,18 +89,20 @@ def _same_values(a, b) -> bool:
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class Shrink(Pass):
-    """Slice removed channels out of every parameter and fix shapes in modules and graph arguments.
+    """Slice the channels of the graph's keep decision out of every parameter and fix shapes in modules
+    and graph arguments.
 
-    Must follow ``propagate-channels`` so that the masked model it starts
-    from is exactly what the shrunk model computes; verification checks it.
+    Requires the decision as ``propagate-channels`` recorded it for the
+    current masks, so that the masked model it starts from is exactly what
+    the shrunk model computes; verification checks it.
     """
 
     name: ClassVar[str] = "shrink"
-    requires: ClassVar[tuple[str, ...]] = ("propagate-channels",)
+    requires: ClassVar[tuple[Requires, ...]] = (Requires("propagate-channels", is_propagated),)
 
     def run(self, gm: fx.GraphModule) -> bool:
         analysis = get_analysis(gm)
-        keep = kept_components(analysis, current_masks(gm))
+        keep = current_decision(gm, analysis)
         if keep.all():
             return False
         ctx = ShrinkContext(gm, keep, analysis.labels)
@@ -122,6 +122,7 @@ class Shrink(Pass):
                 rule.shrink(ctx, node)
         gm.recompile()
         _update_shapes(ctx, gm)
+        record_shrunk(gm)
         return True
 
 

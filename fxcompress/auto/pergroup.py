@@ -22,14 +22,12 @@ import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 from torch import fx
 
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
 from fxcompress.errors import ConfigError
-from fxcompress.masks import channel_masks
-from fxcompress.prune.base import PRUNERS, ChannelPruner, check_fraction
+from fxcompress.prune.base import PRUNERS, ChannelDecider, ChannelPruner, check_fraction
 from fxcompress.prune.magnitude import L1Norm
 
 __all__ = ["group_key", "searchable_groups", "PerGroupSparsity"]
@@ -48,7 +46,7 @@ def searchable_groups(gm: fx.GraphModule, analysis: ChannelAnalysis, criterion: 
 
 
 @dataclasses.dataclass(frozen=True)
-class PerGroupSparsity:
+class PerGroupSparsity(ChannelDecider):
     """Remove ``sparsities[key]`` of the channels of each named group, ranked by ``criterion``.
 
     Groups not named keep all their channels. The criterion's ``round_to`` and
@@ -78,7 +76,7 @@ class PerGroupSparsity:
         """
         return self.criterion.num_kept(n, sparsity)
 
-    def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
+    def decide(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> np.ndarray:
         groups = searchable_groups(gm, analysis, self.criterion)
         unknown = sorted(set(self.sparsities) - set(groups))
         if unknown:
@@ -93,7 +91,7 @@ class PerGroupSparsity:
             n_drop = len(group) - self.kept(len(group), sparsity)
             drop = np.argsort(np.asarray(score, dtype=np.float64), kind="stable")[:n_drop]
             keep[group.components[drop]] = False
-        return channel_masks(gm, analysis, keep)
+        return keep
 
     def to_dict(self) -> dict:
         """A JSON-able description (registered criteria only), read back by :meth:`from_dict`.

@@ -25,7 +25,7 @@ lottery ticket      :class:`LotteryTicket`                          training
 ==================  ==============================================  ==========
 """
 
-from fxcompress.prune.base import PRUNERS, Allocation, ChannelPruner, Combined, Pruner, make_pruner
+from fxcompress.prune.base import PRUNERS, Allocation, ChannelDecider, ChannelPruner, Combined, Pruner, make_pruner
 from fxcompress.prune.budget import Budget, BudgetMetric, ShapeCost
 from fxcompress.prune.data_aware import OBD, APoZ, MeanActivation, Taylor
 from fxcompress.prune.distill import LayerwiseDistillation
@@ -38,7 +38,7 @@ from fxcompress.prune.training import ADMM, LotteryTicket, MovementPruning
 from fxcompress.prune.unstructured import LevelPruner, NMPruner
 
 __all__ = [
-    "Pruner", "ChannelPruner", "Allocation", "Combined", "PRUNERS", "make_pruner",
+    "Pruner", "ChannelDecider", "ChannelPruner", "Allocation", "Combined", "PRUNERS", "make_pruner",
     "L1Norm", "L2Norm", "FPGM", "LAMP", "Slim", "slim_penalty", "RandomPruner", "Normalizer", "Reduction",
     "APoZ", "MeanActivation", "Taylor", "OBD",
     "LevelPruner", "NMPruner",

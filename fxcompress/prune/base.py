@@ -35,6 +35,7 @@ from fxcompress.trace import module_type
 
 __all__ = [
     "Pruner",
+    "ChannelDecider",
     "ChannelPruner",
     "Allocation",
     "Combined",
@@ -66,6 +67,19 @@ class Pruner(Protocol):
     """
 
     def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]: ...
+
+
+class ChannelDecider:
+    """A pruner of whole channels: it decides which components of the analysis stay (``decide``), and
+    its masks are that decision written out. ``InsertMasks`` records the decision on the graph
+    (:mod:`fxcompress.decision`) instead of reading it back from the masks."""
+
+    def decide(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> np.ndarray:
+        """Per component of ``analysis``, whether it stays."""
+        raise NotImplementedError(f"{type(self).__name__} must implement decide(gm, analysis)")
+
+    def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
+        return channel_masks(gm, analysis, self.decide(gm, analysis))
 
 
 def register_pruner(cls: type) -> type:
@@ -102,7 +116,7 @@ def check_fraction(owner: object, field: str, value, upper_inclusive: bool = Fal
 
 
 @dataclasses.dataclass(frozen=True)
-class ChannelPruner:
+class ChannelPruner(ChannelDecider):
     """Structured pruning of whole channels, ranked inside each dependency group.
 
     Subclasses implement :meth:`channel_scores`. For each prunable group whose
@@ -228,13 +242,13 @@ class ChannelPruner:
             keep[group.components[drop]] = False
         return keep
 
-    def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
+    def decide(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> np.ndarray:
         groups = self.selected_groups(gm, analysis)
         if self.sparsity == 0 or not groups:
-            return channel_masks(gm, analysis, np.ones(analysis.solution.num_components, dtype=bool))
+            return np.ones(analysis.solution.num_components, dtype=bool)
         scores = self.ranked_scores(gm, analysis, groups)
         kept = self.kept_per_group([len(g) for g in groups], scores)
-        return channel_masks(gm, analysis, self.keep_lowest_dropped(analysis, groups, scores, kept))
+        return self.keep_lowest_dropped(analysis, groups, scores, kept)
 
 
 @dataclasses.dataclass(frozen=True)

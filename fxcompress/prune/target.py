@@ -26,13 +26,11 @@ import logging
 import warnings
 
 import numpy as np
-import torch
 from torch import fx
 
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.errors import ConfigError
-from fxcompress.masks import channel_masks
-from fxcompress.prune.base import ChannelPruner
+from fxcompress.prune.base import ChannelDecider, ChannelPruner
 from fxcompress.prune.budget import Budget, BudgetMetric, ShapeCost
 
 __all__ = ["Targeted", "TargetFit", "TargetWarning"]
@@ -58,7 +56,7 @@ class TargetFit:
 
 
 @dataclasses.dataclass(frozen=True)
-class Targeted:
+class Targeted(ChannelDecider):
     """Prune with ``criterion`` at whatever sparsity makes the model ``target`` times smaller.
 
     ``target`` is a :class:`~fxcompress.prune.budget.Budget` or its text:
@@ -98,8 +96,8 @@ class Targeted:
         if not isinstance(self.tolerance, (int, float)) or not 0 < self.tolerance < 1:
             raise ConfigError(f"Targeted: tolerance must be in (0, 1), got {self.tolerance!r}")
 
-    def compute_masks(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
-        return channel_masks(gm, analysis, self.fit(gm, analysis).keep)
+    def decide(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> np.ndarray:
+        return self.fit(gm, analysis).keep
 
     def fit(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> TargetFit:
         """Search the criterion's sparsity for the target on ``gm`` (see the class docstring)."""

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from fxcompress.analysis import ChannelAnalysis
 from fxcompress.errors import ConfigError, coerce_enum
+from fxcompress.masks import forward_value
 from fxcompress.prune.base import (
     DEFAULT_OP_TYPES,
     Allocation,
@@ -33,7 +34,7 @@ def selected_weights(gm: fx.GraphModule, pruner) -> dict[str, torch.Tensor]:
     """``weight`` tensors (as the forward sees them) of the layers ``pruner``'s selection picks, by name."""
     found = {}
     for path, module in gm.named_modules():
-        weight = getattr(module, "weight", None)
+        weight = forward_value(module, "weight")
         if not isinstance(weight, torch.Tensor):
             continue
         if layer_selected(path, module, pruner.op_types, pruner.op_names, pruner.exclude):

@@ -32,11 +32,13 @@ import math
 import torch
 from torch import nn
 
+from fxcompress import meta
 from fxcompress.errors import ConfigError, PipelineError
 from fxcompress.quant.observers import MinMaxObserver, Observer
 from fxcompress.quant.scheme import QScheme, broadcast_shape, fake_quantize
 
-__all__ = ["Quantizer", "STEQuantizer", "LSQ", "LSQPlus", "DoReFa", "BNN", "round_ste", "scale_grad"]
+__all__ = ["Quantizer", "STEQuantizer", "LSQ", "LSQPlus", "DoReFa", "BNN", "round_ste", "scale_grad", "quantizers",
+           "is_planned", "all_frozen"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -220,3 +222,20 @@ class BNN(Quantizer):
     @property
     def exportable(self) -> bool:  # type: ignore[override]
         return False
+
+
+def quantizers(model: nn.Module) -> list[Quantizer]:
+    """Every quantizer in ``model`` (weight parametrizations included), each once."""
+    return [m for m in model.modules() if isinstance(m, Quantizer)]
+
+
+def is_planned(gm: nn.Module) -> bool:
+    """Whether ``gm`` carries a quantization plan: the config ``insert-observers`` applied, or quantizers
+    (a fake-quantized model compiled again)."""
+    return meta.QCONFIG in getattr(gm, "meta", {}) or any(isinstance(m, Quantizer) for m in gm.modules())
+
+
+def all_frozen(model: nn.Module) -> bool:
+    """Whether every quantizer of ``model`` has its grid frozen (``fake-quantize`` ran), as folding into
+    QDQ form needs; true of a model with none left (already folded, or never quantized)."""
+    return all(q.enabled for q in quantizers(model))
