@@ -35,8 +35,9 @@ if TYPE_CHECKING:  # masks read an analysis; the analysis never needs masks
 
 __all__ = [
     "current_masks", "apply_masks", "channel_masks", "kept_components", "split_target", "mask_factors",
-    "ones_where_kept", "masked", "own_masks", "mask_of", "trainable", "refresh", "storage_names", "public_name",
-    "remove_masks", "MaskStamp", "mask_stamp", "is_masked", "set_masked", "unmask", "replace_mask", "deferred_values", "forward_value",
+    "ones_where_kept", "count_kept", "masked", "own_masks", "mask_of", "trainable", "refresh", "storage_names",
+    "public_name", "remove_masks", "MaskStamp", "mask_stamp", "is_masked", "set_masked", "unmask", "replace_mask",
+    "deferred_values", "forward_value",
 ]
 
 #: id(mask) -> (mask._version when recorded, {dim: bool keep-vector}); entries leave with their tensor.
@@ -74,6 +75,14 @@ def _all_ones(mask: torch.Tensor) -> bool:
     if factors is not None:
         return all(keep.all() for keep in factors.values())
     return bool(mask.all())
+
+
+def count_kept(mask: torch.Tensor) -> int:
+    """Nonzero entries of ``mask``: from its keep-vectors when it was built from them (no pass over the mask)."""
+    factors = mask_factors(mask)
+    if factors is None:
+        return int(mask.count_nonzero())
+    return math.prod(int(factors[d].sum()) if d in factors else n for d, n in enumerate(mask.shape))
 
 
 def ones_where_kept(mask: torch.Tensor, kept_by_dim: dict[int, np.ndarray]) -> bool:

@@ -46,7 +46,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxcompress.masks import mask_of, own_masks
+from fxcompress.masks import count_kept, mask_of, own_masks
 from fxcompress.trace import inference_mode, normalize_example_inputs
 
 __all__ = [
@@ -105,7 +105,7 @@ def count_params(model: nn.Module) -> int:
 
 def _masked_away(module: nn.Module) -> int:
     """Parameter elements zeroed by the masks on ``module`` itself (not its children)."""
-    return sum(int(mask.numel() - mask.count_nonzero()) for mask in own_masks(module).values())
+    return sum(mask.numel() - count_kept(mask) for mask in own_masks(module).values())
 
 
 def count_nonzero_params(model: nn.Module) -> int:
