@@ -17,6 +17,7 @@ __all__ = [
     "PASS_SECONDS",
     "STATISTICS",
     "WEIGHT_GRIDS",
+    "SMOOTHED",
     "KEEP",
     "QCONFIG",
 ]
@@ -67,3 +68,9 @@ STATISTICS = "fxcompress.statistics"
 #: quantization (RTN, GPTQ, AWQ) rounded the weight onto; the parameter holds the dequantized values, so a
 #: later step can pack ``grid.integers(weight)`` into int4/int8 kernels.
 WEIGHT_GRIDS = "fxcompress.weight_grids"
+
+#: On the module: ``{weight's fully qualified name: where its input's 1/s went}``, for each linear layer
+#: SmoothQuant smoothed (``smooth-activations``): the weight holds ``W · s`` and its input is divided by
+#: ``s``, folded into the norm or per-channel ``mul`` before it, or by a ``mul`` node the pass inserted.
+#: A second run leaves these layers alone (their activations are already smooth).
+SMOOTHED = "fxcompress.smoothed"

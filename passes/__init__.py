@@ -10,6 +10,9 @@ from fxcompress.passes.fuse_conv_activation import FuseConvActivation
 from fxcompress.passes.insert_masks import InsertMasks
 from fxcompress.passes.insert_observers import InsertObservers
 from fxcompress.passes.one_shot import OneShot
+from fxcompress.passes.pack_weights import PackWeights
+from fxcompress.passes.quantize_activations import QuantizeActivations, w8a8_passes
+from fxcompress.passes.smooth_activations import SmoothActivations
 from fxcompress.passes.propagate_channels import PropagateChannels
 from fxcompress.passes.shrink import Shrink
 
@@ -26,6 +29,10 @@ __all__ = [
     "FakeQuantize",
     "FoldQDQ",
     "OneShot",
+    "PackWeights",
+    "SmoothActivations",
+    "QuantizeActivations",
+    "w8a8_passes",
     "standard_pruning",
     "standard_ptq",
     "inference_passes",

@@ -36,11 +36,20 @@ from fxcompress.oneshot.engine import (
 )
 from fxcompress.oneshot.grid import WeightGrid
 from fxcompress.oneshot.quantize import AWQ, GPTQ, RTN, WeightQuantizer
+from fxcompress.oneshot.smoothquant import (
+    ActivationQuant,
+    FakeQuantActivation,
+    SmoothQuant,
+    input_absmax,
+    outlier_ratio,
+    weight_absmax,
+)
 from fxcompress.oneshot.sparsity import MagnitudeSparsity, SparseGPT, SparsityAlgorithm, Wanda
 
 __all__ = [
     "MagnitudeSparsity", "Wanda", "SparseGPT", "RTN", "GPTQ", "AWQ", "WeightGrid",
     "SparsityAlgorithm", "WeightQuantizer", "OneShotAlgorithm", "Layer", "Compressed", "InputStats", "Statistics",
     "LinearSite", "LINEAR_OPS", "ALGORITHMS", "compress_layers", "gather_stats", "linear_sites", "make_algorithm",
-    "register_algorithm",
+    "register_algorithm", "SmoothQuant", "ActivationQuant", "FakeQuantActivation", "input_absmax", "weight_absmax",
+    "outlier_ratio",
 ]

@@ -1,0 +1,162 @@
+"""PackWeights: run quantized linear layers on packed int8 / int4 CPU kernels instead of float weights.
+
+One-shot quantization (``one-shot{algorithm=gptq,...}``, RTN, AWQ) leaves each
+weight in float on its integer grid and records the grid under
+:data:`fxcompress.meta.WEIGHT_GRIDS`. This pass turns every such layer into a
+:class:`fxcompress.kernels.Int8WeightLinear` or
+:class:`~fxcompress.kernels.Int4WeightLinear` holding the grid integers (1 or
+½ byte per weight), so decoding reads 4 or 8 times fewer weight bytes. An
+``nn.Linear`` module is swapped in place; an exported ``aten.linear`` call
+becomes a call of the packed module, put where its weight's owner was. The
+outputs are those of the dequantized weights, to float rounding.
+
+With ``bits=8`` or ``bits=4`` the selected layers that have no grid are
+quantized on the fly (round to nearest: int8 symmetric per row, int4
+asymmetric in groups of ``group_size``); outputs then change. A layer whose
+grid no kernel takes (int4 groups of 16, dynamic act-order groups, grouped
+8-bit, a weight moved off its grid) stays in float, and one warning names
+them all.
+
+>>> import torch, fxcompress
+>>> from torch import nn
+>>> from fxcompress.oneshot import GPTQ
+>>> from fxcompress.passes import OneShot
+>>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+>>> data = [torch.randn(8, 64) for _ in range(2)]
+>>> q = fxcompress.compile(model, data[0], [OneShot(GPTQ(bits=4, group_size=32), data, progress=False), PackWeights()])
+>>> type(q.get_submodule("0")).__name__, type(q.get_submodule("2")).__name__
+('Int4WeightLinear', 'Int4WeightLinear')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections import Counter
+from typing import ClassVar
+
+import torch
+from torch import fx, nn
+
+from fxcompress import meta
+from fxcompress.errors import ConfigError
+from fxcompress.kernels import packing_of, pack_linear, rtn_grid
+from fxcompress.masks import forward_value, public_name, split_target
+from fxcompress.oneshot import LinearSite, linear_sites
+from fxcompress.oneshot.engine import current_value
+from fxcompress.pipeline import Pass, register_pass
+from fxcompress.selection import normalize_selection
+
+__all__ = ["PackWeights"]
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class PackWeights(Pass):
+    """Replace each selected linear layer that lies on a recorded weight grid by a packed-kernel module.
+
+    ``bits`` 0 (default) packs only layers with a grid; 8 or 4 also quantizes
+    the other selected layers (round to nearest, ``group_size`` columns per
+    int4 scale). ``op_types``/``op_names``/``exclude`` select layers as
+    one-shot algorithms do.
+    """
+
+    bits: int = 0
+    group_size: int = 128
+    op_types: tuple[type[nn.Module], ...] = (nn.Linear,)
+    op_names: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    name: ClassVar[str] = "pack-weights"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (0, 4, 8):
+            raise ConfigError(f"pack-weights: bits must be 0 (only layers already quantized), 4 or 8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ConfigError(f"pack-weights: group_size must be a positive integer, got {self.group_size!r}")
+        normalize_selection(self)
+
+    @property
+    def preserves_outputs(self) -> bool:
+        """Packing recorded grids keeps the outputs (verification checks them); quantizing on the fly does not."""
+        return self.bits == 0
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        grids = gm.meta.get(meta.WEIGHT_GRIDS, {})
+        left: list[str] = []
+        changed = False
+        reads = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
+        for site in linear_sites(gm, self):  # a weight the graph reads twice is left alone, with its own warning
+            why = _pack_site(gm, site, grids.get(site.target), self.bits, self.group_size, reads)
+            if why is None:
+                grids.pop(site.target, None)  # the float parameter it described is gone
+                changed = True
+            elif why:
+                left.append(f"{split_target(site.target)[0] or site.target} ({why})")
+        if left:
+            warnings.warn(f"pack-weights: {len(left)} linear layer(s) left in float: {'; '.join(left)}", stacklevel=4)
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
+        return changed
+
+
+def _pack_site(gm: fx.GraphModule, site: LinearSite, grid, bits: int, group_size: int, reads: Counter) -> str | None:
+    """Pack one layer: None when done, ``""`` when there is nothing to pack, else why it stays in float."""
+    owner = split_target(site.target)[0]
+    weight = current_value(gm, site.target).detach()
+    if grid is None:
+        if not bits:
+            return ""
+        if weight.dim() != 2:
+            return f"a {weight.dim()}-d weight"
+        grid = rtn_grid(weight, bits, min(group_size, weight.shape[1]))
+        weight = grid.dequantize(grid.integers(weight)).to(weight.dtype)
+    elif not grid.holds(weight):
+        return "its weight no longer lies on its recorded grid (changed after quantization): quantize it again"
+    packing = packing_of(grid, tuple(weight.shape))
+    if not packing.fits:
+        return packing.reason
+    if site.node.op == "call_module":
+        module = gm.get_submodule(site.node.target)
+        _replace_module(gm, site.node.target, pack_linear(weight, forward_value(module, "bias"), grid, owner))
+        return None
+    return _pack_call(gm, site, weight, grid, reads)
+
+
+def _pack_call(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, grid, reads: Counter) -> str | None:
+    """``linear(x, get_attr W, get_attr b)`` -> ``call_module(packed)(x)``, the packed module replacing W's owner."""
+    node = site.node
+    weight_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if bias_node is not None and (not isinstance(bias_node, fx.Node) or bias_node.op != "get_attr"):
+        return "a bias computed by the graph"
+    owner, _ = split_target(site.target)
+    attrs = [weight_node] + ([bias_node] if bias_node is not None else [])
+    if not owner or any(split_target(n.target)[0] != owner or len(n.users) > 1 or reads[n.target] > 1
+                        for n in attrs):
+        return "its weight or bias is not held by a module of its own"
+    state = {public_name(name) for name, _ in gm.get_submodule(owner).named_parameters(recurse=False)}
+    state |= {public_name(name) for name, _ in gm.get_submodule(owner).named_buffers(recurse=False)}
+    state.discard(None)
+    if state - {split_target(n.target)[1] for n in attrs} or any(True for _ in gm.get_submodule(owner).children()):
+        return f"its owner {owner} holds other state"
+    bias = None if bias_node is None else current_value(gm, bias_node.target).detach()
+    packed = pack_linear(weight, bias, grid, owner)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(owner, (site.source,))
+    call.meta.update(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    for attr in attrs:
+        gm.graph.erase_node(attr)
+    _replace_module(gm, owner, packed)
+    return None
+
+
+def _replace_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+    types = gm.meta.get(meta.MODULE_TYPES)
+    if isinstance(types, dict) and path in types:
+        types[path] = type(module)
