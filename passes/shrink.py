@@ -45,8 +45,13 @@ def _slice_tensor(module: nn.Module, name: str, kept_by_dim: dict[int, np.ndarra
 
 
 def _select(value: torch.Tensor, kept_by_dim: dict[int, np.ndarray]) -> torch.Tensor:
-    for dim, kept in kept_by_dim.items():
-        value = value.index_select(dim, torch.from_numpy(kept).to(value.device))
+    """``value`` with only the kept indices of each dim; a weight losing rows and columns is gathered in
+    one step, without the half-sliced temporary (for a large classifier, hundreds of MB)."""
+    index = {dim: torch.from_numpy(kept).to(value.device) for dim, kept in kept_by_dim.items()}
+    if index.keys() == {0, 1}:
+        return value[index[0][:, None], index[1][None, :]].contiguous()
+    for dim, kept in index.items():
+        value = value.index_select(dim, kept)
     return value.contiguous()
 
 
