@@ -1,0 +1,112 @@
+"""The LLM benchmark's data split, perplexity, tiny-LM training and a short run of ``tools/bench_llm.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from fxcompress import examples_llm as L  # noqa: E402 - after the skip
+
+torch.set_num_threads(2)
+TINY = ["--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "64", "--seq-len", "64"]
+
+
+def _bench():
+    if "bench_llm" in sys.modules:
+        return sys.modules["bench_llm"]
+    spec = importlib.util.spec_from_file_location("bench_llm", pathlib.Path(__file__).parents[1] / "tools" / "bench_llm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_llm"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_split_is_deterministic_and_holds_out_whole_files():
+    first, again = L.stdlib_corpus(), L.stdlib_corpus.__wrapped__()  # the second reads the files anew
+    assert first.digest == again.digest and first.files == again.files
+    train, valid, test = (set(first.files[k]) for k in ("train", "valid", "test"))
+    assert train and valid and test
+    assert not (train & test) and not (train & valid) and not (valid & test)
+    ordered = sorted(train | valid | test)
+    assert [p for i, p in enumerate(ordered) if i % 10 == 0] == list(first.files["test"])
+    assert not any(part in L.SKIPPED_DIRS for p in ordered for part in pathlib.PurePosixPath(p).parts[:-1])
+    assert int((first.split("test") == L.EOS).sum()) == len(test)  # one end-of-file per held-out file
+    assert torch.equal(L.eval_sequences(5, 64), L.eval_sequences(5, 64))
+    assert torch.equal(L.calibration_sequences(3, 64, seed=1), L.calibration_sequences(3, 64, seed=1))
+    assert not torch.equal(L.calibration_sequences(3, 64, seed=1), L.calibration_sequences(3, 64, seed=2))
+
+
+class _Bigram(nn.Module):
+    """Logits from a fixed table indexed by the current token; refuses batch 1 as an exported graph may."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> dict:
+        assert ids.shape[0] != 1
+        return {"logits": self.table[ids]}
+
+
+def test_perplexity_is_exp_of_the_mean_nll_computed_by_hand():
+    table = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 3.0, 1.0]])
+    sequences = torch.tensor([[0, 1, 2], [1, 1, 0], [2, 1, 1]])
+    nll = []
+    for seq in sequences.tolist():
+        for prev, nxt in zip(seq[:-1], seq[1:]):
+            row = table[prev].tolist()
+            nll.append(-(row[nxt] - math.log(sum(math.exp(v) for v in row))))
+    # batch 2 leaves a last batch of one, which joins the one before it
+    assert L.perplexity(_Bigram(table), sequences, batch_size=2) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-6)
+    assert L.mean_nll(_Bigram(table), sequences, batch_size=2)[1] == 6
+
+
+def test_ngram_baselines_score_the_same_positions_as_perplexity():
+    bench = _bench()
+    train, sequences = torch.tensor([0, 1, 0, 1, 1]), torch.tensor([[0, 1, 1]])
+    unigram = bench.ngram_counts(train, 1)
+    assert unigram[:3].tolist() == [2, 3, 0]
+    p1 = (3 + 1) / (5 + L.VOCAB_SIZE)  # add-one: both scored tokens are 1
+    assert bench.ngram_perplexity(unigram, sequences, 1.0) == pytest.approx(1 / p1)
+    bigram = bench.ngram_counts(train, 2)  # pairs 0>1 twice, 1>0 once, 1>1 once
+    p_01, p_11 = (2 + 1) / (2 + L.VOCAB_SIZE), (1 + 1) / (2 + L.VOCAB_SIZE)
+    assert bench.ngram_perplexity(bigram, sequences, 1.0) == pytest.approx((p_01 * p_11) ** -0.5)
+
+
+def test_tiny_llama_trains_deterministically_with_gqa():
+    config = L.tiny_llama_config(hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, seq_len=64)
+    tokens = L.stdlib_corpus().split("train")[:50_000]
+    settings = L.TrainSettings(steps=8, batch_size=4, seq_len=64, lr=1e-2, warmup_steps=2)
+    runs = [L.train_lm(L.tiny_llama(config), tokens, settings) for _ in range(2)]
+    assert runs[0].losses == runs[1].losses and runs[0].tokens_seen == 8 * 4 * 64
+    assert sum(runs[0].losses[-2:]) < sum(runs[0].losses[:2]) - 0.5
+    model = L.tiny_llama(config)
+    assert model.model.layers[0].self_attn.k_proj.out_features * 2 == model.model.layers[0].self_attn.q_proj.out_features
+
+
+def test_short_run_prints_the_table_and_reuses_the_cached_model(tmp_path, capsys):
+    bench = _bench()
+    args = TINY + ["--train-steps", "3", "--n-eval", "4", "--calibration", "4", "--cache", str(tmp_path)]
+    result = bench.main(args + ["--methods", "dense,magnitude-50%,magnitude-2:4"])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["dense", "magnitude-50%", "magnitude-2:4"]
+    assert rows["dense"]["delta"] == 0 and rows["dense"]["nonzero"] == rows["dense"]["params"]
+    linear = sum(p.numel() for n, p in L.tiny_llama(L.tiny_llama_config(32, 2, 4, 2, 64, 64)).named_parameters()
+                 if n.endswith("proj.weight"))
+    for name in ("magnitude-50%", "magnitude-2:4"):  # half of every decoder linear weight, nothing else
+        assert rows[name]["params"] == rows["dense"]["params"]
+        assert rows[name]["nonzero"] == rows["dense"]["params"] - linear // 2
+        assert math.isfinite(rows[name]["perplexity"])
+    assert result["eval_tokens"] == 4 * 63 and not result["training"]["cached"]
+    table = capsys.readouterr().out
+    assert all(name in table for name in rows) and "byte unigram" in table
+    again = bench.main(args + ["--methods", "dense"])
+    assert again["training"]["cached"] and again["rows"][0]["perplexity"] == rows["dense"]["perplexity"]

@@ -1,0 +1,329 @@
+"""Held-out perplexity of a small trained Llama-architecture LM under every LLM compression method.
+
+The model is ``transformers.LlamaForCausalLM`` (RoPE, RMSNorm, SwiGLU) with
+grouped-query attention: by default hidden 384, 6 layers, 8 query heads
+sharing 2 key/value heads, FFN 1024 (2.67x), untied ``lm_head``, byte
+vocabulary (256 bytes + end-of-file): 9.5 M parameters, 0.2 M of them
+embedding and ``lm_head``. It is trained here, on CPU, on the Python standard
+library's own sources (``fxcompress.examples_llm``: every 10th file by sorted
+path is held out as test, every 10th from the 5th as validation), with
+AdamW, warmup and a cosine decay over a wall-clock budget (``--train-minutes``,
+default 15) or a fixed step count (``--train-steps``, deterministic), batch
+16 x 256 tokens. The trained weights are cached under ``--cache`` (default
+``~/.cache/fxcompress/bench_llm/``) in a folder named by a hash of the
+model config, the training settings and the data split's digest, so later
+runs reuse them; ``--retrain`` trains again.
+
+Each method in ``METHODS`` turns the dense model and calibration sequences
+(``--calibration`` sequences of 256 tokens at seeded random offsets of the
+training files) into a compressed model; the table gives its held-out
+perplexity over ``--n-eval`` test sequences of 256 tokens (evenly spread
+windows; ``n x 255`` tokens scored), the change against dense, the method's
+wall seconds (compression only, not evaluation), and the parameters and
+nonzero parameters of the result. Unigram and bigram byte models fitted on
+the training files are printed first as a sanity floor: a trained model must
+beat them clearly. Choose methods' settings with ``--eval-split valid`` and
+report test.
+
+    python tools/bench_llm.py                                  # train once (15 min), then every method
+    python tools/bench_llm.py --methods dense,magnitude-50%,magnitude-2:4 --json out.json
+    python tools/bench_llm.py --train-steps 400 --retrain      # deterministic training
+
+Torch threads (``--threads``, default 2) change the training trajectory;
+compare runs at the same count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+import fxcompress
+from fxcompress import prune as P
+from fxcompress.examples_llm import (
+    VOCAB_SIZE,
+    TrainSettings,
+    calibration_sequences,
+    eval_sequences,
+    perplexity,
+    stdlib_corpus,
+    tiny_llama,
+    tiny_llama_config,
+    train_lm,
+)
+from fxcompress.passes import standard_pruning
+from fxcompress.report import count_nonzero_params, count_params
+
+__all__ = ["METHODS", "Method", "ModelSettings", "load_or_train", "ngram_counts", "ngram_perplexity", "run", "main"]
+
+#: A method: (dense model, calibration input_ids (n, seq_len) int64) -> compressed model, called as
+#: ``model(input_ids)`` and returning logits (a tensor or an object with ``.logits``). The dense model is the
+#: trained ``LlamaForCausalLM`` in eval mode, shared by every row: a method must not modify it (deep-copy it
+#: first, as ``fxcompress.compile`` does). Register a new method in ``METHODS`` under a name saying its
+#: setting ("wanda-50%", "gptq-w4g128"); its time in the table is the call's wall time.
+Method = Callable[[nn.Module, torch.Tensor], nn.Module]
+
+#: The decoder's linear layers (attention and FFN projections); ``lm_head`` and the embedding are not in it.
+#: On the exported graph of an HF model the layers are plain ``nn.Module`` containers, not ``nn.Linear``:
+#: with the default ``op_types`` ``LevelPruner``/``NMPruner`` select nothing there (and say nothing), so the
+#: selection is by name with ``op_types=(nn.Module,)``.
+DECODER_LINEARS = ("model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    hidden: int = 384
+    layers: int = 6
+    heads: int = 8
+    kv_heads: int = 2
+    ffn: int = 1024
+    seq_len: int = 256
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+def _example(calibration: torch.Tensor) -> tuple[torch.Tensor]:
+    """Two calibration sequences: the capture's example input (batch >= 2 keeps the batch dim dynamic)."""
+    return (calibration[:2],)
+
+
+def _compile(model: nn.Module, calibration: torch.Tensor, passes) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the capture's notes on constant batch sizes and the causal mask's ops
+        return fxcompress.compile(model, _example(calibration), passes)
+
+
+def dense(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    """The trained model itself."""
+    return model
+
+
+def weight_pruning(pruner_class, **options) -> Method:
+    """Magnitude pruning of single weights in the decoder's linear layers (masks; shapes kept)."""
+    def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        pruner = pruner_class(op_types=(nn.Module,), op_names=DECODER_LINEARS, **options)
+        return _compile(model, calibration, standard_pruning(pruner))
+    return method
+
+
+def width_pruning(removed: float) -> Method:
+    """Structured L1 pruning of heads (whole GQA groups), FFN channels and the hidden size, one ratio
+    for every group, fitted so that ``removed`` of all parameters go (``target="params=..."``)."""
+    def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        return _compile(model, calibration, standard_pruning(P.L1Norm(), target=f"params={1 / (1 - removed):.6f}"))
+    return method
+
+
+METHODS: dict[str, Method] = {
+    "dense": dense,
+    # -- unstructured and N:M, weight magnitude (issue 18's baselines)
+    "magnitude-50%": weight_pruning(P.LevelPruner, sparsity=0.5),
+    "magnitude-2:4": weight_pruning(P.NMPruner, n=2, m=4),
+    # -- one-shot methods of fxcompress.oneshot (issue 18) go here, each a Method:
+    #    "wanda-50%", "sparsegpt-50%", "wanda-2:4", "sparsegpt-2:4",
+    #    "rtn-w4g128", "gptq-w4g128", "rtn-w3g128", "gptq-w3g128", "awq-w4g128", "w8a8", "smoothquant-w8a8"
+    # -- structured width pruning (issue 17), L1 magnitude; activation-aware criteria and depth pruning go here
+    "l1-width-25%": width_pruning(0.25),
+    "l1-width-50%": width_pruning(0.50),
+}
+
+
+# ---------------------------------------------------------------------------- the model, trained once
+
+
+def _cache_key(model_settings: ModelSettings, train: TrainSettings, digest: str) -> str:
+    blob = json.dumps({"model": dataclasses.asdict(model_settings), "train": dataclasses.asdict(train),
+                       "data": digest, "vocab": VOCAB_SIZE, "threads": torch.get_num_threads()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _config(model_settings: ModelSettings):
+    m = model_settings
+    return tiny_llama_config(m.hidden, m.layers, m.heads, m.kv_heads, m.ffn, m.seq_len)
+
+
+def load_or_train(model_settings: ModelSettings, train: TrainSettings, cache: pathlib.Path,
+                  retrain: bool = False, log=print) -> tuple[nn.Module, dict]:
+    """The trained model and its training figures, from the cache when it holds this configuration.
+
+    The folder holds ``model.safetensors`` (weights as data, no pickle),
+    ``config.json`` (the ``LlamaConfig``) and ``train.json`` (settings, data
+    digest, steps, tokens seen, losses).
+    """
+    from safetensors.torch import load_file, save_file
+
+    corpus = stdlib_corpus()
+    folder = cache / _cache_key(model_settings, train, corpus.digest)
+    model = tiny_llama(_config(model_settings), seed=train.seed)
+    if not retrain and (folder / "train.json").exists():
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        info = json.loads((folder / "train.json").read_text())
+        log(f"loaded the trained model from {folder}")
+        return model.eval(), dict(info, cached=True)
+    log(f"training {count_params(model) / 1e6:.2f} M parameters on {len(corpus.split('train')) / 1e6:.2f} M "
+        f"training tokens ({len(corpus.files['train'])} files) for "
+        + (f"{train.steps} steps" if train.steps is not None else f"{train.minutes:g} minutes"))
+    result = train_lm(model, corpus.split("train"), train, log=log)
+    valid = eval_sequences(64, model_settings.seq_len, "valid", corpus)
+    info = {
+        "model": dataclasses.asdict(model_settings), "train": dataclasses.asdict(train), "data_digest": corpus.digest,
+        "params": count_params(model), "steps": result.steps, "tokens_seen": result.tokens_seen,
+        "train_seconds": result.seconds, "final_train_loss": result.final_loss,
+        "valid_perplexity_64": perplexity(model, valid), "threads": torch.get_num_threads(),
+        "losses": result.losses,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(model.config.to_json_string())
+    (folder / "train.json").write_text(json.dumps(info))
+    log(f"trained {result.steps} steps ({result.tokens_seen / 1e6:.2f} M tokens) in {result.seconds:.0f} s; "
+        f"saved to {folder}")
+    return model.eval(), dict(info, cached=False)
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+def ngram_counts(train_tokens: torch.Tensor, order: int) -> torch.Tensor:
+    """Byte counts (``order=1``, shape (V,)) or byte-pair counts (``order=2``, shape (V, V)) of the training text."""
+    tokens = train_tokens.long()
+    if order == 1:
+        return torch.bincount(tokens, minlength=VOCAB_SIZE).double()
+    pairs = torch.bincount(tokens[:-1] * VOCAB_SIZE + tokens[1:], minlength=VOCAB_SIZE**2)
+    return pairs.double().reshape(VOCAB_SIZE, VOCAB_SIZE)
+
+
+def ngram_perplexity(counts: torch.Tensor, sequences: torch.Tensor, add: float) -> float:
+    """Perplexity of the add-``add`` smoothed unigram (1-D ``counts``) or bigram (2-D) model, scored on the
+    same positions as :func:`perplexity` (1 .. seq_len-1 of every sequence)."""
+    targets = sequences[:, 1:].reshape(-1)
+    smoothed = counts + add
+    if counts.dim() == 1:
+        logp = (smoothed / smoothed.sum()).log()[targets]
+    else:
+        logp = (smoothed / smoothed.sum(1, keepdim=True)).log()[sequences[:, :-1].reshape(-1), targets]
+    return math.exp(-float(logp.mean()))
+
+
+def baseline_rows(corpus, sequences: torch.Tensor, valid: torch.Tensor) -> list[dict]:
+    """Unigram and bigram byte models; the smoothing constant of each is chosen on validation windows."""
+    rows = []
+    for order, name in ((1, "unigram"), (2, "bigram")):
+        counts = ngram_counts(corpus.split("train"), order)
+        add = min((1.0, 0.1, 1e-2, 1e-3, 1e-4, 1e-5), key=lambda a: ngram_perplexity(counts, valid, a))
+        rows.append({"baseline": f"byte {name} (add-{add:g}, train counts)",
+                     "perplexity": ngram_perplexity(counts, sequences, add)})
+    return rows
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def run(methods: list[str], model: nn.Module, sequences: torch.Tensor, calibration: torch.Tensor,
+        batch_size: int = 8, log=print) -> list[dict]:
+    """One row per method: perplexity, its change against dense, seconds, parameters and nonzeros."""
+    rows: list[dict] = []
+    dense_ppl = None
+    for name in methods:
+        start = time.perf_counter()
+        compressed = METHODS[name](model, calibration)
+        seconds = time.perf_counter() - start
+        ppl = perplexity(compressed, sequences, batch_size)
+        if name == "dense":
+            dense_ppl = ppl
+        rows.append({"method": name, "perplexity": ppl,
+                     "delta": None if dense_ppl is None else ppl - dense_ppl,
+                     "seconds": seconds, "params": count_params(compressed),
+                     "nonzero": count_nonzero_params(compressed)})
+        log(_fmt(rows[-1:]).splitlines()[-1])
+    return rows
+
+
+def _fmt(rows: list[dict]) -> str:
+    headers = ["method", "perplexity", "Δ vs dense", "s", "params", "nonzero"]
+    table = [[r["method"], f"{r['perplexity']:.3f}", "-" if r["delta"] is None else f"{r['delta']:+.3f}",
+              f"{r['seconds']:.1f}", f"{r['params']:,}", f"{r['nonzero']:,}"] for r in rows]
+    return tabulate(table, headers=headers, disable_numparse=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS) + " (dense is always added)")
+    parser.add_argument("--train-minutes", type=float, default=15.0, help="training budget, wall clock (default 15)")
+    parser.add_argument("--train-steps", type=int, default=None, help="train exactly this many steps instead")
+    parser.add_argument("--train-batch", type=int, default=16, help="training sequences per step (default 16)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak learning rate (default 2e-3)")
+    parser.add_argument("--cache", default="~/.cache/fxcompress/bench_llm", help="where trained models are kept")
+    parser.add_argument("--retrain", action="store_true", help="train even when the cache holds the model")
+    parser.add_argument("--n-eval", type=int, default=200, help="held-out sequences of --seq-len tokens (default 200)")
+    parser.add_argument("--eval-split", choices=("test", "valid"), default="test")
+    parser.add_argument("--calibration", type=int, default=128, help="calibration sequences (default 128)")
+    parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (default 8)")
+    parser.add_argument("--hidden", type=int, default=ModelSettings.hidden)
+    parser.add_argument("--layers", type=int, default=ModelSettings.layers)
+    parser.add_argument("--heads", type=int, default=ModelSettings.heads)
+    parser.add_argument("--kv-heads", type=int, default=ModelSettings.kv_heads)
+    parser.add_argument("--ffn", type=int, default=ModelSettings.ffn)
+    parser.add_argument("--seq-len", type=int, default=ModelSettings.seq_len)
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, training and calibration")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--json", metavar="PATH", help="also write the settings, training figures and rows as JSON")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - progress goes to stderr
+    model_settings = ModelSettings(args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.seq_len)
+    train = TrainSettings(minutes=args.train_minutes, steps=args.train_steps, batch_size=args.train_batch,
+                          seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+    start = time.perf_counter()
+    model, info = load_or_train(model_settings, train, pathlib.Path(os.path.expanduser(args.cache)), args.retrain, log)
+    corpus = stdlib_corpus()
+    sequences = eval_sequences(args.n_eval, args.seq_len, args.eval_split, corpus)
+    calibration = calibration_sequences(args.calibration, args.seq_len, seed=args.seed, corpus=corpus)
+    baselines = baseline_rows(corpus, sequences, eval_sequences(min(args.n_eval, 64), args.seq_len, "valid", corpus))
+    methods = args.methods.split(",")
+    methods = methods if "dense" in methods else ["dense", *methods]  # every Δ is against it
+    rows = run(methods, model, sequences, calibration, args.batch_size, log)
+    summary = {k: v for k, v in info.items() if k != "losses"}
+    print(f"model: {summary['params']:,} parameters ({args.layers} layers, hidden {args.hidden}, {args.heads} heads / "
+          f"{args.kv_heads} KV heads, FFN {args.ffn}, vocab {VOCAB_SIZE}, untied); trained {summary['steps']} steps, "
+          f"{summary['tokens_seen']:,} tokens, {summary['train_seconds']:.0f} s, final train loss "
+          f"{summary['final_train_loss']:.3f} nats/token" + (" (cached)" if info["cached"] else ""))
+    print(f"data: stdlib {corpus.digest}: {len(corpus.files['train'])}/{len(corpus.files['valid'])}/"
+          f"{len(corpus.files['test'])} train/valid/test files; {args.eval_split}: {len(sequences)} x {args.seq_len} "
+          f"tokens ({sequences[:, 1:].numel():,} scored); calibration {len(calibration)} x {args.seq_len}\n")
+    print(tabulate([[b["baseline"], f"{b['perplexity']:.3f}"] for b in baselines], headers=["baseline", "perplexity"],
+                   disable_numparse=True) + "\n")
+    print(_fmt(rows))
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; threads {args.threads}")
+    result = {"settings": {k: v for k, v in vars(args).items()}, "training": info, "data_digest": corpus.digest,
+              "eval_tokens": sequences[:, 1:].numel(), "baselines": baselines, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
