@@ -10,7 +10,7 @@ from fxcompress import prune as P
 from fxcompress.analysis import get_analysis
 from fxcompress.examples import SmallCNN
 from fxcompress.masks import current_masks
-from fxcompress.passes import standard_pruning
+from fxcompress.passes import InsertMasks, standard_pruning
 
 torch.set_num_threads(2)
 X = torch.randn(2, 1, 28, 28)
@@ -92,3 +92,16 @@ def test_nm_rejects_bad_n_and_m():
 def test_level_pruning_from_text_pipeline():
     small = fxcompress.compile(model(), X, "insert-masks{pruner=level,sparsity=0.5},analyze-groups,propagate-channels,shrink")
     assert sparsity(current_masks(small)["fc1.weight"]) == pytest.approx(0.5)
+
+
+def test_layers_of_an_exported_graph_are_selected_by_their_original_type():
+    """``torch.export`` keeps plain containers where the model had ``nn.Linear``; selection must still find them."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    gm = fxcompress.compile(model, torch.randn(2, 8), [InsertMasks(P.LevelPruner(0.5))], frontend="export")
+    assert fxcompress.report.count_nonzero_params(gm) < fxcompress.report.count_params(gm)
+
+
+def test_a_selection_that_matches_no_layer_says_so():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    with pytest.warns(UserWarning, match="LevelPruner selects no layer"):
+        fxcompress.compile(model, torch.randn(2, 8), [InsertMasks(P.LevelPruner(0.5, op_names=("nothing*",)))])

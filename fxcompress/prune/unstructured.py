@@ -26,19 +26,29 @@ from fxcompress.prune.base import (
     removed_count,
 )
 from fxcompress.selection import layer_selected, normalize_selection
+from fxcompress.trace import module_type
 
 __all__ = ["WeightPruner", "LevelPruner", "NMPruner", "selected_weights"]
 
 
 def selected_weights(gm: fx.GraphModule, pruner) -> dict[str, torch.Tensor]:
-    """``weight`` tensors (as the forward sees them) of the layers ``pruner``'s selection picks, by name."""
+    """``weight`` tensors (as the forward sees them) of the layers ``pruner``'s selection picks, by name.
+
+    Layers are selected by the type they had in the user's model (an exported
+    graph keeps only plain containers); a selection that matches no layer
+    says so rather than pruning nothing in silence.
+    """
     found = {}
     for path, module in gm.named_modules():
         weight = forward_value(module, "weight")
         if not isinstance(weight, torch.Tensor):
             continue
-        if layer_selected(path, module, pruner.op_types, pruner.op_names, pruner.exclude):
+        if layer_selected(path, module_type(gm, path), pruner.op_types, pruner.op_names, pruner.exclude):
             found[f"{path}.weight" if path else "weight"] = weight.detach()
+    if not found:
+        types = ", ".join(t.__name__ for t in pruner.op_types)
+        warnings.warn(f"{type(pruner).__name__} selects no layer with a weight (op_types: {types}; op_names: "
+                      f"{list(pruner.op_names)}; exclude: {list(pruner.exclude)}), so it prunes nothing", stacklevel=2)
     return found
 
 
