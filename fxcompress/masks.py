@@ -112,9 +112,11 @@ _ORIG, _MASK = "_orig", "_mask"
 def own_masks(module: nn.Module) -> dict[str, torch.Tensor]:
     """The masks installed on ``module`` itself (not its children), by the masked tensor's local name."""
     found = {}
-    for buffer_name, buffer in module.named_buffers(recurse=False):
-        name = buffer_name.removesuffix(_MASK)
-        if name != buffer_name and hasattr(module, name + _ORIG):
+    for buffer_name, buffer in module._buffers.items():  # the dict itself: asked of every module, often
+        if buffer is None or not buffer_name.endswith(_MASK):
+            continue
+        name = buffer_name[: -len(_MASK)]
+        if name + _ORIG in module._parameters or hasattr(module, name + _ORIG):
             found[name] = buffer
     return found
 

@@ -481,7 +481,57 @@ def copy_model(model: nn.Module) -> nn.Module:
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
+    for module in model.modules():
+        if id(module) not in memo and _copies_plainly(module):
+            memo[id(module)] = _plain_copy(module, memo)
     return copy.deepcopy(model, memo)
+
+
+#: the ``nn.Module`` state dicts a plain copy rebuilds itself (the rest are hook dicts, copied only when empty)
+_STATE = frozenset({"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"})
+_IMMUTABLE = (int, float, complex, str, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _immutable(value) -> bool:
+    return isinstance(value, _IMMUTABLE) or isinstance(value, tuple) and all(_immutable(v) for v in value)
+
+
+def _copies_plainly(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.nn`` leaf whose state is its tensors plus immutable settings (a
+    conv, a norm, an activation): copying it needs none of ``deepcopy``'s generality, which costs more
+    than the tensors themselves on models of many small layers."""
+    if not type(module).__module__.startswith("torch.nn.modules.") or module._modules:
+        return False
+    for key, value in vars(module).items():
+        if key in _STATE:
+            continue
+        if isinstance(value, dict) and not value:
+            continue  # a hook dict with no hooks
+        if not _immutable(value):
+            return False
+    return all(type(p) is nn.Parameter for p in module._parameters.values() if p is not None) and all(
+        type(b) is torch.Tensor for b in module._buffers.values() if b is not None)
+
+
+def _plain_copy(module: nn.Module, memo: dict) -> nn.Module:
+    """What ``deepcopy`` gives for a module :func:`_copies_plainly` accepts; tensors go through ``memo``
+    so that tied ones stay tied."""
+    def tensor(value):
+        if value is None:
+            return None
+        if id(value) not in memo:
+            memo[id(value)] = copy.deepcopy(value, memo)
+        return memo[id(value)]
+
+    state = {key: type(value)() if isinstance(value, dict) and key not in _STATE else value
+             for key, value in vars(module).items()}
+    state["_parameters"] = {name: tensor(p) for name, p in module._parameters.items()}
+    state["_buffers"] = {name: tensor(b) for name, b in module._buffers.items()}
+    state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    state["_modules"] = {}
+    copied = type(module).__new__(type(module))
+    copied.__dict__.update(state)
+    return copied
 
 
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
