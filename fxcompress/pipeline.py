@@ -109,7 +109,11 @@ class Pass:
                 f"pass '{self.name}' needs {', '.join(repr(m) for m in missing)} to run before it; "
                 f"passes run so far: {history or 'none'}"
             )
+        before = _graph_signature(gm)
         modified = self.run(gm)
+        if modified and _graph_signature(gm) != before:  # parameters alone need no new code
+            gm.graph.lint()
+            gm.recompile()
         if modified and not self.keeps_analysis:
             invalidate_analysis(gm)
         history.append(self.name)
@@ -404,12 +408,7 @@ def run_pipeline(gm: fx.GraphModule, passes: Sequence[Pass], hooks: Sequence[Hoo
             if next_pass is None:
                 break
             start = time.perf_counter()
-            before = _graph_signature(gm)
-            result = next_pass(gm)
-            gm = result.graph_module
-            if result.modified and _graph_signature(gm) != before:  # parameters alone need no new code
-                gm.graph.lint()
-                gm.recompile()
+            gm = next_pass(gm).graph_module
             gm.meta.setdefault(meta.PASS_SECONDS, []).append((next_pass.name, time.perf_counter() - start))
             previous = next_pass
     return gm

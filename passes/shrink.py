@@ -130,7 +130,6 @@ class Shrink(Pass):
             rule = RULES.lookup(gm, node)
             if rule is not None and rule.shrink is not None:
                 rule.shrink(ctx, node)
-        gm.recompile()
         _update_shapes(ctx, gm)
         record_shrunk(gm)
         return True
