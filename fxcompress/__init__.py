@@ -58,7 +58,8 @@ def compile(
     frontend: str = "auto",
     trace_passes: str | os.PathLike | None = None,
     strict: bool = False,
-) -> fx.GraphModule:
+    output: str = "graph",
+) -> fx.GraphModule | nn.Module:
     """Trace ``model`` and run ``passes`` on it; return a new ``GraphModule``.
 
     ``model`` is never modified. ``passes`` is a list of pass objects or a
@@ -77,9 +78,14 @@ def compile(
     most channels; ops without a channel rule are named in the same warning
     (or, when coverage is fine, in one :class:`OpaqueOpWarning`).
     ``strict=True`` makes low coverage a :class:`LowCoverageError`.
+    ``output="module"`` returns a copy of ``model`` itself (its class, methods and config) at the new
+    widths instead of the graph, checked against the graph (:func:`fxcompress.writeback.write_back`).
     """
     import fxcompress.passes  # noqa: F401  (registers the passes by name)
+    from fxcompress.writeback import OUTPUTS, write_back
 
+    if output not in OUTPUTS:
+        raise ConfigError(f"unknown output {output!r}; choose one of {', '.join(map(repr, OUTPUTS))}")
     if isinstance(passes, str):
         passes = parse_pipeline(passes)
     for p in passes:
@@ -97,7 +103,7 @@ def compile(
     with collect_coverage(strict=strict) as log:
         result = run_pipeline(gm, list(passes), all_hooks)
     log.warn(stacklevel=2)
-    return result
+    return result if output == "graph" else write_back(model, result, rtol=rtol, verify=verify)
 
 
 def shrink(gm: fx.GraphModule, verify: bool = True, rtol: float = 1e-4) -> fx.GraphModule:
