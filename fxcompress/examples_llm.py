@@ -44,7 +44,7 @@ from torch import fx, nn
 
 __all__ = [
     "EOS", "VOCAB_SIZE", "SKIPPED_DIRS", "Corpus", "stdlib_corpus", "encode", "spread_windows",
-    "eval_sequences", "calibration_sequences", "tiny_llama_config", "tiny_llama", "logits_of", "perplexity",
+    "eval_sequences", "calibration_sequences", "batches", "tiny_llama_config", "tiny_llama", "logits_of", "perplexity",
     "mean_nll", "TrainSettings", "TrainResult", "train_lm",
 ]
 
@@ -181,9 +181,13 @@ def logits_of(output) -> torch.Tensor:
     raise TypeError(f"cannot find logits in a {type(output).__name__}")
 
 
-def _batches(sequences: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Chunks of ``batch_size``; a last chunk of one joins the one before it (an exported graph
-    captured at batch >= 2 refuses batch 1)."""
+def batches(sequences: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Chunks of ``batch_size`` rows (for evaluation, or as one-shot calibration batches); a last chunk of one
+    joins the one before it (an exported graph captured at batch >= 2 refuses batch 1).
+
+    >>> [len(b) for b in batches(torch.zeros(9, 4), 4)]
+    [4, 5]
+    """
     chunks = list(sequences.split(batch_size))
     if len(chunks) > 1 and len(chunks[-1]) == 1:
         chunks[-2:] = [torch.cat(chunks[-2:])]
@@ -205,7 +209,7 @@ def mean_nll(model: Callable, sequences: torch.Tensor, batch_size: int = 8) -> t
     total, count = 0.0, 0
     try:
         with torch.no_grad():
-            for batch in _batches(sequences, batch_size):
+            for batch in batches(sequences, batch_size):
                 logits = logits_of(model(batch))[:, :-1].float()
                 targets = batch[:, 1:]
                 total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import math
 import pathlib
@@ -110,3 +111,55 @@ def test_short_run_prints_the_table_and_reuses_the_cached_model(tmp_path, capsys
     assert all(name in table for name in rows) and "byte unigram" in table
     again = bench.main(args + ["--methods", "dense"])
     assert again["training"]["cached"] and again["rows"][0]["perplexity"] == rows["dense"]["perplexity"]
+
+
+def test_one_shot_rows_compress_every_decoder_linear_and_the_acceptance_checks_are_computed():
+    from fxcompress import meta
+    from fxcompress.report import count_nonzero_params, count_params
+    from fxcompress.trace import fetch_attr
+
+    bench = _bench()
+    model = L.tiny_llama(L.tiny_llama_config(32, 2, 4, 2, 64, 64)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = L.calibration_sequences(18, 64)
+    assert [len(b) for b in bench.calibration_batches(calibration)] == [16, 2]
+    linears = {f"{n}.weight": m.weight for n, m in model.named_modules() if n.endswith("_proj")}
+    assert len(linears) == 14
+    assert all(any(fnmatch.fnmatchcase(n[: -len(".weight")], p) for p in bench.DECODER_LINEARS) for n in linears)
+
+    sparse = bench.METHODS["wanda-50%"](model, calibration)
+    for target, weight in linears.items():  # half of each row of every decoder linear, nothing else
+        kept = fetch_attr(sparse, target).detach() != 0
+        assert (kept.sum(1) == weight.shape[1] // 2).all(), target
+    assert count_params(sparse) == count_params(model)
+    assert count_nonzero_params(sparse) == count_params(model) - sum(w.numel() for w in linears.values()) // 2
+
+    quantized = bench.METHODS["gptq-w4g128"](model, calibration)
+    grids = quantized.meta[meta.WEIGHT_GRIDS]
+    assert set(grids) == set(linears)  # lm_head stays in float
+    for target, grid in grids.items():
+        weight = fetch_attr(quantized, target).detach()
+        assert grid.bits == 4 and grid.group_size == min(128, weight.shape[1]) and grid.holds(weight), target
+    assert torch.equal(fetch_attr(quantized, "lm_head.weight"), model.lm_head.weight)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the dense model is untouched
+
+    rows = [{"method": name, "delta": delta} for name, delta in (
+        ("dense", 0.0), ("magnitude-50%", 3.0), ("wanda-50%", 0.6), ("sparsegpt-50%", 1.5), ("magnitude-2:4", 0.0),
+        ("sparsegpt-2:4", 0.1), ("rtn-w4g128", 1.0), ("gptq-w4g128", 0.5), ("w8a8", 0.2),
+        ("smoothquant-w8a8-a0.5", 0.25))]
+    checks = {c["method"] + " vs " + c["baseline"]: c for c in bench.acceptance(rows)}
+    assert {k: (c["ratio"], c["met"]) for k, c in checks.items()} == {
+        "wanda-50% vs magnitude-50%": (pytest.approx(0.2), True),
+        "sparsegpt-50% vs magnitude-50%": (pytest.approx(0.5), False),
+        "sparsegpt-2:4 vs magnitude-2:4": (None, None),  # magnitude lost nothing: no fraction of it to judge
+        "gptq-w4g128 vs rtn-w4g128": (pytest.approx(0.5), True),  # at the target is within it
+        "smoothquant-w8a8-a0.5 vs w8a8": (pytest.approx(1.25), False)}
+    assert checks["wanda-50% vs magnitude-50%"]["text"].startswith(
+        "Wanda loses 0.20 of what magnitude loses at 50 % (+0.600 vs +3.000 perplexity; target ≤ 1/3): met")
+    assert [c["method"] for c in bench.acceptance(rows[:3])] == ["wanda-50%"]  # a check needs both of its rows
+
+
+def test_help_prints_though_method_names_hold_percent_signs(capsys):
+    with pytest.raises(SystemExit):
+        _bench().parse_args(["--help"])  # method names hold "%", which argparse's help must not read as formats
+    assert "(dense is always added)" in " ".join(capsys.readouterr().out.split())

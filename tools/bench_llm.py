@@ -20,13 +20,31 @@ training files) into a compressed model; the table gives its held-out
 perplexity over ``--n-eval`` test sequences of 256 tokens (evenly spread
 windows; ``n x 255`` tokens scored), the change against dense, the method's
 wall seconds (compression only, not evaluation), and the parameters and
-nonzero parameters of the result. Unigram and bigram byte models fitted on
+nonzero parameters of the result.
+
+Every method compresses each linear layer of the decoder (the attention's
+q/k/v/o and the FFN's gate/up/down projections, ``DECODER_LINEARS``) and
+nothing else: ``lm_head`` and the embedding stay dense and in float, as the
+one-shot papers leave them. Issue 18's one-shot rows (``fxcompress.oneshot``
+through the ``one-shot`` pass, layer-sequential) calibrate on the same
+sequences, given as batches of ``CALIBRATION_BATCH`` (16: 8 batches at the
+default 128 x 256): 50 % unstructured and 2:4 sparsity by magnitude, Wanda and
+SparseGPT; RTN and GPTQ (act-order, static groups) at 4 and 3 bits, AWQ at 4
+bits, all asymmetric with groups of 128 input columns; simulated W8A8
+(per-channel symmetric int8 weights by round to nearest, per-tensor static
+int8 activations) plain and after SmoothQuant smoothing (alpha 0.5). A
+compiled row's seconds include capturing the model with ``torch.export``
+(the same few seconds for every row) and the pass's checks. Under the table
+the tool prints issue 18's acceptance checks computed from the rows
+(``ACCEPTANCE``: e.g. Wanda's perplexity loss as a fraction of magnitude's at
+50 %), also in ``--json`` as ``"acceptance"``. Unigram and bigram byte models fitted on
 the training files are printed first as a sanity floor: a trained model must
 beat them clearly. Choose methods' settings with ``--eval-split valid`` and
 report test.
 
     python tools/bench_llm.py                                  # train once (15 min), then every method
     python tools/bench_llm.py --methods dense,magnitude-50%,magnitude-2:4 --json out.json
+    python tools/bench_llm.py --methods magnitude-50%,wanda-50%,sparsegpt-50%,rtn-w4g128,gptq-w4g128
     python tools/bench_llm.py --train-steps 400 --retrain      # deterministic training
 
 Torch threads (``--threads``, default 2) change the training trajectory;
@@ -56,6 +74,7 @@ from fxcompress import prune as P
 from fxcompress.examples_llm import (
     VOCAB_SIZE,
     TrainSettings,
+    batches,
     calibration_sequences,
     eval_sequences,
     perplexity,
@@ -64,10 +83,12 @@ from fxcompress.examples_llm import (
     tiny_llama_config,
     train_lm,
 )
-from fxcompress.passes import standard_pruning
+from fxcompress.oneshot import AWQ, GPTQ, RTN, SparseGPT, Wanda
+from fxcompress.passes import OneShot, standard_pruning, w8a8_passes
 from fxcompress.report import count_nonzero_params, count_params
 
-__all__ = ["METHODS", "Method", "ModelSettings", "load_or_train", "ngram_counts", "ngram_perplexity", "run", "main"]
+__all__ = ["METHODS", "Method", "ModelSettings", "ACCEPTANCE", "Check", "acceptance", "load_or_train", "ngram_counts",
+           "ngram_perplexity", "run", "main"]
 
 #: A method: (dense model, calibration input_ids (n, seq_len) int64) -> compressed model, called as
 #: ``model(input_ids)`` and returning logits (a tensor or an object with ``.logits``). The dense model is the
@@ -81,6 +102,10 @@ Method = Callable[[nn.Module, torch.Tensor], nn.Module]
 #: with the default ``op_types`` ``LevelPruner``/``NMPruner`` select nothing there (and say nothing), so the
 #: selection is by name with ``op_types=(nn.Module,)``.
 DECODER_LINEARS = ("model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj")
+
+#: Calibration sequences per batch of the one-shot methods (the engine holds one batch's activations at a time;
+#: the captured graph's batch dim is dynamic from 2 up, so this need not equal the example input's 2).
+CALIBRATION_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +145,29 @@ def weight_pruning(pruner_class, **options) -> Method:
     return method
 
 
+def calibration_batches(calibration: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The calibration sequences as the one-shot passes take them: batches of ``CALIBRATION_BATCH`` (a last
+    batch of one joins the one before it: the captured graph refuses batch 1)."""
+    return tuple(batches(calibration, CALIBRATION_BATCH))
+
+
+def one_shot(algorithm_class, **options) -> Method:
+    """A ``fxcompress.oneshot`` algorithm on the decoder's linear layers, calibrated layer by layer on the
+    calibration sequences (sparsity as masks, quantization as dequantized weights with their grids recorded)."""
+    def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        algorithm = algorithm_class(op_names=DECODER_LINEARS, **options)
+        return _compile(model, calibration, [OneShot(algorithm, calibration_batches(calibration), progress=False)])
+    return method
+
+
+def w8a8(alpha: float | None) -> Method:
+    """Simulated W8A8 of every linear layer but ``lm_head`` (the decoder's): per-channel int8 weights, per-tensor
+    static int8 inputs; with ``alpha``, SmoothQuant's smoothing first (None: the plain W8A8 baseline)."""
+    def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        return _compile(model, calibration, w8a8_passes(calibration_batches(calibration), alpha, exclude=("lm_head",)))
+    return method
+
+
 def width_pruning(removed: float) -> Method:
     """Structured L1 pruning of heads (whole GQA groups), FFN channels and the hidden size, one ratio
     for every group, fitted so that ``removed`` of all parameters go (``target="params=..."``)."""
@@ -133,13 +181,71 @@ METHODS: dict[str, Method] = {
     # -- unstructured and N:M, weight magnitude (issue 18's baselines)
     "magnitude-50%": weight_pruning(P.LevelPruner, sparsity=0.5),
     "magnitude-2:4": weight_pruning(P.NMPruner, n=2, m=4),
-    # -- one-shot methods of fxcompress.oneshot (issue 18) go here, each a Method:
-    #    "wanda-50%", "sparsegpt-50%", "wanda-2:4", "sparsegpt-2:4",
-    #    "rtn-w4g128", "gptq-w4g128", "rtn-w3g128", "gptq-w3g128", "awq-w4g128", "w8a8", "smoothquant-w8a8"
+    # -- one-shot methods of fxcompress.oneshot (issue 18), calibrated layer by layer
+    "wanda-50%": one_shot(Wanda, sparsity=0.5),
+    "sparsegpt-50%": one_shot(SparseGPT, sparsity=0.5),
+    "wanda-2:4": one_shot(Wanda, n=2, m=4),
+    "sparsegpt-2:4": one_shot(SparseGPT, n=2, m=4),
+    "rtn-w4g128": one_shot(RTN, bits=4, group_size=128),
+    "gptq-w4g128": one_shot(GPTQ, bits=4, group_size=128),
+    "rtn-w3g128": one_shot(RTN, bits=3, group_size=128),
+    "gptq-w3g128": one_shot(GPTQ, bits=3, group_size=128),
+    "awq-w4g128": one_shot(AWQ, bits=4, group_size=128),
+    "w8a8": w8a8(alpha=None),
+    "smoothquant-w8a8-a0.5": w8a8(alpha=0.5),
     # -- structured width pruning (issue 17), L1 magnitude; activation-aware criteria and depth pruning go here
     "l1-width-25%": width_pruning(0.25),
     "l1-width-50%": width_pruning(0.50),
 }
+
+
+# ---------------------------------------------------------------------------- issue 18's acceptance checks
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One target of issue 18: ``method``'s perplexity loss against dense (its row's ``delta``) compared with
+    ``baseline``'s: at most ``at_most`` times it, or (``at_most`` None) smaller."""
+
+    method: str
+    baseline: str
+    says: str  #: "Wanda loses {ratio} of what magnitude loses at 50 %"; {ratio} is filled in
+    at_most: float | None
+    target: str  #: the target as written in the issue ("≤ 1/3", "less")
+
+
+ACCEPTANCE: tuple[Check, ...] = (
+    Check("wanda-50%", "magnitude-50%", "Wanda loses {ratio} of what magnitude loses at 50 %", 1 / 3, "≤ 1/3"),
+    Check("sparsegpt-50%", "magnitude-50%", "SparseGPT loses {ratio} of what magnitude loses at 50 %", 1 / 3, "≤ 1/3"),
+    Check("sparsegpt-2:4", "magnitude-2:4", "SparseGPT loses {ratio} of what magnitude loses at 2:4", 1 / 2, "≤ 1/2"),
+    Check("gptq-w4g128", "rtn-w4g128", "GPTQ-4g128 loses {ratio} of what RTN-4g128 loses", 1 / 2, "≤ 1/2"),
+    Check("smoothquant-w8a8-a0.5", "w8a8", "SmoothQuant W8A8 (α 0.5) loses {ratio} of what plain W8A8 loses", None,
+          "less"),
+)
+
+
+def acceptance(rows: list[dict]) -> list[dict]:
+    """The checks of ``ACCEPTANCE`` whose two rows are both in ``rows`` (dicts with ``method`` and ``delta``,
+    as :func:`run` returns), computed from their perplexity losses: ``loss``, ``baseline_loss``, ``ratio``
+    (None when the baseline loses nothing, where no fraction of it means anything), ``met`` (True, False, or
+    None when it cannot be judged) and the sentence ``text``."""
+    deltas = {r["method"]: r["delta"] for r in rows}
+    results = []
+    for check in ACCEPTANCE:
+        loss, base = deltas.get(check.method), deltas.get(check.baseline)
+        if loss is None or base is None:
+            continue
+        ratio = loss / base if base > 0 else None
+        if check.at_most is None:
+            met = loss < base
+        else:
+            met = None if ratio is None else ratio <= check.at_most
+        said = check.says.format(ratio="n/a" if ratio is None else f"{ratio:.2f}")
+        verdict = {True: "met", False: "NOT met", None: "not judged: the baseline loses nothing"}[met]
+        results.append({"method": check.method, "baseline": check.baseline, "loss": loss, "baseline_loss": base,
+                        "ratio": ratio, "target": check.target, "met": met,
+                        "text": f"{said} ({loss:+.3f} vs {base:+.3f} perplexity; target {check.target}): {verdict}"})
+    return results
 
 
 # ---------------------------------------------------------------------------- the model, trained once
@@ -262,7 +368,7 @@ def _fmt(rows: list[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS) + " (dense is always added)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS).replace("%", "%%") + " (dense is always added)")
     parser.add_argument("--train-minutes", type=float, default=15.0, help="training budget, wall clock (default 15)")
     parser.add_argument("--train-steps", type=int, default=None, help="train exactly this many steps instead")
     parser.add_argument("--train-batch", type=int, default=16, help="training sequences per step (default 16)")
@@ -312,13 +418,18 @@ def main(argv=None) -> dict:
           f"{summary['final_train_loss']:.3f} nats/token" + (" (cached)" if info["cached"] else ""))
     print(f"data: stdlib {corpus.digest}: {len(corpus.files['train'])}/{len(corpus.files['valid'])}/"
           f"{len(corpus.files['test'])} train/valid/test files; {args.eval_split}: {len(sequences)} x {args.seq_len} "
-          f"tokens ({sequences[:, 1:].numel():,} scored); calibration {len(calibration)} x {args.seq_len}\n")
+          f"tokens ({sequences[:, 1:].numel():,} scored); calibration {len(calibration)} x {args.seq_len} "
+          f"(one-shot methods: {len(calibration_batches(calibration))} x <= {CALIBRATION_BATCH} sequences a batch)\n")
     print(tabulate([[b["baseline"], f"{b['perplexity']:.3f}"] for b in baselines], headers=["baseline", "perplexity"],
                    disable_numparse=True) + "\n")
     print(_fmt(rows))
+    checks = acceptance(rows)
+    if checks:
+        print("\nissue 18's acceptance, from the rows above (perplexity lost against dense):")
+        print("\n".join(f"  {c['text']}" for c in checks))
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; threads {args.threads}")
-    result = {"settings": {k: v for k, v in vars(args).items()}, "training": info, "data_digest": corpus.digest,
-              "eval_tokens": sequences[:, 1:].numel(), "baselines": baselines, "rows": rows}
+    result = {"settings": dict(vars(args), calibration_batch=CALIBRATION_BATCH), "training": info, "data_digest": corpus.digest,
+              "eval_tokens": sequences[:, 1:].numel(), "baselines": baselines, "rows": rows, "acceptance": checks}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
