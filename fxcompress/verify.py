@@ -182,8 +182,9 @@ def oracle_outputs(original: nn.Module, gm: fx.GraphModule, example_inputs: tupl
     swapped = {mapping[t]: value for t, value in state.items()}
     if any(swapped[n].shape != t.shape for n, t in original.state_dict(keep_vars=True).items() if n in swapped):
         return None
-    with inference_mode(original):
-        return torch.func.functional_call(original, swapped, clone_inputs(example_inputs), strict=False)
+    with inference_mode(original):  # every name is given its value, tied names (embedding and head) included
+        return torch.func.functional_call(original, swapped, clone_inputs(example_inputs), strict=False,
+                                          tie_weights=False)
 
 
 def _removed_slices(gm: fx.GraphModule) -> list[tuple[str, int, np.ndarray]]:

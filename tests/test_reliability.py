@@ -323,3 +323,22 @@ def test_verification_records_the_error_it_measured_not_only_failures():
     verifier = VerifyOutputs((x,), rtol=1e-4)
     fxcompress.compile(model, x, [Nudge()], verify=False, hooks=[verifier])
     assert verifier.errors["nudge"] == pytest.approx(1e-6, rel=0.2)
+
+
+class TiedHead(nn.Module):
+    """An output layer sharing the embedding's weight (GPT-2's ``lm_head``): two names, one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(16, 8), nn.Linear(8, 12), nn.Linear(12, 8)
+        self.out = nn.Linear(8, 16, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(self.head(torch.relu(self.mid(self.emb(ids)))))
+
+
+def test_the_oracle_runs_a_model_with_tied_weights():
+    torch.manual_seed(0)
+    small = fxcompress.compile(TiedHead().eval(), torch.randint(0, 16, (2, 5)), standard_pruning(L1Norm(0.5)))
+    assert small.mid.out_features == 6 and small.out.weight is small.emb.weight
