@@ -18,7 +18,7 @@ record can never decide a slice.
 >>> from fxcompress.prune import L1Norm
 >>> gm = fxcompress.compile(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), torch.randn(1, 4),
 ...                         [InsertMasks(L1Norm(0.5))], verify=False)
->>> int(current_decision(gm).sum()), is_propagated(gm)
+>>> int((~current_decision(gm)).sum()), is_propagated(gm)  # 4 of the 8 hidden channels go; not propagated yet
 (4, False)
 """
 
