@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import gc
 import inspect
 import io
 import logging
@@ -846,19 +847,24 @@ def _trace_graph(model: nn.Module, example_inputs: tuple, frontend: str) -> fx.G
         return gm
     if frontend == "export":
         gm = _export(_capture_copy(model), example_inputs)
+        # the exported copy of the model lingers in reference cycles (export's tracing state), holding every
+        # parameter the graph holds: shrinking could not free a replaced weight until the next collection
+        gc.collect()
         propagate_shapes(gm, example_inputs)
         return gm
     try:
         return _trace_graph(model, example_inputs, "fx")
-    except TraceError as fx_error:
-        try:
-            return _trace_graph(model, example_inputs, "export")
-        except TraceError as export_error:
-            raise TraceError(
-                f"neither frontend could capture {type(model).__name__}.\n"
-                f"symbolic_trace: {fx_error}\n"
-                f"torch.export: {export_error}"
-            ) from export_error
+    except TraceError as error:
+        fx_failure = str(error)  # the message only: the error's frames hold the failed attempt's copy of the model
+    gc.collect()  # that copy sits in reference cycles (tracer, proxies): free it before export copies the model again
+    try:
+        return _trace_graph(model, example_inputs, "export")
+    except TraceError as export_error:
+        raise TraceError(
+            f"neither frontend could capture {type(model).__name__}.\n"
+            f"symbolic_trace: {fx_failure}\n"
+            f"torch.export: {export_error}"
+        ) from export_error
 
 
 def trace(model: nn.Module, example_inputs, frontend: str = "auto") -> fx.GraphModule:
