@@ -126,14 +126,16 @@ class HistogramObserver(nn.Module):
     def update(self, x: torch.Tensor, axis: int | None) -> None:
         if axis is not None:
             raise ConfigError(f"{type(self).__name__} is per-tensor only; use MinMaxObserver for per-channel schemes")
-        x = x.detach().double().flatten()
-        lo, hi = torch.minimum(self.lo, x.min()), torch.maximum(self.hi, x.max())
+        x = x.detach().flatten()
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()  # no float64 copy of every activation
+        low, high = torch.aminmax(x)  # one pass
+        lo, hi = torch.minimum(self.lo, low.double()), torch.maximum(self.hi, high.double())
         if hi <= lo:
             hi = lo + 1e-8
         if self.observed and (lo < self.lo or hi > self.hi):
             self.histogram = self._rebin(lo, hi)
         self.lo, self.hi = lo, hi
-        self.histogram += torch.histc(x, self.bins, float(lo), float(hi))
+        self.histogram += torch.histc(x, self.bins, float(lo), float(hi)).double()
 
     def _rebin(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         index = ((self.centers() - lo) / (hi - lo) * self.bins).long().clamp(0, self.bins - 1)
