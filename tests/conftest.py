@@ -39,6 +39,14 @@ def _seed() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (``_seed`` restores the count): small LLM kernels and Hessians run
+    steadier, and a parallel test gets the other core."""
+    torch.set_num_threads(1)
+    yield
+
+
 def masked_pipeline(pruner) -> list:
     """The standard pipeline without ``Shrink``: the masked (simulated) model."""
     return [InsertMasks(pruner), AnalyzeGroups(), PropagateChannels()]

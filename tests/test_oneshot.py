@@ -31,14 +31,7 @@ from fxcompress.pipeline import parse_pipeline, run_pipeline
 from fxcompress.prune import L1Norm
 from fxcompress.trace import fetch_attr
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(batches: int, tokens: int, width: int, seed: int = 0) -> list[torch.Tensor]:

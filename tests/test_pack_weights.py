@@ -26,16 +26,8 @@ from fxcompress.oneshot.grid import weight_scheme
 from fxcompress.passes import OneShot, PackWeights
 from fxcompress.pipeline import parse_pipeline
 
-pytestmark = pytest.mark.skipif(not all(kernels_available().values()), reason="this torch lacks the packed CPU kernels")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(not all(kernels_available().values()), reason="this torch lacks the packed CPU kernels"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -15,14 +15,7 @@ from fxcompress.passes import QuantizeActivations, SmoothActivations, w8a8_passe
 from fxcompress.pipeline import parse_pipeline, run_pipeline
 from fxcompress.trace import fetch_attr
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def outlier_case() -> tuple[nn.Module, list[torch.Tensor]]:
