@@ -2,7 +2,7 @@
 
 __all__ = [
     "FxCompressError", "TraceError", "ConfigError", "PipelineError", "VerificationError", "LowCoverageError",
-    "coerce_enum",
+    "coerce_enum", "build_registered",
 ]
 
 
@@ -47,3 +47,18 @@ def coerce_enum(owner: object, field: str, enum_cls: type, what: str | None = No
     except ValueError:
         known = ", ".join(repr(m.value) for m in enum_cls)
         raise ConfigError(f"{type(owner).__name__}: unknown {what or field} {value!r}; choose one of {known}") from None
+
+
+def build_registered(registry: dict, key: str, what: str, options: dict):
+    """Build the config dataclass ``registry`` lists under ``key`` (a pruner, a one-shot algorithm) from
+    text options, naming an unknown key or option and the known ones."""
+    import dataclasses
+
+    cls = registry.get(key)
+    if cls is None:
+        raise ConfigError(f"unknown {what} {key!r}; known: {', '.join(sorted(registry))}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(f"{what} {key!r} has no option {', '.join(unknown)}; options: {', '.join(sorted(fields))}")
+    return cls(**options)

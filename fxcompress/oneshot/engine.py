@@ -36,7 +36,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxcompress import meta
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, build_registered
 from fxcompress.masks import apply_masks, mask_of, masked, refresh, split_target, trainable
 from fxcompress.ops import runs_one_of
 from fxcompress.selection import layer_selected
@@ -133,15 +133,7 @@ def register_algorithm(cls: type) -> type:
 
 def make_algorithm(name: str, **options) -> OneShotAlgorithm:
     """Build a registered algorithm by its key (``"wanda"``, ``"sparsegpt"``, ``"gptq"``, ...)."""
-    cls = ALGORITHMS.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown one-shot algorithm {name!r}; known: {', '.join(sorted(ALGORITHMS))}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ConfigError(f"one-shot algorithm {name!r} has no option {', '.join(unknown)}; "
-                          f"options: {', '.join(sorted(fields))}")
-    return cls(**options)
+    return build_registered(ALGORITHMS, name, "one-shot algorithm", options)
 
 
 # ---------------------------------------------------------------------------- finding the layers

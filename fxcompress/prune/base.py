@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
-from fxcompress.errors import ConfigError, coerce_enum
+from fxcompress.errors import ConfigError, build_registered, coerce_enum
 from fxcompress.masks import channel_masks, current_masks, kept_components, split_target
 from fxcompress.modules import HeadPrunedMultiheadAttention
 from fxcompress.selection import layer_selected, normalize_selection
@@ -281,11 +281,4 @@ class Combined:
 
 def make_pruner(name: str, **options) -> Pruner:
     """Build a registered pruner by its short name (``"l1"``, ``"fpgm"``, ``"level"``), e.g. for text pipelines."""
-    cls = PRUNERS.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown pruner {name!r}; known pruners: {', '.join(sorted(PRUNERS))}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ConfigError(f"pruner {name!r} has no option {', '.join(unknown)}; options: {', '.join(sorted(fields))}")
-    return cls(**options)
+    return build_registered(PRUNERS, name, "pruner", options)
