@@ -35,7 +35,7 @@ import os
 import pathlib
 import sysconfig
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch

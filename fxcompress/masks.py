@@ -29,6 +29,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import fx, nn
 
 from fxcompress.channels import Role
+from fxcompress.ops import submodule
 
 if TYPE_CHECKING:  # masks read an analysis; the analysis never needs masks
     from fxcompress.analysis import ChannelAnalysis
@@ -327,7 +328,7 @@ def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> bool:
     changed = False
     for target, mask in masks.items():
         owner, name = split_target(target)
-        module = gm.get_submodule(owner)
+        module = submodule(gm, owner)
         existing = mask_of(module, name)
         if existing is None:
             if _all_ones(mask):
@@ -476,7 +477,7 @@ def channel_masks(
     masks: dict[str, torch.Tensor] = {}
     for target, dead_by_dim in _removed_positions(analysis, ~keep).items():
         owner, name = split_target(target)
-        module = gm.get_submodule(owner)
+        module = submodule(gm, owner)
         if skip_done and _already_zero(mask_of(module, name), dead_by_dim):
             continue
         masks[target] = _outer_mask(getattr(module, name).shape, dead_by_dim)

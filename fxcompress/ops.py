@@ -30,9 +30,9 @@ from __future__ import annotations
 from collections.abc import Container, Iterator, Mapping
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-__all__ = ["op_keys", "lookup", "runs_one_of", "out_of_place"]
+__all__ = ["op_keys", "lookup", "runs_one_of", "out_of_place", "submodule"]
 
 
 def out_of_place(name: str) -> str:
@@ -49,11 +49,26 @@ def _functional_overload(op: torch._ops.OpOverload):
     return getattr(getattr(torch.ops.aten, functional, None), op._overloadname, None)
 
 
+def submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)`` by the module dicts alone: asked several times per node by every pass,
+    where ``get_submodule``'s checks per path atom add up. A path that is not a chain of submodules gets
+    ``get_submodule``'s own error."""
+    module = root
+    try:
+        for atom in path.split(".") if path else ():
+            module = module._modules[atom]
+    except KeyError:
+        return root.get_submodule(path)
+    if module is None:
+        return root.get_submodule(path)
+    return module
+
+
 def op_keys(gm: fx.GraphModule, node: fx.Node) -> Iterator:
     """The keys a table may list ``node``'s op under, most specific first (none for placeholders,
     ``get_attr`` and ``output``)."""
     if node.op == "call_module":
-        cls = type(gm.get_submodule(node.target))
+        cls = type(submodule(gm, node.target))
         for base in cls.__mro__:
             if base.forward is not cls.forward:
                 return  # a base whose forward is overridden: the subclass may compute anything

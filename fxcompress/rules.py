@@ -42,7 +42,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxcompress import meta
 from fxcompress.channels import ChannelSpace, Role
-from fxcompress.ops import lookup
+from fxcompress.ops import lookup, submodule
 from fxcompress.modules import (
     MASKED_STATISTICS, MaskedLayerNorm, MaskedRMSNorm, masked_layer_norm, masked_mean, masked_rms_norm,
 )
@@ -85,7 +85,7 @@ class AnalyzeContext:
         return tuple(tm.shape)
 
     def module(self, node: fx.Node) -> nn.Module:
-        return self.gm.get_submodule(node.target)
+        return submodule(self.gm, node.target)
 
     def where(self, node: fx.Node) -> str:
         return describe_node(self.gm, node)
@@ -122,7 +122,7 @@ class ShrinkContext:
         return tuple(self.new_size(ids) for ids in channels)
 
     def module(self, node: fx.Node) -> nn.Module:
-        return self.gm.get_submodule(node.target)
+        return submodule(self.gm, node.target)
 
 
 AnalyzeFn = Callable[[AnalyzeContext, fx.Node], Any]

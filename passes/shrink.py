@@ -15,6 +15,7 @@ from fxcompress import meta
 from fxcompress.analysis import get_analysis
 from fxcompress.decision import current_decision, is_propagated, record_shrunk
 from fxcompress.masks import mask_of, ones_where_kept, public_name, set_masked, split_target, trainable, unmask
+from fxcompress.ops import submodule
 from fxcompress.pipeline import Pass, Requires, register_pass
 from fxcompress.rules import RULES, Multi, ShrinkContext
 
@@ -124,7 +125,7 @@ class Shrink(Pass):
         tied = _tied_tensors(gm)
         for target, kept_by_dim in by_tensor.items():
             owner, name = split_target(target)
-            _slice_tensor(gm.get_submodule(owner), name, kept_by_dim)
+            _slice_tensor(submodule(gm, owner), name, kept_by_dim)
         _tie_again(gm, tied)
         for node in gm.graph.nodes:
             rule = RULES.lookup(gm, node)

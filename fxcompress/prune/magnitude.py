@@ -19,6 +19,7 @@ from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
 from fxcompress.errors import ConfigError
 from fxcompress.masks import forward_value, split_target
+from fxcompress.ops import submodule
 from fxcompress.prune.base import Allocation, ChannelPruner, coerce_enum
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
 def effective_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
     """The tensor as the forward pass sees it (``orig * mask`` when masked), detached."""
     owner, name = split_target(target)
-    return forward_value(gm.get_submodule(owner), name).detach()
+    return forward_value(submodule(gm, owner), name).detach()
 
 
 def slice_rows(gm: fx.GraphModule, analysis: ChannelAnalysis, group: Group, roles: tuple[Role, ...]) -> Iterator:
