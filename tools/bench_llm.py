@@ -77,6 +77,7 @@ from fxcompress.examples_llm import (
     batches,
     calibration_sequences,
     eval_sequences,
+    logits_of,
     perplexity,
     stdlib_corpus,
     tiny_llama,
@@ -176,6 +177,25 @@ def width_pruning(removed: float) -> Method:
     return method
 
 
+def _calibration_evaluator(calibration: torch.Tensor) -> P.Evaluator:
+    """The calibration sequences as a data-aware pruner's evaluator (batches of ``CALIBRATION_BATCH``; the loss,
+    next-token cross-entropy, is there for criteria that take gradients)."""
+    def loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(model(batch))
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+    return P.Evaluator(list(calibration_batches(calibration)), loss=loss, progress=False)
+
+
+def activation_width_pruning(removed: float) -> Method:
+    """As :func:`width_pruning` (same groups, same ``target``), ranked by ``P.ActivationNorm``: each channel's
+    consumer-column weight norms times its input activations' norms on every calibration sequence."""
+    def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        evaluator = _calibration_evaluator(calibration)
+        pruner = P.ActivationNorm(evaluator=evaluator, num_batches=len(evaluator.data))
+        return _compile(model, calibration, standard_pruning(pruner, target=f"params={1 / (1 - removed):.6f}"))
+    return method
+
+
 METHODS: dict[str, Method] = {
     "dense": dense,
     # -- unstructured and N:M, weight magnitude (issue 18's baselines)
@@ -196,6 +216,8 @@ METHODS: dict[str, Method] = {
     # -- structured width pruning (issue 17), L1 magnitude; activation-aware criteria and depth pruning go here
     "l1-width-25%": width_pruning(0.25),
     "l1-width-50%": width_pruning(0.50),
+    "act-width-25%": activation_width_pruning(0.25),
+    "act-width-50%": activation_width_pruning(0.50),
 }
 
 

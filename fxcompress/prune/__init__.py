@@ -15,6 +15,7 @@ LAMP                :class:`LAMP` (global allocation)               no
 BN scaling factor   :class:`Slim` (+ :func:`slim_penalty`)          training
 random baseline     :class:`RandomPruner`                           no
 APoZ / mean act.    :class:`APoZ`, :class:`MeanActivation`          batches
+|W|·||X|| (Wanda)   :class:`ActivationNorm`                         batches
 Taylor (g x w)      :class:`Taylor`                                 batches+loss
 OBD (Hessian diag)  :class:`OBD`                                    batches+loss
 level / N:M         :class:`LevelPruner`, :class:`NMPruner`         no
@@ -27,7 +28,7 @@ lottery ticket      :class:`LotteryTicket`                          training
 
 from fxcompress.prune.base import PRUNERS, Allocation, ChannelDecider, ChannelPruner, Combined, Pruner, make_pruner
 from fxcompress.prune.budget import Budget, BudgetMetric, ShapeCost
-from fxcompress.prune.data_aware import OBD, APoZ, MeanActivation, Taylor
+from fxcompress.prune.data_aware import OBD, APoZ, ActivationNorm, MeanActivation, Taylor
 from fxcompress.prune.distill import LayerwiseDistillation
 from fxcompress.prune.evaluator import Evaluator, LRSchedule, recalibrate_batchnorm
 from fxcompress.prune.magnitude import FPGM, LAMP, L1Norm, L2Norm, Normalizer, RandomPruner, Reduction, Slim, slim_penalty
@@ -40,7 +41,7 @@ from fxcompress.prune.unstructured import LevelPruner, NMPruner
 __all__ = [
     "Pruner", "ChannelDecider", "ChannelPruner", "Allocation", "Combined", "PRUNERS", "make_pruner",
     "L1Norm", "L2Norm", "FPGM", "LAMP", "Slim", "slim_penalty", "RandomPruner", "Normalizer", "Reduction",
-    "APoZ", "MeanActivation", "Taylor", "OBD",
+    "APoZ", "MeanActivation", "ActivationNorm", "Taylor", "OBD",
     "LevelPruner", "NMPruner",
     "Schedule", "LinearSchedule", "AGPSchedule", "ScheduledPruning",
     "MovementPruning", "ADMM", "LotteryTicket",

@@ -1,4 +1,4 @@
-"""Data-aware channel criteria: activations (APoZ, mean activation) and gradients (Taylor, OBD).
+"""Data-aware channel criteria: activations (APoZ, mean activation, activation norm) and gradients (Taylor, OBD).
 
 Each criterion collects its statistics once per ``compute_masks`` call, in one
 pass over ``num_batches`` calibration batches of the user's
@@ -29,9 +29,17 @@ from fxcompress.masks import split_target, trainable
 from fxcompress.ops import runs_one_of
 from fxcompress.prune.base import ChannelPruner
 from fxcompress.prune.evaluator import Evaluator
-from fxcompress.prune.magnitude import GroupAggregation, effective_tensor, is_bias, normalize, reduce_slices
+from fxcompress.prune.magnitude import (
+    GroupAggregation,
+    effective_tensor,
+    group_norm_scores,
+    is_bias,
+    normalize,
+    reduce_slices,
+)
 
-__all__ = ["APoZ", "MeanActivation", "Taylor", "OBD", "DataAwarePruner", "ACTIVATION_OPS"]
+__all__ = ["APoZ", "MeanActivation", "ActivationNorm", "Taylor", "OBD", "DataAwarePruner", "ACTIVATION_OPS",
+           "LINEAR_CONSUMERS"]
 
 #: Ops whose output is a post-nonlinearity activation: where APoZ and mean activation are measured.
 ACTIVATION_OPS: tuple = (
@@ -196,6 +204,122 @@ class MeanActivation(DataAwarePruner):
         sites = activation_sites(gm, analysis, groups)
         recorder = record_activations(gm, self.evaluator, sites, self.num_batches)
         return [_site_statistic(recorder, sites.get(g.id, []), len(g), "magnitude") for g in groups]
+
+
+# ---------------------------------------------------------------------------- activation norms (Wanda-style)
+
+#: Ops whose weight (``out x in``) reads its input's last dim: the consumers :class:`ActivationNorm` measures
+#: (``nn.Linear`` of symbolic traces, ``linear`` calls with a ``get_attr`` weight of ``torch.export`` graphs).
+LINEAR_CONSUMERS: frozenset = frozenset({nn.Linear, F.linear, torch.ops.aten.linear.default})
+
+
+def _linear_reads(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node] | None:
+    """``(weight target, input node)`` of a linear node, or None (not a linear, or a computed weight)."""
+    if not runs_one_of(LINEAR_CONSUMERS, gm, node):
+        return None
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(source, fx.Node):
+        return None
+    if node.op == "call_module":
+        return f"{node.target}.weight", source
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    return weight.target, source
+
+
+class _InputNorms(fx.Interpreter):
+    """Runs the graph and sums, per watched linear weight, ``x_c²`` of its input's columns over every token."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, tuple[str, fx.Node]]) -> None:
+        super().__init__(gm)
+        self.watch = watch
+        self.squares: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node):
+        read = self.watch.get(n)
+        if read is not None:
+            target, source = read
+            x = self.env[source]
+            if isinstance(x, torch.Tensor) and x.dim() >= 1:
+                squares = x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+                seen = self.squares.get(target)
+                self.squares[target] = squares if seen is None else seen + squares
+        return super().run_node(n)
+
+
+@torch.no_grad()
+def linear_input_norms(gm: fx.GraphModule, evaluator: Evaluator, targets: set[str], num_batches: int) -> dict:
+    """``||X_c||₂`` per input column of each linear weight in ``targets`` (CPU float64), over ``num_batches``
+    calibration batches in one pass; a weight the graph's linears never read is absent."""
+    watch = {}
+    for node in gm.graph.nodes:
+        read = _linear_reads(gm, node)
+        if read is not None and read[0] in targets:
+            watch[node] = read
+    if not watch:
+        return {}
+    interpreter = _InputNorms(gm, watch)
+    with eval_flags(gm):
+        for batch in evaluator.batches(num_batches):
+            interpreter.run(*evaluator.inputs(batch))
+    return {t: s.sqrt().cpu() for t, s in interpreter.squares.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationNorm(DataAwarePruner):
+    """Wanda-style structured importance: each channel's weights times the norm of the activation it carries.
+
+    For a channel ``j`` of a group, every linear layer that *reads* it (a
+    consumer column: the attention's ``o_proj`` for a head, ``down_proj`` for
+    an FFN channel, every q/k/v/gate/up projection and ``lm_head`` for a
+    residual-stream channel) contributes
+
+        ``S_j += ||W[:, c]||₂ · ||X_c||₂``  for each input column ``c`` of the layer that belongs to ``j``
+
+    where ``X_c`` is the layer's input column over every calibration token
+    (``num_batches`` batches of the evaluator's data, collected once, in one
+    pass of an ``fx.Interpreter``). ``||W[:, c]||₂ · ||X_c||₂`` is exactly
+    the Frobenius norm of ``W[:, c] X_cᵀ``, the part of the layer's output
+    on the calibration data that removing the channel deletes, so channels
+    whose weights are small but whose activations are large (LLMs' outlier
+    features) are kept where weight magnitude (``L1Norm``) removes them.
+    The products are summed over the group's consumer layers (raw scale).
+
+    The idea is Wanda's (Sun et al., 2023, "A Simple and Effective Pruning
+    Approach for Large Language Models": ``|W_ij| · ||X_j||₂``), applied to
+    whole channels as in FLAP's Wanda-sp baseline (An et al., 2024,
+    "Fluctuation-based Adaptive Structured Pruning for Large Language
+    Models"). Consumers are linear layers (``nn.Linear``, or ``linear``
+    calls on ``get_attr`` weights in ``torch.export`` graphs such as
+    Hugging Face models'); a group that no measured linear layer reads (a
+    conv net's channels) falls back to the L1 norm of its weights
+    (:class:`~fxcompress.prune.L1Norm`'s score). The evaluator's ``loss`` is
+    not called: only its batches and ``inputs`` are.
+    """
+
+    key = "activation-norm"
+
+    def group_scores(self, gm, analysis, groups):
+        pieces = [(g, k) for g in groups for k in analysis.slices_of(g, Role.CONSUMER) if not is_bias(analysis, k)]
+        norms = linear_input_norms(gm, self.evaluator, {analysis.slices[k].target for _, k in pieces}, self.num_batches)
+        scores = {g.id: np.zeros(len(g)) for g in groups}
+        measured: set[int] = set()
+        for group, k in pieces:
+            piece = analysis.slices[k]
+            x_norm = norms.get(piece.target)
+            if x_norm is None:
+                continue
+            weight = effective_tensor(gm, piece.target).float()
+            if weight.dim() != 2 or piece.dim != 1 or weight.shape[1] != x_norm.shape[0]:
+                continue
+            w_norm = torch.linalg.vector_norm(weight, dim=0).double().cpu()
+            positions, local = analysis.positions(k, group)
+            index = torch.from_numpy(positions)
+            product = (w_norm[index] * x_norm[index]).numpy()
+            scores[group.id] += np.bincount(local, weights=product, minlength=len(group))
+            measured.add(group.id)
+        return [scores[g.id] if g.id in measured else group_norm_scores(gm, analysis, g, 1) for g in groups]
 
 
 # ---------------------------------------------------------------------------- gradients
