@@ -34,6 +34,7 @@ import warnings
 
 import torch
 import torchvision
+from proc_memory import reset_peak, status_bytes
 from tabulate import tabulate
 
 MODELS = ["resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny", "regnet_y_400mf",
@@ -104,14 +105,6 @@ def time_table(models: list[str], repeat: int, verify: bool) -> tuple[list[list]
     return rows, math.exp(statistics.fmean(math.log(r) for r in ratios))
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure_memory(name: str, tool: str, verify: bool) -> dict:
     """In this process: build, warm up, reset the peak, run ``tool`` once; sizes in bytes."""
     torch.set_num_threads(1)
@@ -121,13 +114,12 @@ def measure_memory(name: str, tool: str, verify: bool) -> dict:
         run_fxcompress(warm, torch.randn(1, 3, 8, 8), verify=verify)
     else:
         import torch_pruning  # noqa: F401 - its import is not the compile's memory
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    before = _status_kb("VmRSS")
+    reset_peak()
+    before = status_bytes("VmRSS")
     result = run_fxcompress(model, x, verify=verify) if tool == "fxcompress" else run_torch_pruning(model, x)
-    peak = _status_kb("VmHWM")
+    peak = status_bytes("VmHWM")
     del result
-    return {"weights": weight_bytes(build(name)[0]), "extra": (peak - before) * 1024}
+    return {"weights": weight_bytes(build(name)[0]), "extra": peak - before}
 
 
 def memory_table(models: list[str], verify: bool) -> tuple[list[list], float]:

@@ -46,6 +46,7 @@ import sys
 import time
 
 import torch
+from proc_memory import reset_peak, status_bytes
 from tabulate import tabulate
 
 VARIANTS = ("fp32", "bf16", "fxcompress-int8", "fxcompress-int4", "torchao-int8", "torchao-int4")
@@ -141,14 +142,6 @@ def time_variants(args) -> tuple[list[list], dict]:
     return rows, speeds
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure_memory(args, variant: str) -> dict:
     """In this (fresh) process: build, convert, release what the conversion freed, reset the peak, decode."""
     model = convert(build(args.layers), variant, args.group_size)
@@ -157,12 +150,11 @@ def measure_memory(args, variant: str) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the resident set is the model's
     except OSError:
         pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    resident = _status_kb("VmRSS")
+    reset_peak()
+    resident = status_bytes("VmRSS")
     _, cache, token = prefill(model, args.context)
     decode_steps(model, cache, token, args.context, 2)
-    return {"resident": resident * 1024, "peak": _status_kb("VmHWM") * 1024}
+    return {"resident": resident, "peak": status_bytes("VmHWM")}
 
 
 def memory_columns(args, rows: list[list]) -> None:

@@ -31,15 +31,11 @@ import sys
 import time
 import warnings
 
+from proc_memory import reset_peak, status_bytes
 from tabulate import tabulate
 
 DEPTHS = (2, 4, 8, 16, 22)
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 2048, 32, 4, 5632, 32000
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def measure(layers: int, threads: int) -> dict:
@@ -58,15 +54,14 @@ def measure(layers: int, threads: int) -> dict:
     model = LlamaForCausalLM(config).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     tokens = {"input_ids": torch.randint(0, VOCAB, (2, 16))}
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # the peak from here on
+    reset_peak()  # the peak from here on
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         small = fxcompress.compile(model, tokens, standard_pruning(L1Norm(0.5, exclude=("model.embed_tokens",))),
                                    verify=False)
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM") * 1024
+    peak = status_bytes("VmHWM")
     shapes = {name: tuple(p.shape) for name, p in small.named_parameters()}
     layer = "model.layers.0"
     return {
