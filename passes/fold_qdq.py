@@ -15,11 +15,26 @@ layer; this pass therefore does not claim to preserve outputs exactly.
 
 The rewrites are the table :data:`REWRITES`, applied in order, each to every
 node it matches.
+
+``FoldQDQ(form="pt2e")`` (text ``fold-qdq{form=pt2e}``) applies
+:data:`PT2E_REWRITES` instead: the form PT2E's ``convert_pt2e`` produces and
+Inductor's x86 lowering turns into oneDNN int8 kernels under ``torch.compile``
+(:mod:`fxcompress.quant.inductor`): ``quantized_decomposed`` quantize and
+dequantize ops with literal scale and zero point on activations,
+``dequantize_per_channel`` on int8 weights (per-tensor weight scales are
+repeated per channel), float biases, so outputs match the fake-quantized
+simulation up to one activation step where rounding ties fall differently.
+Layers whose int8 form Inductor does not lower, or lowers wrongly
+(:func:`fxcompress.quant.inductor.why_not_lowered`), read their weights
+through ``fxcompress``'s own ``dequantize`` instead, which no Inductor pattern
+matches: they run in float (freezing folds the dequantized weight), and a
+warning names each.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -31,11 +46,12 @@ from torch.nn.utils import parametrize
 from fxcompress import meta
 from fxcompress.errors import ConfigError
 from fxcompress.pipeline import Pass, Requires, Rewrite, apply_rewrites, register_pass
+from fxcompress.quant import inductor
 from fxcompress.quant.ops import DEQUANTIZE, QUANTIZE
 from fxcompress.quant.quantizers import Quantizer, all_frozen
 from fxcompress.trace import describe_node, propagate_shapes
 
-__all__ = ["FoldQDQ", "REWRITES", "LAYER_FUNCTIONS"]
+__all__ = ["FoldQDQ", "REWRITES", "PT2E_REWRITES", "FORMS", "LAYER_FUNCTIONS"]
 
 #: Layer type -> (functional op, the module attributes passed after input, weight, bias).
 LAYER_FUNCTIONS: dict[type[nn.Module], tuple[Callable, tuple[str, ...]]] = {
@@ -155,9 +171,13 @@ def _input_scale(node: fx.Node) -> torch.Tensor | None:
     return source.args[1]
 
 
+def _weight_quantizer(module: nn.Module) -> Quantizer:
+    return next(q for q in module.parametrizations.weight if isinstance(q, Quantizer))
+
+
 def _pack_layer(gm: fx.GraphModule, node: fx.Node) -> QuantizedWeights:
     module = gm.get_submodule(node.target)
-    quantizer = next(q for q in module.parametrizations.weight if isinstance(q, Quantizer))
+    quantizer = _weight_quantizer(module)
     if not quantizer.enabled:
         raise ConfigError(f"cannot fold {describe_node(gm, node)}: its weight quantizer is not enabled (run fake-quantize)")
     axis = quantizer.scheme.ch_axis
@@ -184,13 +204,18 @@ def _pack_bias(gm: fx.GraphModule, packed: QuantizedWeights, input_scale: fx.Nod
     del packed.bias_float
 
 
-def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> None:
+def _layer_function(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple]:
+    """The functional op of a quantized layer and its settings (stride, padding, ...), checked to be foldable."""
     module = gm.get_submodule(node.target)
     function, attributes = LAYER_FUNCTIONS[parametrize.type_before_parametrizations(module)]
     if getattr(module, "padding_mode", "zeros") != "zeros":
         raise ConfigError(f"cannot fold {describe_node(gm, node)}: padding_mode {module.padding_mode!r} is not supported")
+    return function, tuple(getattr(module, a) for a in attributes)
+
+
+def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> None:
+    function, settings = _layer_function(gm, node)
     packed = _pack_layer(gm, node)
-    settings = tuple(getattr(module, a) for a in attributes)
     input_scale = _input_scale(node)
     target = node.target
     gm.delete_submodule(target)
@@ -211,6 +236,79 @@ def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> None:
     graph.erase_node(node)
 
 
+# ---------------------------------------------------------------------------- the PT2E form
+
+
+def _to_pt2e_qdq(gm: fx.GraphModule, node: fx.Node) -> None:
+    stored = _qparams_module(gm, node)
+    info = torch.iinfo(stored.zero_point.dtype)
+    grid = (float(stored.scale), int(stored.zero_point), info.min, info.max, stored.zero_point.dtype)
+    ops = inductor.decomposed_ops()
+    graph = gm.graph
+    with graph.inserting_before(node):
+        q = graph.call_function(ops.quantize_per_tensor.default, (node.args[0], *grid))
+        dq = graph.call_function(ops.dequantize_per_tensor.default, (q, *grid))
+    node.replace_all_uses_with(dq)
+    graph.erase_node(node)
+
+
+def _is_pt2e_requantize(gm: fx.GraphModule, node: fx.Node) -> bool:
+    ops = inductor.decomposed_ops()
+    if node.target is not ops.quantize_per_tensor.default:
+        return False
+    dq = node.args[0]
+    if not (isinstance(dq, fx.Node) and dq.target is ops.dequantize_per_tensor.default):
+        return False
+    source = dq.args[0]
+    return isinstance(source, fx.Node) and source.target is node.target and tuple(dq.args[1:]) == tuple(node.args[1:])
+
+
+def _pt2e_layer(gm: fx.GraphModule, node: fx.Node) -> None:
+    function, settings = _layer_function(gm, node)
+    scheme = _weight_quantizer(gm.get_submodule(node.target)).scheme
+    packed = _pack_layer(gm, node)
+    channels = packed.weight.shape[scheme.ch_axis if scheme.per_channel else 0]
+    axis = scheme.ch_axis if scheme.per_channel else 0
+    packed.weight_scale = packed.weight_scale.reshape(-1).expand(channels).clone()
+    packed.weight_zero_point = packed.weight_zero_point.reshape(-1).expand(channels).to(torch.int64).clone()
+    if hasattr(packed, "bias_float"):
+        packed.register_buffer("bias", packed.bias_float)
+        del packed.bias_float
+    target = node.target
+    gm.delete_submodule(target)
+    gm.add_submodule(target, packed)
+    ops = inductor.decomposed_ops()
+    graph = gm.graph
+    with graph.inserting_before(node):
+        attr = lambda name: graph.get_attr(f"{target}.{name}")  # noqa: E731
+        weight = graph.call_function(
+            ops.dequantize_per_channel.default,
+            (attr("weight"), attr("weight_scale"), attr("weight_zero_point"), axis, scheme.qmin, scheme.qmax, torch.int8),
+        )
+        bias = attr("bias") if hasattr(packed, "bias") else None
+        call = graph.call_function(function, (node.args[0], weight, bias, *settings))
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+
+
+def _is_unlowered_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in inductor.LAYERS or len(node.args) < 2:
+        return False
+    weight = node.args[1]
+    per_channel = inductor.decomposed_ops().dequantize_per_channel.default
+    return isinstance(weight, fx.Node) and weight.target is per_channel and inductor.why_not_lowered(node) is not None
+
+
+def _float_weights(gm: fx.GraphModule, node: fx.Node) -> None:
+    warnings.warn(f"fold-qdq{{form=pt2e}}: {describe_node(gm, node)} runs in float under torch.compile: "
+                  f"{inductor.why_not_lowered(node)}", stacklevel=2)
+    weight = node.args[1]
+    with gm.graph.inserting_before(weight):
+        plain = gm.graph.call_function(DEQUANTIZE, (*weight.args[:4],))
+    weight.replace_all_uses_with(plain)
+    gm.graph.erase_node(weight)
+
+
 #: The local rewrites, in the order they are applied.
 REWRITES: tuple[Rewrite, ...] = (
     Rewrite("drop-identity", _is_identity, _drop),  # identity(x) / dropout(x) -> x
@@ -219,21 +317,46 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite("layer-to-integer", _is_quantized_layer, _functional_layer),  # conv(x; fq(w), b) -> conv(x, dq(w_i8), dq(b_i32))
 )
 
+#: The rewrites of ``form="pt2e"``, in the order they are applied (dq/q: ``quantized_decomposed``'s per-tensor ops).
+PT2E_REWRITES: tuple[Rewrite, ...] = (
+    Rewrite("drop-identity", _is_identity, _drop),  # identity(x) / dropout(x) -> x
+    Rewrite("quantizer-to-qdq", _is_activation_quantizer, _to_pt2e_qdq),  # fq(x) -> dq(q(x, s, z, lo, hi, t), s, z, ...)
+    Rewrite("collapse-requantize", _is_pt2e_requantize, _collapse),  # q(dq(q(x, g), g), g) -> q(x, g)
+    Rewrite("layer-to-integer", _is_quantized_layer, _pt2e_layer),  # conv(x; fq(w), b) -> conv(x, dq_per_channel(w_i8), b)
+    # conv(x, dq_per_channel(w), b) -> conv(x, dequantize(w), b) where Inductor has no (correct) int8 kernel for it
+    Rewrite("unlowered-to-float", _is_unlowered_layer, _float_weights),
+)
+
+#: Output form -> its rewrite table: ``onnx`` (what ONNX Runtime fuses), ``pt2e`` (what Inductor lowers).
+FORMS: dict[str, tuple[Rewrite, ...]] = {"onnx": REWRITES, "pt2e": PT2E_REWRITES}
+
 
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class FoldQDQ(Pass):
-    """Apply :data:`REWRITES`; a graph already in QDQ form matches none of them, so a second run is a no-op."""
+    """Apply the ``form``'s table (:data:`FORMS`); a graph already folded matches none of it, so a second run is a no-op.
+
+    ``form="onnx"`` (the default) is what :func:`fxcompress.export.to_onnx`
+    exports; ``form="pt2e"`` is what :func:`fxcompress.quant.inductor.compile`
+    runs in oneDNN int8 kernels.
+    """
 
     name: ClassVar[str] = "fold-qdq"
     requires: ClassVar[tuple[Requires, ...]] = (Requires("fake-quantize", all_frozen),)
     preserves_outputs: ClassVar[bool] = False
 
+    form: str = "onnx"
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ConfigError(f"fold-qdq: form must be one of {', '.join(FORMS)}, got {self.form!r}")
+
     def run(self, gm: fx.GraphModule) -> bool:
-        modified = apply_rewrites(gm, REWRITES)
-        if modified:
-            gm.graph.eliminate_dead_code()
-            gm.delete_all_unused_submodules()
-            gm.recompile()
-            propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS])
-        return modified
+        modified = apply_rewrites(gm, FORMS[self.form])
+        if not modified:
+            return False
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS])
+        return True

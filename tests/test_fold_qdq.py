@@ -91,3 +91,96 @@ def test_identity_modules_disappear():
                                                       FakeQuantize(), FoldQDQ()])
     assert "Dropout" not in _ops(gm)
     assert any(isinstance(m, QParams) for m in gm.modules())
+
+
+# ---------------------------------------------------------------------------- form="pt2e" (Inductor's int8 input)
+
+
+def _pt2e_ops(gm: fx.GraphModule) -> list[str]:
+    ops = torch.ops.quantized_decomposed
+    names = {ops.quantize_per_tensor.default: Q, ops.dequantize_per_tensor.default: DQ,
+             ops.dequantize_per_channel.default: "DQc", DEQUANTIZE: "dequantize"}
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            out.append(names.get(n.target, getattr(n.target, "__name__", str(n.target))))
+        elif n.op == "call_module":
+            out.append(type(gm.get_submodule(n.target)).__name__)
+    return out
+
+
+def _pt2e(gm: fx.GraphModule) -> fx.GraphModule:
+    import fxcompress
+
+    return fxcompress.compile(gm, inputs(4), [FoldQDQ(form="pt2e")])
+
+
+def test_pt2e_form_is_what_convert_pt2e_writes():
+    gm = _pt2e(ptq())
+    assert _pt2e_ops(gm) == [
+        Q, DQ, "DQc", "conv2d", "relu", Q, DQ, "MaxPool2d", Q, DQ,
+        "DQc", "conv2d", "relu", Q, DQ, "MaxPool2d", Q, DQ, "flatten", Q, DQ,
+        "DQc", "linear", "relu", Q, DQ, "DQc", "linear", Q, DQ,
+    ]
+    first_q = next(n for n in gm.graph.nodes if n.target is torch.ops.quantized_decomposed.quantize_per_tensor.default)
+    scale, zero_point, qmin, qmax, dtype = first_q.args[1:]
+    assert isinstance(scale, float) and isinstance(zero_point, int) and (qmin, qmax, dtype) == (0, 255, torch.uint8)
+    assert gm.conv1.weight.dtype == torch.int8 and gm.conv1.bias.dtype == torch.float32
+    assert gm.conv1.weight_scale.shape == (8,) and gm.conv1.weight_zero_point.dtype == torch.int64
+
+
+def test_pt2e_form_agrees_with_the_simulation_and_second_run_is_a_no_op():
+    from fxcompress.pipeline import parse_pipeline
+
+    simulated = ptq()
+    folded = _pt2e(ptq())
+    x = inputs(32, 2)
+    ref, out = simulated(x), folded(x)
+    # float biases: only rounding ties (x * (1 / scale) against x / scale) move a value, by one step
+    assert (out - ref).abs().max() <= 2 * float(simulated.fc2_aq.scale)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+    code = folded.code
+    assert FoldQDQ(form="pt2e")(folded).modified is False and folded.code == code
+    assert parse_pipeline("fold-qdq{form=pt2e}") == [FoldQDQ(form="pt2e")] and FoldQDQ(form="pt2e").to_text() == \
+        "fold-qdq{form=pt2e}"
+
+
+def test_pt2e_layers_inductor_cannot_lower_read_float_weights_and_are_named():
+    import warnings
+
+    import fxcompress
+    from fxcompress.passes.calibrate import Calibrate
+    from fxcompress.passes.fake_quantize import FakeQuantize
+    from fxcompress.passes.insert_observers import InsertObservers
+    from quant_helpers import config
+
+    class Volume(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 4, 3)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3, 4)))
+
+    x = torch.randn(2, 2, 5, 5, 5, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    sim = fxcompress.compile(Volume().eval(), x, [InsertObservers(config()), Calibrate((x,), progress=False),
+                                                  FakeQuantize()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = fxcompress.compile(sim, x, [FoldQDQ(form="pt2e")])
+    messages = [str(w.message) for w in caught if "fold-qdq" in str(w.message)]
+    assert len(messages) == 1 and "node 'conv3d'" in messages[0] and "conv3d" in messages[0].split(":")[-1]
+    assert _pt2e_ops(gm).count("dequantize") == 1 and _pt2e_ops(gm).count("DQc") == 1  # linear stays int8
+    assert gm.conv.weight.dtype == torch.int8
+    assert (gm(x) - sim(x)).abs().max() <= 2 * float(sim.fc_aq.scale)
+
+
+def test_unknown_form_is_a_config_error():
+    import pytest
+
+    from fxcompress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="form must be one of onnx, pt2e"):
+        FoldQDQ(form="tensorrt")
