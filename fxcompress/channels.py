@@ -23,9 +23,28 @@ import numpy as np
 import scipy.sparse
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["Role", "ParamSlice", "ChannelSpace", "Solution"]
+__all__ = ["Role", "ParamSlice", "ChannelSpace", "Solution", "distinct"]
 
 Ids = np.ndarray
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of an integer array, by sorting.
+
+    What ``np.unique(values)`` returns; numpy 2.3+ computes that with a hash
+    table, which on the ~10^5 ids of a CNN's analysis is 20x slower than a
+    sort (15 ms against 0.7 ms).
+
+    >>> distinct(np.array([3, 1, 3, 2]))
+    array([1, 2, 3])
+    """
+    ordered = np.sort(values, axis=None)
+    if ordered.size == 0:
+        return ordered
+    first = np.empty(ordered.shape, dtype=bool)
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return ordered[first]
 
 
 class Role(enum.Enum):
@@ -159,7 +178,7 @@ class _CarrierState:
 
     def record(self, reshape: _Reshape, carrier: int) -> None:
         for k, piece in enumerate(reshape.pieces):
-            roots = np.unique(self.roots(piece))
+            roots = self.roots(piece)  # repeats are harmless: these are boolean marks
             if k == carrier:
                 self.chosen[roots] = True
             else:

@@ -31,6 +31,7 @@ import dataclasses
 import gc
 import inspect
 import io
+import itertools
 import logging
 import os
 import sys
@@ -40,7 +41,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.utils import _pytree as pytree
 
 from fxcompress import meta
@@ -303,7 +304,7 @@ class _ShapeProp(fx.Interpreter):
             nonlocal found
             if isinstance(value, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(value)
+                return self.metadata(value)
             return value
 
         recorded = fx.node.map_aggregate(result, tensor_meta)
@@ -316,6 +317,9 @@ class _ShapeProp(fx.Interpreter):
 
     def propagate(self, *args):
         return self.run(*args)
+
+    def metadata(self, value: torch.Tensor) -> TensorMetadata:
+        return _extract_tensor_metadata(value)
 
 
 @contextlib.contextmanager
@@ -400,6 +404,12 @@ class _MetaShapeProp(_ShapeProp):
     def fetch_attr(self, target: str):
         return _on_meta(super().fetch_attr(target))
 
+    def metadata(self, value: torch.Tensor) -> TensorMetadata:
+        """Shape, dtype and strides without the memory format: meta kernels do not choose layouts as real
+        ones do (passes that read it ask for ``exact_layout``), and probing every format costs a sixth of
+        this propagation's time."""
+        return TensorMetadata(value.shape, value.dtype, value.requires_grad, value.stride(), None, False, {})
+
     def call_module(self, target, args, kwargs):
         if len(args) == 1 and not kwargs and isinstance(self.fetch_attr(target), SHAPE_PRESERVING_MODULES):
             return args[0]
@@ -482,10 +492,35 @@ def copy_model(model: nn.Module) -> nn.Module:
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
+        for value in itertools.chain(module._parameters.values(), module._buffers.values()):
+            if id(value) not in memo and _copies_lazily(value):
+                memo[id(value)] = _lazy_copy(value)
     for module in model.modules():
         if id(module) not in memo and _copies_plainly(module):
             memo[id(module)] = _plain_copy(module, memo)
     return copy.deepcopy(model, memo)
+
+
+def _copies_lazily(value) -> bool:
+    """Whether ``value`` can be copied copy-on-write (:func:`_lazy_copy`): a plain dense tensor or parameter
+    that owns its whole storage, so no other tensor's view of that storage needs preserving."""
+    return (type(value) in (torch.Tensor, nn.Parameter) and value.layout == torch.strided and not value.is_quantized
+            and value.device.type in ("cpu", "cuda") and value.is_contiguous() and value.storage_offset() == 0
+            and value.untyped_storage().nbytes() == value.numel() * value.element_size())
+
+
+def _lazy_copy(value: torch.Tensor) -> torch.Tensor:
+    """A copy of ``value`` that shares its memory until either side is written (``torch._lazy_clone``,
+    copy-on-write): most tensors a compile copies are only read and then replaced by their shrunk or
+    quantized versions, so copying their bytes up front costs time and a second model's worth of memory
+    for nothing. A write to the copy or to the user's tensor copies it then, so each stays independent.
+    Memory that torch's allocator does not own (from numpy, a file, shared memory) cannot be shared that
+    way and is copied at once."""
+    try:
+        copied = torch._lazy_clone(value.detach())
+    except RuntimeError:
+        copied = value.detach().clone()
+    return nn.Parameter(copied, value.requires_grad) if type(value) is nn.Parameter else copied
 
 
 #: the ``nn.Module`` state dicts a plain copy rebuilds itself (the rest are hook dicts, copied only when empty)
