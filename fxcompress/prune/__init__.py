@@ -23,16 +23,21 @@ schedules           :class:`ScheduledPruning` + Linear/AGP          training
 to a target         :class:`Targeted` (any channel criterion)       as criterion
 movement, ADMM      :class:`MovementPruning`, :class:`ADMM`         training
 lottery ticket      :class:`LotteryTicket`                          training
+depth (ShortGPT)    :func:`depth_prune` (whole decoder layers)      batches
 ==================  ==============================================  ==========
+
+:func:`recover` fine-tunes a pruned causal LM by distillation from the dense one.
 """
 
 from fxcompress.prune.base import PRUNERS, Allocation, ChannelDecider, ChannelPruner, Combined, Pruner, make_pruner
 from fxcompress.prune.budget import Budget, BudgetMetric, ShapeCost
 from fxcompress.prune.data_aware import OBD, APoZ, ActivationNorm, MeanActivation, Taylor
+from fxcompress.prune.depth import DepthPruned, block_influence, decoder_layers, depth_prune, lowest_influence, remove_layers
 from fxcompress.prune.distill import LayerwiseDistillation
 from fxcompress.prune.evaluator import Evaluator, LRSchedule, recalibrate_batchnorm
 from fxcompress.prune.magnitude import FPGM, LAMP, L1Norm, L2Norm, Normalizer, RandomPruner, Reduction, Slim, slim_penalty
 from fxcompress.prune.nni import from_config_list
+from fxcompress.prune.recover import Recovery, RecoveryResult, distillation_loss, recover, token_windows
 from fxcompress.prune.schedule import AGPSchedule, LinearSchedule, Schedule, ScheduledPruning
 from fxcompress.prune.target import Targeted, TargetFit, TargetWarning
 from fxcompress.prune.training import ADMM, LotteryTicket, MovementPruning
@@ -48,4 +53,6 @@ __all__ = [
     "Evaluator", "LRSchedule", "recalibrate_batchnorm",
     "from_config_list", "LayerwiseDistillation",
     "Targeted", "TargetFit", "TargetWarning", "Budget", "BudgetMetric", "ShapeCost",
+    "block_influence", "lowest_influence", "remove_layers", "depth_prune", "decoder_layers", "DepthPruned",
+    "recover", "Recovery", "RecoveryResult", "distillation_loss", "token_windows",
 ]
