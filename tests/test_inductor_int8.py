@@ -13,6 +13,7 @@ from torch import nn
 from torch._inductor.utils import run_and_get_code
 
 import fxcompress
+from fxcompress.errors import VerificationError
 from fxcompress.export import QUANTIZED_RTOL
 from fxcompress.passes import Calibrate, FakeQuantize, InsertObservers
 from fxcompress.passes.fold_qdq import FoldQDQ
@@ -29,9 +30,11 @@ def test_compiled_small_cnn_runs_int8_kernels_and_matches_the_simulation(one_thr
     simulated = ptq()
     folded = fxcompress.compile(simulated, inputs(4), [FoldQDQ(form="pt2e")])
     x = inputs(8, 2)
-    out, code = run_and_get_code(inductor.compile(folded), x)
+    compiled = inductor.compile(folded)
+    out, code = run_and_get_code(compiled, x)
     assert inductor.int8_kernels(code) == {"qconv": 2, "qlinear": 2}  # every layer, none left in float
     assert _relative(out, folded(x)) <= QUANTIZED_RTOL  # the same arithmetic up to float accumulation order
+    assert inductor.relative_error(out, folded(x)) == _relative(out, folded(x))
     assert (out - simulated(x)).abs().max() <= 2 * float(simulated.fc2_aq.scale)
     assert torch.equal(out.argmax(1), simulated(x).argmax(1))
 
@@ -71,3 +74,18 @@ def test_layers_inductor_cannot_lower_fall_back_to_float(one_thread, layer, shap
     out, code = run_and_get_code(inductor.compile(folded), x)
     assert inductor.int8_kernels(code) == kernels
     assert _relative(out, folded(x)) <= QUANTIZED_RTOL
+
+
+def test_compile_with_example_inputs_verifies_against_the_model(one_thread):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    assert inductor.compile(model, x).max_error <= 1e-5
+
+    class Wrong(nn.Module):  # eager and compiled runs disagree: verification must say so
+        def forward(self, x):
+            return x + 1.0 if torch.compiler.is_compiling() else x
+
+    with pytest.raises(VerificationError, match="differs from the model's"):
+        inductor.compile(Wrong(), torch.ones(3))

@@ -31,10 +31,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.utils import _pytree as pytree
 
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, VerificationError
 
-__all__ = ["decomposed_ops", "register_x86_lowerings", "compile", "int8_kernels", "why_not_lowered", "KERNELS", "LAYERS"]
+__all__ = [
+    "decomposed_ops", "register_x86_lowerings", "compile", "relative_error", "int8_kernels", "why_not_lowered",
+    "KERNELS", "LAYERS",
+]
 
 #: The oneDNN int8 ops Inductor's generated code calls, by short name.
 KERNELS = ("qconv", "qlinear")
@@ -67,13 +71,19 @@ def register_x86_lowerings() -> None:
     _register_quantization_weight_pack_pass()
 
 
-def compile(model: torch.nn.Module, **options) -> Callable:  # noqa: A001  (mirrors torch.compile)
+def compile(model: torch.nn.Module, example_inputs=None, rtol: float | None = None, **options) -> Callable:  # noqa: A001
     """``torch.compile(model)`` with Inductor's int8 lowerings registered, run frozen under ``torch.no_grad()``.
 
     Dynamo reads ``torch._inductor.config.freezing`` while it traces (it then
     keeps parameters and buffers as constants the int8 passes can prepack), so
     the returned function sets it around each call rather than passing it in
     ``torch.compile``'s options. ``options`` are further Inductor config entries.
+
+    With ``example_inputs`` (a tensor or a tuple), the model is compiled at once
+    and its outputs compared with ``model``'s, each on its own scale:
+    :class:`~fxcompress.errors.VerificationError` beyond ``rtol`` (default
+    :data:`fxcompress.export.QUANTIZED_RTOL`, as ``to_onnx`` checks ONNX
+    Runtime); the error is the returned function's ``max_error``.
     """
     register_x86_lowerings()
     compiled = torch.compile(model, options=options or None)
@@ -83,7 +93,37 @@ def compile(model: torch.nn.Module, **options) -> Callable:  # noqa: A001  (mirr
         with torch._inductor.config.patch(freezing=True), torch.no_grad():
             return compiled(*args, **kwargs)
 
+    run.max_error = None
+    if example_inputs is not None:
+        run.max_error = _verify(run, model, example_inputs, rtol)
     return run
+
+
+def relative_error(got, expected) -> float:
+    """The largest ``max|got - expected| / max|expected|`` over the output leaves (``inf`` if shapes differ)."""
+    worst = 0.0
+    for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(expected), strict=True):
+        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
+            continue
+        if a.shape != b.shape:
+            return float("inf")
+        if b.numel():
+            worst = max(worst, float((a.float() - b.float()).abs().max() / (b.abs().max().float() or 1.0)))
+    return worst
+
+
+def _verify(run: Callable, model: torch.nn.Module, example_inputs, rtol: float | None) -> float:
+    from fxcompress.export import QUANTIZED_RTOL
+
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    tolerance = QUANTIZED_RTOL if rtol is None else rtol
+    with torch.no_grad():
+        expected = model(*inputs)
+    error = relative_error(run(*inputs), expected)
+    if not error <= tolerance:
+        raise VerificationError(f"torch.compile's output differs from the model's by {error:.2e} of its scale "
+                                f"(tolerance {tolerance:.0e}); please report this with the model")
+    return error
 
 
 def int8_kernels(code: str | list[str]) -> collections.Counter:
