@@ -92,20 +92,34 @@ def _calibration(shape, n: int) -> list[torch.Tensor]:
     return [torch.randn(*shape, generator=g) for _ in range(n)]
 
 
-def fxcompress_int8(model: nn.Module, batches: list[torch.Tensor]):
+def fxcompress_simulated(model: nn.Module, batches: list[torch.Tensor], **options):
+    """The fake-quantized model (BN folded, MinMax-calibrated on ``batches``): what every folded form computes.
+
+    ``options`` go to ``fxcompress.compile`` (e.g. ``frontend="export"``)."""
     config = QConfig.int8(activation_observer=MinMaxObserver())
-    passes = [FoldBatchNorm(), InsertObservers(config), Calibrate(tuple(batches), progress=False), FakeQuantize(),
-              FoldQDQ()]
-    return fxcompress.compile(model, batches[0], passes, verify=False)
+    passes = [FoldBatchNorm(), InsertObservers(config), Calibrate(tuple(batches), progress=False), FakeQuantize()]
+    return fxcompress.compile(model, batches[0], passes, **{"verify": False, **options})
 
 
-def ort_int8(float_path: str, out_path: str, batches: list[torch.Tensor]) -> None:
-    """ORT's recommended flow: ``quant_pre_process`` (shape inference, graph optimisation), then ``quantize_static``."""
+def fxcompress_int8(model: nn.Module, batches: list[torch.Tensor], form: str = "onnx"):
+    """The folded int8 model: ``form="onnx"`` for ``to_onnx``, ``"pt2e"`` for ``fxcompress.quant.inductor.compile``."""
+    return fxcompress.compile(fxcompress_simulated(model, batches), batches[0], [FoldQDQ(form=form)], verify=False)
+
+
+def ort_int8(float_path: str, out_path: str, batches: list[torch.Tensor], **settings) -> str:
+    """ORT's recommended flow: ``quant_pre_process`` (shape inference, graph optimisation), then ``quantize_static``.
+
+    ``settings`` override ``quantize_static``'s arguments (default: QDQ, per-channel int8 weights, uint8
+    activations). Where ``quant_pre_process`` fails (its symbolic shape inference on some transformer graphs),
+    the float model is quantized as it is; the returned note says so ("" otherwise)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared = out_path + ".pre.onnx"
-    quant_pre_process(float_path, prepared)
+    prepared, note = out_path + ".pre.onnx", ""
+    try:
+        quant_pre_process(float_path, prepared)
+    except Exception as error:  # noqa: BLE001 - ORT's own failure, reported in the note
+        prepared, note = float_path, f"without quant_pre_process ({type(error).__name__}: {str(error)[:80]})"
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -114,8 +128,10 @@ def ort_int8(float_path: str, out_path: str, batches: list[torch.Tensor]) -> Non
         def get_next(self):
             return next(self.items, None)
 
-    quantize_static(prepared, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    options = dict(quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                   weight_type=QuantType.QInt8)
+    quantize_static(prepared, out_path, Reader(), **{**options, **settings})
+    return note
 
 
 def time_sessions(paths: dict[str, str], x: np.ndarray, runs: int, threads: int) -> dict[str, float]:
