@@ -65,8 +65,8 @@ def compile(
     """Trace ``model`` and run ``passes`` on it; return a new ``GraphModule``.
 
     ``model`` is never modified. ``passes`` is a list of pass objects or a
-    textual pipeline (``"insert-masks{pruner=l1,sparsity=0.5},analyze-groups,
-    propagate-channels,shrink"``). With ``verify=True`` every pass that must
+    textual pipeline (``"insert-masks{pruner=l1,sparsity=0.5},propagate-channels,
+    shrink"``). With ``verify=True`` every pass that must
     preserve the model's outputs (``shrink``, ``analyze-groups``) is checked on
     ``example_inputs`` to within ``rtol`` of the output's largest magnitude.
     ``frontend`` picks how the model is captured (see :func:`fxcompress.trace`).
@@ -150,10 +150,10 @@ def shrink(gm: fx.GraphModule, verify: bool = True, rtol: float = 1e-4) -> fx.Gr
     >>> small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features
     (7, 13, 26)
     """
-    from fxcompress.passes import AnalyzeGroups, PropagateChannels, Shrink
+    from fxcompress.passes import PropagateChannels, Shrink
 
     hooks = [VerifyOutputs(gm.meta[EXAMPLE_INPUTS], rtol=rtol)] if verify else []
-    return run_pipeline(gm, [AnalyzeGroups(), PropagateChannels(), Shrink()], hooks)
+    return run_pipeline(gm, [PropagateChannels(), Shrink()], hooks)
 
 
 def _refuse_parametrized(model: nn.Module) -> None:

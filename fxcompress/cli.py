@@ -11,7 +11,7 @@ needs ``evaluate(model) -> float`` in the file (higher is better). A bad path, a
 a malformed pipeline prints one line on stderr and exits with status 2::
 
     $ python -m fxcompress compress examples/resnet18.py --onnx small.onnx \\
-        --pipeline "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink"
+        --pipeline "insert-masks{pruner=l1,sparsity=0.5},propagate-channels,shrink"
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = [
     "DEFAULT_PIPELINE",
 ]
 
-DEFAULT_PIPELINE = "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink"
+DEFAULT_PIPELINE = "insert-masks{pruner=l1,sparsity=0.5},propagate-channels,shrink"
 
 #: Exit status of usage errors (argparse's convention): bad paths, malformed pipelines, bad options.
 USAGE_ERROR = 2
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
 
             examples:
               python -m fxcompress compress examples/resnet18.py --onnx out.onnx \\
-                  --pipeline "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink"
+                  --pipeline "insert-masks{pruner=l1,sparsity=0.5},propagate-channels,shrink"
               python -m fxcompress report examples/resnet18.py
               python -m fxcompress viz examples/resnet18.py --sparsity 0.5 --out out/resnet18
               python -m fxcompress passes

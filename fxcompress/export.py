@@ -21,7 +21,7 @@ The exporter is torch's TorchScript-based one (``dynamo=False``): it takes a
 With ``model`` and its example input ``x`` (a path, ``to_onnx(gm, x,
 "model.onnx")``, also saves the file):
 
->>> gm = fxcompress.compile(model, x, "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink")
+>>> gm = fxcompress.compile(model, x, "insert-masks{pruner=l1,sparsity=0.5},propagate-channels,shrink")
 >>> result = to_onnx(gm, x)
 >>> result.max_error <= result.tolerance
 True

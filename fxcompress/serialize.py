@@ -23,7 +23,7 @@ on inputs of the example inputs' shapes, in the mode the model was saved in
 With ``model`` and its example input ``x``:
 
 >>> import tempfile, os
->>> small = fxcompress.compile(model, x, "insert-masks{pruner=l1,sparsity=0.5},analyze-groups,propagate-channels,shrink")
+>>> small = fxcompress.compile(model, x, "insert-masks{pruner=l1,sparsity=0.5},propagate-channels,shrink")
 >>> path = os.path.join(tempfile.mkdtemp(), "small.fxc")
 >>> save(small, path)
 >>> torch.equal(load(path)(x), small(x))

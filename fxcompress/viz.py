@@ -697,7 +697,7 @@ class DumpPasses:
     two calls of this hook minus its own work, i.e. the pass plus any other
     hook in between (compile with ``verify=False`` for the pass alone)::
 
-        fxcompress.compile(model, x, "insert-masks{pruner=l1},analyze-groups,propagate-channels,shrink",
+        fxcompress.compile(model, x, "insert-masks{pruner=l1},propagate-channels,shrink",
                            hooks=[DumpPasses("out/passes")])
     """
 

@@ -40,7 +40,7 @@ __all__ = [
 
 
 def standard_pruning(pruner, target=None) -> list:
-    """The standard structured-pruning pipeline: mask, analyse, propagate, shrink.
+    """The standard structured-pruning pipeline: mask (analysing the graph), propagate, shrink.
 
     ``target="macs=2"`` (or ``"params=2"``, or a :class:`fxcompress.prune.Budget`)
     replaces the channel criterion's sparsity by a search that makes the
@@ -58,7 +58,7 @@ def standard_pruning(pruner, target=None) -> list:
     from fxcompress.prune import Targeted
 
     masks = InsertMasks(pruner if target is None else Targeted(pruner, target))
-    return [masks, AnalyzeGroups(), PropagateChannels(), Shrink()]
+    return [masks, PropagateChannels(), Shrink()]
 
 
 def standard_ptq(config, calibration_data) -> list:

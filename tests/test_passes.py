@@ -259,16 +259,16 @@ def test_shrink_without_propagate_channels_is_refused(traced):
 # ---------------------------------------------------------------------------- the pipeline runner and hooks
 
 
-def test_standard_pipeline_is_the_four_passes_in_order():
+def test_standard_pipeline_is_the_three_passes_in_order_with_no_no_op_pass():
     pruner = L1Norm(0.3)
-    assert standard_pruning(pruner) == [InsertMasks(pruner), AnalyzeGroups(), PropagateChannels(), Shrink()]
+    assert standard_pruning(pruner) == [InsertMasks(pruner), PropagateChannels(), Shrink()]
 
 
 def test_pipeline_records_history_and_times_every_pass(traced):
     timer = TimePasses()
     gm = run_pipeline(traced, standard_pruning(L1Norm(0.5)), [timer])
-    assert gm.meta[meta.PASS_HISTORY] == ["insert-masks", "analyze-groups", "propagate-channels", "shrink"]
-    assert set(timer.seconds) == {"insert-masks", "analyze-groups", "propagate-channels", "shrink"}
+    assert gm.meta[meta.PASS_HISTORY] == ["insert-masks", "propagate-channels", "shrink"]
+    assert set(timer.seconds) == {"insert-masks", "propagate-channels", "shrink"}
     assert all(s >= 0 for s in timer.seconds.values())
 
 
@@ -301,7 +301,7 @@ def test_verify_outputs_ignores_passes_that_may_change_outputs(traced):
 
 
 def test_parse_standard_pipeline_round_trips():
-    text = "insert-masks{pruner=l1,sparsity=0.25}, analyze-groups ,propagate-channels,shrink"
+    text = "insert-masks{pruner=l1,sparsity=0.25}, propagate-channels ,shrink"
     assert parse_pipeline(text) == standard_pruning(L1Norm(0.25))
 
 

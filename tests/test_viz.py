@@ -194,7 +194,7 @@ def test_dump_passes_writes_each_pass_and_timings(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fxcompress.compile(ConcatSplit(), torch.randn(1, 3, 16, 16), standard_pruning(L1Norm(0.5)), hooks=[dump])
-    names = ["input", "insert-masks", "analyze-groups", "propagate-channels", "shrink"]
+    names = ["input", "insert-masks", "propagate-channels", "shrink"]
     for i, name in enumerate(names):
         assert (tmp_path / "passes" / f"{i:02d}-{name}.txt").read_text().startswith("opcode")
         assert (tmp_path / "passes" / f"{i:02d}-{name}.html").exists()
