@@ -163,3 +163,43 @@ def test_help_prints_though_method_names_hold_percent_signs(capsys):
     with pytest.raises(SystemExit):
         _bench().parse_args(["--help"])  # method names hold "%", which argparse's help must not read as formats
     assert "(dense is always added)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_structured_rows_recover_by_distillation_and_leave_the_dense_model_alone():
+    from fxcompress.prune import Recovery
+
+    bench = _bench()
+    model = L.tiny_llama(L.tiny_llama_config(32, 2, 4, 2, 64, 64)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sequences, calibration = L.eval_sequences(4, 64), L.calibration_sequences(4, 64)
+    rows = bench.run(["dense", "l1-width-25%", "depth-50%"], model, sequences, calibration, log=lambda line: None,
+                     recovery=Recovery(steps=2), train_tokens=L.stdlib_corpus().split("train")[:100_000],
+                     recover_batch=2)
+    dense, width, depth = rows
+    assert dense["recovered"] is None and dense["recover_steps"] is None  # only structured rows fine-tune
+    assert width["recover_steps"] == depth["recover_steps"] == 2
+    assert all(math.isfinite(r["recovered"]) and r["recovered"] != r["perplexity"] for r in (width, depth))
+    assert width["recovered_delta"] == pytest.approx(width["recovered"] - dense["perplexity"])
+    assert 0.70 < width["params"] / dense["params"] < 0.80
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert depth["params"] == dense["params"] - layer  # one of the two layers
+    assert bench.layers_to_remove(6, 0.25) == 2 and bench.layers_to_remove(2, 0.5) == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the teacher is untouched
+    assert "recovered" in bench._fmt(rows) and "recovered" not in bench._fmt([dict(dense, recovered=None)])
+
+
+def test_issue_17s_checks_judge_the_best_recovered_25_percent_row_and_activation_against_l1():
+    bench = _bench()
+    rows = [{"method": m, "perplexity": p, "delta": p - 4.0, "recovered": r} for m, p, r in (
+        ("dense", 4.0, None), ("l1-width-25%", 5.0, 4.5), ("act-width-25%", 4.6, 4.3), ("depth-25%", 6.0, 4.35),
+        ("l1-width-50%", 9.0, None), ("act-width-50%", 9.5, None))]
+    checks = [c for c in bench.acceptance(rows) if c["issue"] == 17]
+    assert [(c["method"], c["met"]) for c in checks] == [
+        ("act-width-25%", True), ("act-width-25%", True), ("act-width-50%", False)]
+    assert checks[0]["ratio"] == pytest.approx(4.3 / 4.0) and checks[0]["baseline"] == "dense"
+    assert checks[0]["text"].startswith("The best 25 % row recovered (act-width-25%) is 1.075x dense's perplexity")
+    rows[2]["recovered"] = 4.5  # 1.125x: now depth-25% (4.35) is the best, and within 10 %
+    assert bench.acceptance(rows)[0]["method"] == "depth-25%"
+    rows[3]["recovered"] = 4.45
+    assert bench.acceptance(rows)[0]["met"] is False
+    assert [c["issue"] for c in bench.acceptance(rows[:4])] == [17, 17]  # no 50 % rows, no check at 50 %

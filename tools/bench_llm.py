@@ -37,15 +37,34 @@ compiled row's seconds include capturing the model with ``torch.export``
 (the same few seconds for every row) and the pass's checks. Under the table
 the tool prints issue 18's acceptance checks computed from the rows
 (``ACCEPTANCE``: e.g. Wanda's perplexity loss as a fraction of magnitude's at
-50 %), also in ``--json`` as ``"acceptance"``. Unigram and bigram byte models fitted on
-the training files are printed first as a sanity floor: a trained model must
-beat them clearly. Choose methods' settings with ``--eval-split valid`` and
+50 %), also in ``--json`` as ``"acceptance"``.
+
+Issue 17's structured rows (``STRUCTURED``) remove 25 % or 50 % of all
+parameters: ``l1-width``/``act-width`` prune heads (whole GQA groups), FFN
+channels and the hidden size by L1 or by ``P.ActivationNorm`` and return the
+user's ``LlamaForCausalLM`` rewritten at the new widths (``output="module"``);
+``depth`` rows remove whole decoder layers by Block Influence (ShortGPT,
+``P.depth_prune``; 2 and 3 of the 6 layers, the nearest whole-layer counts).
+With ``--recover-minutes`` and/or ``--recover-steps`` each structured model is
+then fine-tuned by ``P.recover``: logit distillation from the dense model
+(KL at ``--recover-temperature``, plus ``--recover-ce`` times next-token
+cross-entropy) on random windows of the training files only, ``--recover-batch``
+sequences a step, AdamW at ``--recover-lr`` with warmup and a cosine; the
+table adds the recovered perplexity, its change against dense, the
+fine-tune's seconds and steps. Issue 17's checks (best recovered 25 % row
+within 10 % of dense; activation-aware beats L1 before recovery) are in
+``ACCEPTANCE`` too.
+
+Unigram and bigram byte models fitted on the training files are printed first
+as a sanity floor: a trained model must beat them clearly. Choose methods' settings with ``--eval-split valid`` and
 report test.
 
     python tools/bench_llm.py                                  # train once (15 min), then every method
     python tools/bench_llm.py --methods dense,magnitude-50%,magnitude-2:4 --json out.json
     python tools/bench_llm.py --methods magnitude-50%,wanda-50%,sparsegpt-50%,rtn-w4g128,gptq-w4g128
     python tools/bench_llm.py --train-steps 400 --retrain      # deterministic training
+    python tools/bench_llm.py --train-steps 440 --recover-minutes 5 \
+        --methods l1-width-25%,act-width-25%,depth-25%,l1-width-50%,act-width-50%,depth-50%
 
 Torch threads (``--threads``, default 2) change the training trajectory;
 compare runs at the same count.
@@ -88,8 +107,9 @@ from fxcompress.oneshot import AWQ, GPTQ, RTN, SparseGPT, Wanda
 from fxcompress.passes import OneShot, standard_pruning, w8a8_passes
 from fxcompress.report import count_nonzero_params, count_params
 
-__all__ = ["METHODS", "Method", "ModelSettings", "ACCEPTANCE", "Check", "acceptance", "load_or_train", "ngram_counts",
-           "ngram_perplexity", "run", "main"]
+
+__all__ = ["METHODS", "Method", "ModelSettings", "STRUCTURED", "ACCEPTANCE", "Check", "RecoveredWithin", "acceptance",
+           "load_or_train", "ngram_counts", "ngram_perplexity", "run", "main"]
 
 #: A method: (dense model, calibration input_ids (n, seq_len) int64) -> compressed model, called as
 #: ``model(input_ids)`` and returning logits (a tensor or an object with ``.logits``). The dense model is the
@@ -169,11 +189,19 @@ def w8a8(alpha: float | None) -> Method:
     return method
 
 
+def _compile_module(model: nn.Module, calibration: torch.Tensor, passes) -> nn.Module:
+    """As :func:`_compile`, returning the user's model class written back at the new widths (trainable as is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxcompress.compile(model, _example(calibration), passes, output="module")
+
+
 def width_pruning(removed: float) -> Method:
     """Structured L1 pruning of heads (whole GQA groups), FFN channels and the hidden size, one ratio
-    for every group, fitted so that ``removed`` of all parameters go (``target="params=..."``)."""
+    for every group, fitted so that ``removed`` of all parameters go (``target="params=..."``); the result is
+    the written-back ``LlamaForCausalLM``."""
     def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
-        return _compile(model, calibration, standard_pruning(P.L1Norm(), target=f"params={1 / (1 - removed):.6f}"))
+        return _compile_module(model, calibration, standard_pruning(P.L1Norm(), target=f"params={1 / (1 - removed):.6f}"))
     return method
 
 
@@ -192,7 +220,25 @@ def activation_width_pruning(removed: float) -> Method:
     def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
         evaluator = _calibration_evaluator(calibration)
         pruner = P.ActivationNorm(evaluator=evaluator, num_batches=len(evaluator.data))
-        return _compile(model, calibration, standard_pruning(pruner, target=f"params={1 / (1 - removed):.6f}"))
+        return _compile_module(model, calibration, standard_pruning(pruner, target=f"params={1 / (1 - removed):.6f}"))
+    return method
+
+
+def layers_to_remove(layers: int, removed: float) -> int:
+    """The whole-layer count nearest ``removed`` of ``layers`` (halves round up), at least one, one left.
+
+    >>> layers_to_remove(6, 0.25), layers_to_remove(6, 0.5)
+    (2, 3)
+    """
+    return min(layers - 1, max(1, math.floor(removed * layers + 0.5)))
+
+
+def depth_pruning(removed: float) -> Method:
+    """Whole decoder layers removed by Block Influence on the calibration sequences (``P.depth_prune``),
+    :func:`layers_to_remove` of them: a copy of the ``LlamaForCausalLM`` with fewer layers."""
+    def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        remove = layers_to_remove(model.config.num_hidden_layers, removed)
+        return P.depth_prune(model, calibration_batches(calibration), remove).model
     return method
 
 
@@ -213,61 +259,105 @@ METHODS: dict[str, Method] = {
     "awq-w4g128": one_shot(AWQ, bits=4, group_size=128),
     "w8a8": w8a8(alpha=None),
     "smoothquant-w8a8-a0.5": w8a8(alpha=0.5),
-    # -- structured width pruning (issue 17), L1 magnitude; activation-aware criteria and depth pruning go here
+    # -- structured pruning (issue 17): width by L1 and by activations, depth by Block Influence
     "l1-width-25%": width_pruning(0.25),
     "l1-width-50%": width_pruning(0.50),
     "act-width-25%": activation_width_pruning(0.25),
     "act-width-50%": activation_width_pruning(0.50),
+    "depth-25%": depth_pruning(0.25),
+    "depth-50%": depth_pruning(0.50),
 }
 
+#: The structured rows: they shrink the model, and the recovery fine-tune (``--recover-*``) applies to them.
+STRUCTURED = ("l1-width-25%", "l1-width-50%", "act-width-25%", "act-width-50%", "depth-25%", "depth-50%")
 
-# ---------------------------------------------------------------------------- issue 18's acceptance checks
+
+# ---------------------------------------------------------------------------- acceptance checks (issues 17, 18)
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "not judged: the baseline loses nothing"}[met]
 
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """One target of issue 18: ``method``'s perplexity loss against dense (its row's ``delta``) compared with
-    ``baseline``'s: at most ``at_most`` times it, or (``at_most`` None) smaller."""
+    """One target: ``method``'s perplexity loss against dense (its row's ``delta``, before any recovery)
+    compared with ``baseline``'s: at most ``at_most`` times it, or (``at_most`` None) smaller."""
 
     method: str
     baseline: str
     says: str  #: "Wanda loses {ratio} of what magnitude loses at 50 %"; {ratio} is filled in
     at_most: float | None
     target: str  #: the target as written in the issue ("≤ 1/3", "less")
+    issue: int = 18
+
+    def judge(self, rows: dict[str, dict]) -> dict | None:
+        """The result on ``rows`` (by method name), or None when either row is missing."""
+        if self.method not in rows or self.baseline not in rows:
+            return None
+        loss, base = rows[self.method]["delta"], rows[self.baseline]["delta"]
+        ratio = loss / base if base > 0 else None
+        if self.at_most is None:
+            met = loss < base
+        else:
+            met = None if ratio is None else ratio <= self.at_most
+        said = self.says.format(ratio="n/a" if ratio is None else f"{ratio:.2f}")
+        return {"issue": self.issue, "method": self.method, "baseline": self.baseline, "loss": loss,
+                "baseline_loss": base, "ratio": ratio, "target": self.target, "met": met,
+                "text": f"{said} ({loss:+.3f} vs {base:+.3f} perplexity; target {self.target}): {_verdict(met)}"}
 
 
-ACCEPTANCE: tuple[Check, ...] = (
+@dataclasses.dataclass(frozen=True)
+class RecoveredWithin:
+    """One target on recovered rows: the lowest recovered perplexity among ``methods`` (those present and
+    recovered) is at most ``1 + within`` times dense's."""
+
+    methods: tuple[str, ...]
+    within: float
+    says: str  #: "best 25 % recovered ({method}) ..."; {method} and {ratio} are filled in
+    target: str
+    issue: int = 17
+
+    def judge(self, rows: dict[str, dict]) -> dict | None:
+        recovered = [rows[m] for m in self.methods if m in rows and rows[m].get("recovered") is not None]
+        if not recovered or "dense" not in rows:
+            return None
+        best = min(recovered, key=lambda r: r["recovered"])
+        dense = rows["dense"]["perplexity"]
+        ratio = best["recovered"] / dense
+        met = ratio <= 1 + self.within
+        said = self.says.format(method=best["method"], ratio=f"{ratio:.3f}")
+        return {"issue": self.issue, "method": best["method"], "baseline": "dense", "loss": best["recovered"] - dense,
+                "baseline_loss": 0.0, "ratio": ratio, "target": self.target, "met": met,
+                "text": f"{said} ({best['recovered']:.3f} vs dense {dense:.3f}; target {self.target}): {_verdict(met)}"}
+
+
+ACCEPTANCE: tuple[Check | RecoveredWithin, ...] = (
+    # issue 18: one-shot methods against their baselines
     Check("wanda-50%", "magnitude-50%", "Wanda loses {ratio} of what magnitude loses at 50 %", 1 / 3, "≤ 1/3"),
     Check("sparsegpt-50%", "magnitude-50%", "SparseGPT loses {ratio} of what magnitude loses at 50 %", 1 / 3, "≤ 1/3"),
     Check("sparsegpt-2:4", "magnitude-2:4", "SparseGPT loses {ratio} of what magnitude loses at 2:4", 1 / 2, "≤ 1/2"),
     Check("gptq-w4g128", "rtn-w4g128", "GPTQ-4g128 loses {ratio} of what RTN-4g128 loses", 1 / 2, "≤ 1/2"),
     Check("smoothquant-w8a8-a0.5", "w8a8", "SmoothQuant W8A8 (α 0.5) loses {ratio} of what plain W8A8 loses", None,
           "less"),
+    # issue 17: structured pruning, before and after recovery
+    RecoveredWithin(("l1-width-25%", "act-width-25%", "depth-25%"), 0.10,
+                    "The best 25 % row recovered ({method}) is {ratio}x dense's perplexity", "≤ 1.10x"),
+    Check("act-width-25%", "l1-width-25%", "Activation-aware width pruning loses {ratio} of what L1 loses at 25 % "
+          "(before recovery)", None, "less", issue=17),
+    Check("act-width-50%", "l1-width-50%", "Activation-aware width pruning loses {ratio} of what L1 loses at 50 % "
+          "(before recovery)", None, "less", issue=17),
 )
 
 
 def acceptance(rows: list[dict]) -> list[dict]:
-    """The checks of ``ACCEPTANCE`` whose two rows are both in ``rows`` (dicts with ``method`` and ``delta``,
-    as :func:`run` returns), computed from their perplexity losses: ``loss``, ``baseline_loss``, ``ratio``
-    (None when the baseline loses nothing, where no fraction of it means anything), ``met`` (True, False, or
-    None when it cannot be judged) and the sentence ``text``."""
-    deltas = {r["method"]: r["delta"] for r in rows}
-    results = []
-    for check in ACCEPTANCE:
-        loss, base = deltas.get(check.method), deltas.get(check.baseline)
-        if loss is None or base is None:
-            continue
-        ratio = loss / base if base > 0 else None
-        if check.at_most is None:
-            met = loss < base
-        else:
-            met = None if ratio is None else ratio <= check.at_most
-        said = check.says.format(ratio="n/a" if ratio is None else f"{ratio:.2f}")
-        verdict = {True: "met", False: "NOT met", None: "not judged: the baseline loses nothing"}[met]
-        results.append({"method": check.method, "baseline": check.baseline, "loss": loss, "baseline_loss": base,
-                        "ratio": ratio, "target": check.target, "met": met,
-                        "text": f"{said} ({loss:+.3f} vs {base:+.3f} perplexity; target {check.target}): {verdict}"})
-    return results
+    """The checks of ``ACCEPTANCE`` whose rows are in ``rows`` (dicts with ``method``, ``perplexity``,
+    ``delta`` and, when recovered, ``recovered``, as :func:`run` returns), in ``ACCEPTANCE``'s order: each with
+    its ``issue``, ``loss``, ``baseline_loss``, ``ratio`` (None when the baseline loses nothing, where no
+    fraction of it means anything), ``met`` (True, False, or None when it cannot be judged) and the sentence
+    ``text``."""
+    by_name = {r["method"]: r for r in rows}
+    return [result for check in ACCEPTANCE if (result := check.judge(by_name)) is not None]
 
 
 # ---------------------------------------------------------------------------- the model, trained once
@@ -362,8 +452,14 @@ def baseline_rows(corpus, sequences: torch.Tensor, valid: torch.Tensor) -> list[
 
 
 def run(methods: list[str], model: nn.Module, sequences: torch.Tensor, calibration: torch.Tensor,
-        batch_size: int = 8, log=print) -> list[dict]:
-    """One row per method: perplexity, its change against dense, seconds, parameters and nonzeros."""
+        batch_size: int = 8, log=print, recovery: P.Recovery | None = None, train_tokens: torch.Tensor | None = None,
+        recover_batch: int = 8) -> list[dict]:
+    """One row per method: perplexity, its change against dense, seconds, parameters and nonzeros; with
+    ``recovery``, the ``STRUCTURED`` rows also fine-tune by distillation from ``model`` on windows of
+    ``train_tokens`` (``recover_batch`` x the sequences' length) and add ``recovered`` (perplexity),
+    ``recovered_delta``, ``recover_seconds`` and ``recover_steps``."""
+    if recovery is not None and train_tokens is None:
+        raise ValueError("run: recovery needs the training tokens")
     rows: list[dict] = []
     dense_ppl = None
     for name in methods:
@@ -373,18 +469,35 @@ def run(methods: list[str], model: nn.Module, sequences: torch.Tensor, calibrati
         ppl = perplexity(compressed, sequences, batch_size)
         if name == "dense":
             dense_ppl = ppl
-        rows.append({"method": name, "perplexity": ppl,
-                     "delta": None if dense_ppl is None else ppl - dense_ppl,
-                     "seconds": seconds, "params": count_params(compressed),
-                     "nonzero": count_nonzero_params(compressed)})
+        row = {"method": name, "perplexity": ppl, "delta": None if dense_ppl is None else ppl - dense_ppl,
+               "seconds": seconds, "params": count_params(compressed), "nonzero": count_nonzero_params(compressed),
+               "recovered": None, "recovered_delta": None, "recover_seconds": None, "recover_steps": None}
+        if recovery is not None and name in STRUCTURED:
+            data = P.token_windows(train_tokens, recover_batch, sequences.shape[1])
+            result = P.recover(compressed, model, data, recovery, log=log, log_every=25)
+            row["recovered"] = perplexity(compressed, sequences, batch_size)
+            row["recovered_delta"] = None if dense_ppl is None else row["recovered"] - dense_ppl
+            row["recover_seconds"], row["recover_steps"] = result.seconds, result.steps
+        rows.append(row)
         log(_fmt(rows[-1:]).splitlines()[-1])
     return rows
 
 
 def _fmt(rows: list[dict]) -> str:
+    recovered = any(r.get("recovered") is not None for r in rows)
     headers = ["method", "perplexity", "Δ vs dense", "s", "params", "nonzero"]
-    table = [[r["method"], f"{r['perplexity']:.3f}", "-" if r["delta"] is None else f"{r['delta']:+.3f}",
-              f"{r['seconds']:.1f}", f"{r['params']:,}", f"{r['nonzero']:,}"] for r in rows]
+    if recovered:
+        headers += ["recovered", "Δ recovered", "recover s", "steps"]
+    table = []
+    for r in rows:
+        line = [r["method"], f"{r['perplexity']:.3f}", "-" if r["delta"] is None else f"{r['delta']:+.3f}",
+                f"{r['seconds']:.1f}", f"{r['params']:,}", f"{r['nonzero']:,}"]
+        if recovered and r.get("recovered") is None:
+            line += ["-"] * 4
+        elif recovered:
+            line += [f"{r['recovered']:.3f}", "-" if r["recovered_delta"] is None else f"{r['recovered_delta']:+.3f}",
+                     f"{r['recover_seconds']:.0f}", str(r["recover_steps"])]
+        table.append(line)
     return tabulate(table, headers=headers, disable_numparse=True)
 
 
@@ -407,7 +520,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=ModelSettings.kv_heads)
     parser.add_argument("--ffn", type=int, default=ModelSettings.ffn)
     parser.add_argument("--seq-len", type=int, default=ModelSettings.seq_len)
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, training and calibration")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, training, calibration and recovery")
+    parser.add_argument("--recover-minutes", type=float, default=None,
+                        help="fine-tune each structured row by distillation for this wall-clock budget (cosine over "
+                             "time; with --recover-steps, a cap)")
+    parser.add_argument("--recover-steps", type=int, default=None,
+                        help="fine-tune each structured row for exactly this many steps (deterministic)")
+    parser.add_argument("--recover-batch", type=int, default=8, help="recovery sequences per step (default 8)")
+    parser.add_argument("--recover-lr", type=float, default=P.Recovery.lr,
+                        help=f"recovery's peak learning rate (default {P.Recovery.lr:g})")
+    parser.add_argument("--recover-temperature", type=float, default=P.Recovery.temperature,
+                        help=f"distillation temperature (default {P.Recovery.temperature:g})")
+    parser.add_argument("--recover-ce", type=float, default=P.Recovery.ce_weight,
+                        help=f"weight of next-token cross-entropy beside the distillation (default {P.Recovery.ce_weight:g})")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the settings, training figures and rows as JSON")
     args = parser.parse_args(argv)
@@ -432,7 +557,12 @@ def main(argv=None) -> dict:
     baselines = baseline_rows(corpus, sequences, eval_sequences(min(args.n_eval, 64), args.seq_len, "valid", corpus))
     methods = args.methods.split(",")
     methods = methods if "dense" in methods else ["dense", *methods]  # every Δ is against it
-    rows = run(methods, model, sequences, calibration, args.batch_size, log)
+    recovery = None
+    if args.recover_minutes is not None or args.recover_steps is not None:
+        recovery = P.Recovery(steps=args.recover_steps, minutes=args.recover_minutes, lr=args.recover_lr,
+                              temperature=args.recover_temperature, ce_weight=args.recover_ce, seed=args.seed)
+    rows = run(methods, model, sequences, calibration, args.batch_size, log, recovery, corpus.split("train"),
+               args.recover_batch)
     summary = {k: v for k, v in info.items() if k != "losses"}
     print(f"model: {summary['params']:,} parameters ({args.layers} layers, hidden {args.hidden}, {args.heads} heads / "
           f"{args.kv_heads} KV heads, FFN {args.ffn}, vocab {VOCAB_SIZE}, untied); trained {summary['steps']} steps, "
@@ -446,9 +576,9 @@ def main(argv=None) -> dict:
                    disable_numparse=True) + "\n")
     print(_fmt(rows))
     checks = acceptance(rows)
-    if checks:
-        print("\nissue 18's acceptance, from the rows above (perplexity lost against dense):")
-        print("\n".join(f"  {c['text']}" for c in checks))
+    for issue in dict.fromkeys(c["issue"] for c in checks):  # in ACCEPTANCE's order
+        print(f"\nissue {issue}'s acceptance, from the rows above (perplexity lost against dense):")
+        print("\n".join(f"  {c['text']}" for c in checks if c["issue"] == issue))
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; threads {args.threads}")
     result = {"settings": dict(vars(args), calibration_batch=CALIBRATION_BATCH), "training": info, "data_digest": corpus.digest,
               "eval_tokens": sequences[:, 1:].numel(), "baselines": baselines, "rows": rows, "acceptance": checks}
