@@ -95,10 +95,11 @@ def _calibration(shape, n: int) -> list[torch.Tensor]:
 def fxcompress_simulated(model: nn.Module, batches: list[torch.Tensor], **options):
     """The fake-quantized model (BN folded, MinMax-calibrated on ``batches``): what every folded form computes.
 
-    ``options`` go to ``fxcompress.compile`` (e.g. ``frontend="export"``)."""
+    ``options`` go to ``fxcompress.compile`` (e.g. ``frontend="export"``). The result is in eval mode: its
+    quantizers come out of ``compile`` in training mode, where every forward moves their grids."""
     config = QConfig.int8(activation_observer=MinMaxObserver())
     passes = [FoldBatchNorm(), InsertObservers(config), Calibrate(tuple(batches), progress=False), FakeQuantize()]
-    return fxcompress.compile(model, batches[0], passes, **{"verify": False, **options})
+    return fxcompress.compile(model, batches[0], passes, **{"verify": False, **options}).eval()
 
 
 def fxcompress_int8(model: nn.Module, batches: list[torch.Tensor], form: str = "onnx"):
