@@ -43,6 +43,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from fxcompress import meta
 from fxcompress.channels import ChannelSpace, Ids, ParamSlice, Role, Solution, distinct
 from fxcompress.errors import LowCoverageError
+from fxcompress.masks import public_name
 from fxcompress.rules import RULES, AnalyzeContext, Multi, Opaque
 from fxcompress.trace import describe_node, fetch_attr
 
@@ -212,10 +213,17 @@ class ChannelAnalysis:
     culprits: dict[str, Culprit] = field(default_factory=dict, repr=False)
     #: per component: the parameter entries it indexes (what removing it saves), None when not measured
     mass: np.ndarray | None = field(default=None, repr=False)
+    #: tensor name -> every name the same tensor is registered under, for tensors with more than one
+    #: (a tied embedding and output layer: the graph reads one name, a user may select by either)
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def labels(self) -> np.ndarray:
         return self.solution.labels
+
+    def owners(self, target: str) -> tuple[str, ...]:
+        """The modules that hold tensor ``target``: its owner, and the owners of its other names."""
+        return tuple(name.rpartition(".")[0] for name in self.aliases.get(target, (target,)))
 
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
@@ -457,6 +465,16 @@ def _distinct_components(slices: list[ParamSlice], labels: np.ndarray, n_comp: i
     return comps, owners
 
 
+def _aliases(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """Every name of each tensor registered under more than one (masked storage read as the tensor's name)."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        public = public_name(name)
+        if public is not None:
+            names[id(tensor)].append(public)
+    return {name: tuple(group) for group in names.values() if len(group) > 1 for name in group}
+
+
 def _component_mass(gm: fx.GraphModule, slices: list[ParamSlice], solution: Solution) -> np.ndarray:
     """Per component: the parameter entries its slices index (``numel / size`` per index), buffers left out."""
     mass = np.zeros(solution.num_components)
@@ -501,7 +519,7 @@ def analyze(gm: fx.GraphModule) -> ChannelAnalysis:
         groups.append(Group(gid, components, touched, reason))
     mass = _component_mass(gm, space.slices, solution)
     analysis = ChannelAnalysis(
-        space.slices, solution, groups, group_of, local_index, dict(opaque), space.culprits, mass
+        space.slices, solution, groups, group_of, local_index, dict(opaque), space.culprits, mass, _aliases(gm)
     )
     if opaque:
         log = _LOG.get()

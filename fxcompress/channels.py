@@ -73,6 +73,9 @@ class ParamSlice:
     maskable: bool = True  #: whether InsertMasks may put a mask on the tensor
     #: recorded by a ``get_attr`` read alone; the rule of the op that reads the tensor replaces it
     provisional: bool = False
+    #: some use reads this dim as a layer's input channels, whatever ``role`` the strongest use gave it (a
+    #: tied embedding produces the hidden channels that the output layer, the same tensor, consumes)
+    consumed: bool = False
 
     @property
     def target(self) -> str:
@@ -235,10 +238,11 @@ class ChannelSpace:
         index = self._slice_by_key.get(key)
         if index is None:
             self._slice_by_key[key] = len(self.slices)
-            self.slices.append(ParamSlice(owner, name, dim, ids, role, maskable, provisional))
+            self.slices.append(ParamSlice(owner, name, dim, ids, role, maskable, provisional, role is Role.CONSUMER))
             return
         seen = self.slices[index]
         self.couple(seen.ids, ids)
+        consumed = seen.consumed or role is Role.CONSUMER
         # A get_attr read records a provisional slice; the rule of the op that reads the tensor
         # (F.linear's weight, F.batch_norm's running mean: a buffer) says what it is.
         if seen.provisional != provisional:
@@ -246,7 +250,9 @@ class ChannelSpace:
         else:
             replace = _ROLE_STRENGTH[role] > _ROLE_STRENGTH[seen.role]
         if replace:
-            self.slices[index] = ParamSlice(owner, name, dim, seen.ids, role, maskable, provisional)
+            self.slices[index] = ParamSlice(owner, name, dim, seen.ids, role, maskable, provisional, consumed)
+        elif consumed != seen.consumed:
+            self.slices[index] = ParamSlice(owner, name, dim, seen.ids, seen.role, seen.maskable, seen.provisional, True)
 
     def reshape(self, big: Ids, grid: tuple[int, ...], pieces: list[Ids], where: str) -> None:
         """Record that dim ``big`` is the row-major product of the ``pieces`` dims.

@@ -198,6 +198,8 @@ def _removed_slices(gm: fx.GraphModule) -> list[tuple[str, int, np.ndarray]]:
     for piece in analysis.slices:
         if piece.role not in (Role.PRODUCER, Role.AFFINE) or piece.target not in masks:
             continue
+        if piece.consumed:  # noise there would be read by the tensor's own consumer use, not by other layers
+            continue
         dead = np.flatnonzero(removed[analysis.labels[piece.ids]])
         if len(dead):
             found.append((piece.target, piece.dim, dead))

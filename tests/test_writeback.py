@@ -25,7 +25,6 @@ DECODERS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    # Gemma prunes only with layer 0's FFN kept (see test_gemma_full_pruning_is_refused_today)
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
 }
 EMBEDDING = "model.embed_tokens"  # excluded: heads and FFN channels go, the residual width stays
@@ -94,18 +93,15 @@ def _generation_matches(mine: nn.Module, graph) -> None:
 def test_decoder_generates_as_the_graph_and_round_trips(family, tmp_path):
     model = _decoder(family)
     before = copy.deepcopy(model.state_dict())
-    exclude = (EMBEDDING, "model.layers.0.mlp*") if family == "gemma" else (EMBEDDING,)
-    graph = _compile(model, {"input_ids": _ids()}, exclude)
+    graph = _compile(model, {"input_ids": _ids()}, (EMBEDDING,))
     mine = write_back(model, graph)
     assert type(mine) is type(model) and mine.config is not model.config
     attention = mine.model.layers[0].self_attn
     assert attention.num_key_value_groups == 2 and mine.config.num_key_value_heads == 1  # one KV group of two left
     assert mine.config.num_attention_heads == 2 and mine.config.head_dim == 16
     _generation_matches(mine, graph)
-    uniform = family != "gemma"
-    assert (getattr(mine.config, WIDTHS_KEY, None) is None) == uniform
-    load = getattr(transformers, type(model).__name__).from_pretrained if uniform else from_pretrained
-    _round_trip(mine, tmp_path, load)
+    assert getattr(mine.config, WIDTHS_KEY, None) is None  # uniform widths: the plain loader reads them
+    _round_trip(mine, tmp_path, getattr(transformers, type(model).__name__).from_pretrained)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the user's model is untouched
     assert model.config.num_key_value_heads == 2 and model.model.layers[0].mlp.down_proj.in_features == 128
 
@@ -269,8 +265,14 @@ def test_a_config_left_at_the_old_heads_is_caught(monkeypatch):
         write_back(model, graph)
 
 
-def test_gemma_full_pruning_is_refused_today():
-    """Recorded limitation: with every layer's heads and FFN pruned, Gemma's compile fails its own check
-    (removed channels reach the logits), so nothing is written back for that case."""
-    with pytest.raises(VerificationError, match="reach output"):
-        _compile(_decoder("gemma"), {"input_ids": _ids()}, (EMBEDDING,))
+def test_a_tied_embedding_excluded_by_its_own_name_keeps_the_hidden_size():
+    """Gemma ties ``lm_head`` to the embedding and the captured graph reads the tensor as ``lm_head.weight``:
+    excluding ``model.embed_tokens`` still keeps the residual width; without the exclusion the hidden size
+    is pruned through the tied tensor, and the result still generates as the graph does."""
+    kept = write_back(_decoder("gemma"), _compile(_decoder("gemma"), {"input_ids": _ids()}, (EMBEDDING,)))
+    assert kept.config.hidden_size == 64 and kept.config.intermediate_size == 64
+    model = _decoder("gemma")
+    graph = _compile(model, {"input_ids": _ids()})
+    narrow = write_back(model, graph)
+    assert narrow.config.hidden_size == 32 and narrow.lm_head.weight is narrow.model.embed_tokens.weight
+    _generation_matches(narrow, graph)

@@ -28,7 +28,7 @@ from torch import fx, nn
 from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
 from fxcompress.errors import ConfigError, build_registered, coerce_enum
-from fxcompress.masks import channel_masks, current_masks, kept_components, split_target
+from fxcompress.masks import channel_masks, current_masks, kept_components
 from fxcompress.modules import HeadPrunedMultiheadAttention
 from fxcompress.selection import layer_selected, normalize_selection
 from fxcompress.trace import module_type
@@ -187,11 +187,13 @@ class ChannelPruner(ChannelDecider):
     # -- the shared driver
 
     def selects(self, gm: fx.GraphModule, analysis: ChannelAnalysis, group: Group) -> bool:
-        """Whether every layer producing the group's channels passes the layer selection."""
+        """Whether every layer producing the group's channels passes the layer selection, under every name
+        its weight has (excluding a tied embedding by its own name keeps it, though the graph reads it as
+        the output layer's weight)."""
         for k in analysis.slices_of(group, Role.PRODUCER):
-            owner, _ = split_target(analysis.slices[k].target)
-            if not layer_selected(owner, module_type(gm, owner), self.op_types, self.op_names, self.exclude):
-                return False
+            for owner in analysis.owners(analysis.slices[k].target):
+                if not layer_selected(owner, module_type(gm, owner), self.op_types, self.op_names, self.exclude):
+                    return False
         return True
 
     def min_kept(self, n: int) -> int:
