@@ -79,3 +79,30 @@ def test_histogram_mse_keeps_the_range_of_uniform_data():
 def test_histogram_observers_refuse_per_channel():
     with pytest.raises(ConfigError, match="per-tensor only"):
         HistogramMSEObserver().update(torch.zeros(2, 2), 0)
+
+
+def _exhaustive_mse_bounds(obs: HistogramMSEObserver, scheme: QScheme) -> tuple[float, float]:
+    """Every (low ratio, high ratio) pair scored on every bin, empty ones included: the search by definition."""
+    ratios = torch.logspace(0.0, torch.log10(torch.tensor(obs.min_ratio)).item(), obs.candidates, dtype=torch.float64)
+    centers = obs.centers()
+    best = None
+    for lo in obs.lo * ratios:
+        for hi in obs.hi * ratios:
+            scale, zero_point = scheme.qparams(lo, hi)
+            scale, zero_point = scale.double(), zero_point.double()
+            q = torch.clamp(torch.round(centers / scale) + zero_point, scheme.qmin, scheme.qmax)
+            error = float((obs.histogram * (centers - (q - zero_point) * scale) ** 2).sum())
+            if best is None or error < best[0]:
+                best = (error, float(lo), float(hi))
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("kind", ["relu", "signed", "sparse"])
+def test_histogram_mse_search_finds_the_exhaustive_searchs_range(kind):
+    """Scoring a zero low end once and skipping empty bins are shortcuts, not approximations."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(20_000, generator=generator) * 2 + 0.5
+    x = {"relu": x.relu(), "signed": x, "sparse": torch.cat([x[:50], torch.tensor([40.0, -9.0])])}[kind]
+    obs = HistogramMSEObserver(bins=256, candidates=12)
+    obs.update(x, None)
+    assert [float(v) for v in obs.bounds(UINT8)] == pytest.approx(_exhaustive_mse_bounds(obs, UINT8), rel=1e-6)

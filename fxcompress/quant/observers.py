@@ -187,15 +187,22 @@ class HistogramMSEObserver(HistogramObserver):
     def bounds(self, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor]:
         ratios = torch.logspace(0.0, torch.log10(torch.tensor(self.min_ratio)).item(), self.candidates, dtype=torch.float64)
         his = self.hi * ratios
-        errors = torch.stack([self._errors(scheme, self.lo * r, his) for r in ratios])
+        # a range starting at zero (every ReLU output) has one low end, not one per ratio: scoring it once
+        # instead of ``candidates`` times gives the same choice
+        los = self.lo * ratios if self.lo != 0 else self.lo.reshape(1)
+        filled = self.histogram > 0  # empty bins add nothing to any error
+        counts, centers = self.histogram[filled], self.centers()[filled]
+        errors = torch.stack([self._errors(scheme, lo, his, counts, centers) for lo in los])
         best = int(torch.argmin(errors))
         i, j = divmod(best, len(ratios))
-        return (self.lo * ratios[i]).float(), his[j].float()
+        return los[i].float(), his[j].float()
 
-    def _errors(self, scheme: QScheme, lo: torch.Tensor, his: torch.Tensor) -> torch.Tensor:
-        """Squared error of the histogram for one low end and every candidate high end."""
+    @staticmethod
+    def _errors(scheme: QScheme, lo: torch.Tensor, his: torch.Tensor, counts: torch.Tensor,
+                centers: torch.Tensor) -> torch.Tensor:
+        """Squared error of the histogram (``counts`` at bin ``centers``) for one low end and every candidate
+        high end."""
         scale, zero_point = scheme.qparams(lo.expand_as(his), his)
         scale, zero_point = scale.double()[:, None], zero_point.double()[:, None]
-        centers = self.centers()[None, :]
-        q = torch.clamp(torch.round(centers / scale) + zero_point, scheme.qmin, scheme.qmax)
-        return (self.histogram * (centers - (q - zero_point) * scale) ** 2).sum(dim=1)
+        q = torch.clamp(torch.round(centers[None, :] / scale) + zero_point, scheme.qmin, scheme.qmax)
+        return (counts * (centers[None, :] - (q - zero_point) * scale) ** 2).sum(dim=1)
