@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
 
 from fxcompress.errors import PipelineError
 from fxcompress.pipeline import Pass, Requires, register_pass
@@ -61,7 +62,13 @@ def _activation_quantizers(gm: fx.GraphModule) -> list[tuple[str, Quantizer]]:
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class FakeQuantize(Pass):
-    """Freeze the grid of every quantizer not yet enabled; a second run finds none and changes nothing."""
+    """Freeze the grid of every quantizer not yet enabled; a second run finds none and changes nothing.
+
+    Choosing activation ranges can take seconds (a histogram search per
+    quantizer): with ``progress``, a bar appears once it has run for 2 s.
+    """
+
+    progress: bool = True
 
     name: ClassVar[str] = "fake-quantize"
     requires: ClassVar[tuple[Requires, ...]] = (Requires("insert-observers", is_planned),)
@@ -76,7 +83,9 @@ class FakeQuantize(Pass):
             q.observer.update(weight.detach(), q.scheme.axis)
             q.freeze()
             modified = True
-        for target, q in _activation_quantizers(gm):
+        activations = _activation_quantizers(gm)
+        for target, q in tqdm(activations, desc="fake-quantize: activation ranges", disable=not self.progress,
+                              delay=2.0, leave=False):
             if q.enabled:
                 continue
             if not q.observer.observed:
