@@ -267,8 +267,8 @@ def _pt2e_layer(gm: fx.GraphModule, node: fx.Node) -> None:
     function, settings = _layer_function(gm, node)
     scheme = _weight_quantizer(gm.get_submodule(node.target)).scheme
     packed = _pack_layer(gm, node)
-    channels = packed.weight.shape[scheme.ch_axis if scheme.per_channel else 0]
-    axis = scheme.ch_axis if scheme.per_channel else 0
+    axis = scheme.ch_axis if scheme.per_channel else 0  # a per-tensor scale is repeated along the output channels
+    channels = packed.weight.shape[axis]
     packed.weight_scale = packed.weight_scale.reshape(-1).expand(channels).clone()
     packed.weight_zero_point = packed.weight_zero_point.reshape(-1).expand(channels).to(torch.int64).clone()
     if hasattr(packed, "bias_float"):
