@@ -37,9 +37,12 @@ from fxcompress.passes.calibrate import Calibrate
 from fxcompress.passes.fake_quantize import FakeQuantize
 from fxcompress.passes.fold_batch_norm import FoldBatchNorm
 from fxcompress.passes.fold_qdq import FoldQDQ
+from fxcompress.passes import standard_pruning
 from fxcompress.passes.insert_observers import InsertObservers
+from fxcompress.prune import L1Norm
 from fxcompress.quant.config import QConfig
 from fxcompress.quant.observers import MinMaxObserver
+from fxcompress.report import count_macs
 
 
 class EncoderLayer(nn.Module):
@@ -186,8 +189,22 @@ def _quantized(model: nn.Module, data, config: QConfig, train_epochs_: int) -> n
     return gm.eval()
 
 
+def _int8_row(label: str, fake_quantized: nn.Module, data) -> dict:
+    """Accuracy of a fake-quantized model in PyTorch and, folded to QDQ, in ONNX Runtime, and how often the
+    two predict the same digit."""
+    from fxcompress.examples import accuracy
+
+    sim = fake_quantized(data.test_x).argmax(1)
+    folded = fxcompress.compile(fake_quantized, data.test_x[:8], [FoldQDQ()], verify=False)
+    ort = _ort_predictions(folded, data.test_x)
+    return {"model": label, "torch": accuracy(fake_quantized, data.test_x, data.test_y),
+            "onnxruntime": 100.0 * float((ort == data.test_y).float().mean()),
+            "agreement": 100.0 * float((ort == sim).float().mean())}
+
+
 def fidelity_rows(epochs: int) -> list[dict]:
-    """Float, PTQ int8 (PyTorch and ONNX Runtime), QAT and LSQ with 4-bit weights, on the MNIST digits."""
+    """Float, PTQ int8 (PyTorch and ONNX Runtime), structured pruning then PTQ int8 (the pruned model
+    fine-tuned for ``epochs`` first), QAT and LSQ with 4-bit weights, on the MNIST digits."""
     from fxcompress.examples import SmallCNN, accuracy, mnist_split, train_epochs
     from fxcompress.quant.observers import MovingAverageMinMaxObserver
     from fxcompress.quant.quantizers import LSQ
@@ -197,13 +214,13 @@ def fidelity_rows(epochs: int) -> list[dict]:
     model = train_epochs(SmallCNN(), data, epochs)
     base = accuracy(model, data.test_x, data.test_y)
     rows = [{"model": "float", "torch": base, "onnxruntime": float("nan"), "agreement": float("nan"), "loss": 0.0}]
-    ptq = _quantized(model, data, QConfig.int8(), 0)
-    sim = ptq(data.test_x).argmax(1)
-    folded = fxcompress.compile(ptq, data.test_x[:8], [FoldQDQ()], verify=False)
-    ort = _ort_predictions(folded, data.test_x)
-    rows.append({"model": "PTQ int8 (per-channel w, uint8 a)", "torch": accuracy(ptq, data.test_x, data.test_y),
-                 "onnxruntime": 100.0 * float((ort == data.test_y).float().mean()),
-                 "agreement": 100.0 * float((ort == sim).float().mean())})
+    rows.append(_int8_row("PTQ int8 (per-channel w, uint8 a)", _quantized(model, data, QConfig.int8(), 0), data))
+    pruned = fxcompress.compile(model, data.test_x[:8], standard_pruning(L1Norm(0.5)))
+    pruned = train_epochs(pruned, data, epochs)  # fine-tune the shrunk model before quantizing it
+    label = f"pruned (L1 0.5, MACs /{count_macs(model, data.test_x[:1]) / count_macs(pruned, data.test_x[:1]):.1f})"
+    rows.append({"model": f"{label}, {epochs} epochs", "torch": accuracy(pruned, data.test_x, data.test_y),
+                 "onnxruntime": float("nan"), "agreement": float("nan")})
+    rows.append(_int8_row(f"{label}, {epochs} epochs + PTQ int8", _quantized(pruned, data, QConfig.int8(), 0), data))
     moving = MovingAverageMinMaxObserver()
     for label, algorithm in (("QAT (STE) w4 a8", None), ("LSQ w4 a8", LSQ)):
         cfg = QConfig.int8(weight_bits=4, activation_observer=moving, **({"algorithm": algorithm} if algorithm else {}))
