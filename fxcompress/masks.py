@@ -453,14 +453,14 @@ def _outer_mask(shape: torch.Size, dead_by_dim: dict[int, np.ndarray]) -> torch.
     channel, not one per weight. An expanded view cannot be written in
     place, so masks are replaced instead (:func:`replace_mask`).
     """
-    mask = torch.ones((), dtype=torch.bool)
+    mask = None
     factors = {}
     for dim, dead in dead_by_dim.items():
         factors[dim] = np.ones(shape[dim], dtype=bool)
         factors[dim][dead] = False
-        keep = torch.from_numpy(factors[dim])
-        mask = mask & keep.view([-1 if d == dim else 1 for d in range(len(shape))])
-    mask = mask.expand(shape)
+        keep = torch.from_numpy(factors[dim]).view([-1 if d == dim else 1 for d in range(len(shape))])
+        mask = keep if mask is None else mask & keep
+    mask = (torch.ones((), dtype=torch.bool) if mask is None else mask).expand(shape)
     _record_factors(mask, factors)
     return mask
 

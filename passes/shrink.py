@@ -140,11 +140,23 @@ def _shrunk_meta(ctx: ShrinkContext, tensor_meta, channels):
     """``tensor_meta`` with every dim's size replaced by its number of kept channels."""
     if isinstance(tensor_meta, TensorMetadata):
         shape = torch.Size(ctx.new_shape(channels))
-        stride = tuple(int(s) for s in torch.empty(shape, device="meta").stride())
-        return tensor_meta._replace(shape=shape, stride=stride)
+        return tensor_meta._replace(shape=shape, stride=_contiguous_strides(shape))
     if isinstance(tensor_meta, (tuple, list)) and isinstance(channels, Multi):
         return type(tensor_meta)(_shrunk_meta(ctx, t, c) for t, c in zip(tensor_meta, channels))
     return tensor_meta
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """Row-major strides of ``shape`` (what ``torch.empty(shape).stride()`` gives, without a tensor).
+
+    >>> _contiguous_strides(torch.Size([2, 3, 4]))
+    (12, 4, 1)
+    """
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _update_shapes(ctx: ShrinkContext, gm: fx.GraphModule) -> None:
