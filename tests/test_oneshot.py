@@ -357,3 +357,22 @@ def test_tiny_llama_sparsegpt_then_gptq_through_torch_export():
         logits, reference = gm(**data[1]).logits, model(**data[1]).logits
     assert torch.isfinite(logits).all()
     assert float((logits - reference).norm() / reference.norm()) < 0.5
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_the_inverse_hessian_factor_is_the_papers_factor_of_the_reordered_hessian(ordered):
+    """``J L⁻¹ J`` (one factorisation, one triangular solve) against the papers'
+    ``cholesky(cholesky_inverse(cholesky(H)), upper=True)`` of ``H`` taken in the sweep's order."""
+    from fxcompress.oneshot.obs import inverse_hessian_factor
+
+    x = torch.randn(200, 48, dtype=torch.float64)
+    x[:, 5] = 0  # an input that is always zero
+    hessian = (x.T @ x / 200).float()
+    order = torch.randperm(48) if ordered else None
+    got = inverse_hessian_factor(hessian, 0.01, "layer", order)
+    h = (hessian if order is None else hessian[order][:, order]).double().clone()
+    h.diagonal()[h.diagonal() == 0] = 1.0
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert torch.equal(got, torch.triu(got))

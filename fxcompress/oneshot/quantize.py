@@ -141,8 +141,7 @@ class GPTQ(WeightQuantizer):
         order = self._order(stats.hessian, columns, weight.device)
         grid = self._grid(weight, order, size)
         swept = weight[:, order].contiguous()
-        hessian = stats.hessian.to(weight.device)[order][:, order]
-        factor = inverse_hessian_factor(hessian, self.damp, layer.path)
+        factor = inverse_hessian_factor(stats.hessian.to(weight.device), self.damp, layer.path, order)
         keep = None if layer.keep is None else layer.keep[:, order]
         for start in range(0, columns, self.block_size):
             stop = min(start + self.block_size, columns)
