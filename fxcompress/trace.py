@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -330,9 +331,8 @@ def inference_mode(gm: nn.Module):
     was captured in whatever the flags say, and says nothing about it here
     (see :class:`_CapturedMode`).
     """
-    modules = list(gm.modules())
-    was_training = [m.training for m in modules]
-    for m in modules:
+    was_training = [(weakref.ref(m), m.training) for m in gm.modules()]  # weakly: a module replaced
+    for m in gm.modules():                                               # meanwhile (packed) can be freed
         m.training = False
     token = _MEASURING.set(True)
     try:
@@ -340,8 +340,9 @@ def inference_mode(gm: nn.Module):
             yield
     finally:
         _MEASURING.reset(token)
-        for m, flag in zip(modules, was_training):
-            m.training = flag
+        for ref, flag in was_training:
+            if (m := ref()) is not None:
+                m.training = flag
 
 
 @contextlib.contextmanager

@@ -11,6 +11,13 @@ Sparsity installs masks; quantization writes dequantized weights and records
 their grids under :data:`fxcompress.meta.WEIGHT_GRIDS`. The graph itself does
 not change, and a second run finds nothing left to do.
 
+``pack=True`` packs each quantized layer into its int8/int4 kernel module
+(what ``pack-weights`` does after the pass) as soon as the engine is done with
+it, so the dense quantized weights never all exist at once: a 1.1B-parameter
+model then compresses in about the memory of the model itself
+(``tools/gptq_scale.py``). Layers no kernel takes stay in float, named in one
+warning.
+
 >>> import torch, fxcompress
 >>> from torch import nn
 >>> from fxcompress.oneshot import Wanda
@@ -37,6 +44,7 @@ from fxcompress import meta
 from fxcompress.errors import ConfigError
 from fxcompress.oneshot import ALGORITHMS, OneShotAlgorithm, compress_layers, make_algorithm
 from fxcompress.pipeline import Pass, changed_fields, register_pass
+from fxcompress.passes.pack_weights import LayerPacker
 
 __all__ = ["OneShot"]
 
@@ -53,10 +61,15 @@ class OneShot(Pass):
     algorithm: OneShotAlgorithm
     data: Sequence = ()
     progress: bool = True
+    pack: bool = False
 
     name: ClassVar[str] = "one-shot"
     preserves_outputs: ClassVar[bool] = False
-    keeps_analysis: ClassVar[bool] = True
+
+    @property
+    def keeps_analysis(self) -> bool:
+        """Masks and new values keep the channel analysis; swapping layers for packed modules does not."""
+        return not self.pack
 
     def __post_init__(self) -> None:
         if not isinstance(self.algorithm, OneShotAlgorithm):
@@ -71,9 +84,10 @@ class OneShot(Pass):
         options = dict(options)
         name = options.pop("algorithm", None)
         progress = options.pop("progress", True)
+        pack = options.pop("pack", False)
         if name is None:
             raise ConfigError("one-shot needs an algorithm option, e.g. one-shot{algorithm=wanda,sparsity=0.5}")
-        return cls(make_algorithm(str(name), **options), progress=progress)
+        return cls(make_algorithm(str(name), **options), progress=progress, pack=pack)
 
     def text_options(self) -> dict:
         """``algorithm=<key>`` and the algorithm's changed options; calibration data has no text form."""
@@ -83,8 +97,8 @@ class OneShot(Pass):
         key = getattr(type(self.algorithm), "key", None)
         if ALGORITHMS.get(key) is not type(self.algorithm):
             raise ConfigError(f"pass 'one-shot': the algorithm {type(self.algorithm).__name__} has no text name")
-        progress = {} if self.progress else {"progress": False}
-        return {"algorithm": key, **changed_fields(self.algorithm), **progress}
+        flags = ({} if self.progress else {"progress": False}) | ({"pack": True} if self.pack else {})
+        return {"algorithm": key, **changed_fields(self.algorithm), **flags}
 
     def run(self, gm: fx.GraphModule) -> bool:
         data = self.data
@@ -92,4 +106,8 @@ class OneShot(Pass):
             warnings.warn("one-shot: no calibration data given; calibrating on the example inputs only "
                           "(pass data=[...] with a few hundred real sequences)", stacklevel=4)
             data = (gm.meta[meta.EXAMPLE_INPUTS],)
-        return compress_layers(gm, data, self.algorithm, progress=self.progress)
+        if not self.pack:
+            return compress_layers(gm, data, self.algorithm, progress=self.progress)
+        packer = LayerPacker(gm)
+        changed = compress_layers(gm, data, self.algorithm, progress=self.progress, after=packer)
+        return packer.finish(stacklevel=5) or changed

@@ -47,7 +47,7 @@ from fxcompress.oneshot.engine import current_value
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.selection import normalize_selection
 
-__all__ = ["PackWeights"]
+__all__ = ["PackWeights", "LayerPacker"]
 
 
 @register_pass
@@ -82,76 +82,109 @@ class PackWeights(Pass):
         return self.bits == 0
 
     def run(self, gm: fx.GraphModule) -> bool:
-        grids = gm.meta.get(meta.WEIGHT_GRIDS, {})
-        left: list[str] = []
-        changed = False
-        reads = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
+        packer = LayerPacker(gm, self.bits, self.group_size)
         for site in linear_sites(gm, self):  # a weight the graph reads twice is left alone, with its own warning
-            why = _pack_site(gm, site, grids.get(site.target), self.bits, self.group_size, reads)
-            if why is None:
-                grids.pop(site.target, None)  # the float parameter it described is gone
-                changed = True
-            elif why:
-                left.append(f"{split_target(site.target)[0] or site.target} ({why})")
-        if left:
-            warnings.warn(f"pack-weights: {len(left)} linear layer(s) left in float: {'; '.join(left)}", stacklevel=4)
-        if changed:
-            gm.graph.lint()
-            gm.recompile()
-        return changed
+            packer(site)
+        return packer.finish(stacklevel=5)
 
 
-def _pack_site(gm: fx.GraphModule, site: LinearSite, grid, bits: int, group_size: int, reads: Counter) -> str | None:
-    """Pack one layer: None when done, ``""`` when there is nothing to pack, else why it stays in float."""
+@dataclasses.dataclass
+class LayerPacker:
+    """Packs linear layers one at a time and says, at the end, which stayed in float and why.
+
+    :class:`PackWeights` runs it over every selected layer; ``OneShot(...,
+    pack=True)`` calls it on each layer as soon as the one-shot engine is done
+    with it, so the dense quantized weights never all exist at once (a
+    1.1B-parameter model's would be a second fp32 model). ``bits`` and
+    ``group_size`` are :class:`PackWeights`' options.
+    """
+
+    gm: fx.GraphModule
+    bits: int = 0
+    group_size: int = 128
+    left: list[str] = dataclasses.field(default_factory=list)
+    changed: bool = False
+
+    def __post_init__(self) -> None:
+        self.reads = Counter(n.target for n in self.gm.graph.nodes if n.op == "get_attr")
+
+    def __call__(self, site: LinearSite) -> fx.Node | None:
+        """Pack ``site``'s layer if it lies on a grid a kernel takes; return the node that replaced the site's
+        node (an exported ``linear`` call becomes a ``call_module``), else None."""
+        grids = self.gm.meta.get(meta.WEIGHT_GRIDS, {})  # read now: a one-shot run records them as it goes
+        why, node = _pack_site(self.gm, site, grids.get(site.target), self.bits, self.group_size, self.reads)
+        if why is None:
+            grids.pop(site.target, None)  # the float parameter it described is gone
+            self.changed = True
+        elif why:
+            self.left.append(f"{split_target(site.target)[0] or site.target} ({why})")
+        return node
+
+    def finish(self, stacklevel: int = 2) -> bool:
+        """Warn once about the layers left in float, recompile if anything changed; return whether it did."""
+        if self.left:
+            warnings.warn(f"pack-weights: {len(self.left)} linear layer(s) left in float: {'; '.join(self.left)}",
+                          stacklevel=stacklevel)
+        if self.changed:
+            self.gm.graph.lint()
+            self.gm.recompile()
+        return self.changed
+
+
+def _pack_site(gm: fx.GraphModule, site: LinearSite, grid, bits: int, group_size: int,
+               reads: Counter) -> tuple[str | None, fx.Node | None]:
+    """Pack one layer: ``(None, new node or None)`` when done, ``("", None)`` when there is nothing to pack,
+    else ``(why it stays in float, None)``."""
     owner = split_target(site.target)[0]
     weight = current_value(gm, site.target).detach()
     if grid is None:
         if not bits:
-            return ""
+            return "", None
         if weight.dim() != 2:
-            return f"a {weight.dim()}-d weight"
+            return f"a {weight.dim()}-d weight", None
         grid = rtn_grid(weight, bits, min(group_size, weight.shape[1]))
         weight = grid.dequantize(grid.integers(weight)).to(weight.dtype)
     elif not grid.holds(weight):
-        return "its weight no longer lies on its recorded grid (changed after quantization): quantize it again"
+        return "its weight no longer lies on its recorded grid (changed after quantization): quantize it again", None
     packing = packing_of(grid, tuple(weight.shape))
     if not packing.fits:
-        return packing.reason
+        return packing.reason, None
     if site.node.op == "call_module":
         module = gm.get_submodule(site.node.target)
         _replace_module(gm, site.node.target, pack_linear(weight, forward_value(module, "bias"), grid, owner))
-        return None
+        return None, None
     return _pack_call(gm, site, weight, grid, reads)
 
 
-def _pack_call(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, grid, reads: Counter) -> str | None:
+def _pack_call(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, grid,
+               reads: Counter) -> tuple[str | None, fx.Node | None]:
     """``linear(x, get_attr W, get_attr b)`` -> ``call_module(packed)(x)``, the packed module replacing W's owner."""
     node = site.node
     weight_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if bias_node is not None and (not isinstance(bias_node, fx.Node) or bias_node.op != "get_attr"):
-        return "a bias computed by the graph"
+        return "a bias computed by the graph", None
     owner, _ = split_target(site.target)
     attrs = [weight_node] + ([bias_node] if bias_node is not None else [])
     if not owner or any(split_target(n.target)[0] != owner or len(n.users) > 1 or reads[n.target] > 1
                         for n in attrs):
-        return "its weight or bias is not held by a module of its own"
+        return "its weight or bias is not held by a module of its own", None
     state = {public_name(name) for name, _ in gm.get_submodule(owner).named_parameters(recurse=False)}
     state |= {public_name(name) for name, _ in gm.get_submodule(owner).named_buffers(recurse=False)}
     state.discard(None)
     if state - {split_target(n.target)[1] for n in attrs} or any(True for _ in gm.get_submodule(owner).children()):
-        return f"its owner {owner} holds other state"
+        return f"its owner {owner} holds other state", None
     bias = None if bias_node is None else current_value(gm, bias_node.target).detach()
     packed = pack_linear(weight, bias, grid, owner)
     with gm.graph.inserting_before(node):
-        call = gm.graph.call_module(owner, (site.source,))
+        call = gm.graph.call_module(owner, (node.args[0] if node.args else node.kwargs["input"],))
     call.meta.update(node.meta)
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
     for attr in attrs:
         gm.graph.erase_node(attr)
     _replace_module(gm, owner, packed)
-    return None
+    return None, call
 
 
 def _replace_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:

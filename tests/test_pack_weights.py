@@ -154,6 +154,67 @@ def test_options_and_text_form():
         PackWeights(bits=3)
 
 
+# ---------------------------------------------------------------------------- packing as one-shot goes (pack=True)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_one_shot_pack_packs_each_layer_as_a_separate_pack_weights_would(frontend):
+    model, data = two_layers(), [torch.randn(8, 64) for _ in range(2)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    algorithm = GPTQ(bits=4, group_size=32, block_size=32)
+    separate = fxcompress.compile(model, data[0], [OneShot(algorithm, data, progress=False), PackWeights()],
+                                  frontend=frontend)
+    at_once = fxcompress.compile(model, data[0], [OneShot(algorithm, data, progress=False, pack=True)],
+                                 frontend=frontend)
+    assert [type(at_once.get_submodule(p)) for p in ("0", "2")] == [Int4WeightLinear, Int4WeightLinear]
+    assert at_once.meta[meta.WEIGHT_GRIDS] == {}
+    assert not any(n.target is torch.ops.aten.linear.default for n in at_once.graph.nodes)
+    for path in ("0", "2"):
+        assert torch.equal(at_once.get_submodule(path).weight_int4, separate.get_submodule(path).weight_int4)
+    x = torch.randn(5, 64)
+    assert torch.equal(at_once(x), separate(x))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the user's model is untouched
+
+
+def test_one_shot_pack_frees_each_dense_weight_as_it_goes_and_leaves_the_rest_shared():
+    """The memory behaviour behind tools/gptq_scale.py: the compiled copy shares the tensors it never rewrites
+    with the user's model, and a packed layer's dense module is freed while the engine walks on."""
+    import gc
+    import weakref
+
+    from fxcompress.oneshot import compress_layers
+    from fxcompress.passes.pack_weights import LayerPacker
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+    data = [torch.randn(8, 64) for _ in range(2)]
+    gm = fxcompress.trace(model, data[0])
+    assert gm.get_submodule("4").weight.const_data_ptr() == model[4].weight.const_data_ptr()  # not copied
+    packer, freed = LayerPacker(gm), []
+
+    def pack(site):
+        dense = weakref.ref(gm.get_submodule(site.node.target))
+        packer(site)
+        gc.collect()  # (after a torch.export run in the same process, a cycle may hold it until then)
+        freed.append(dense() is None)
+
+    compress_layers(gm, data, GPTQ(bits=4, group_size=32, exclude=("4",)), after=pack)
+    packer.finish()
+    assert freed == [True, True]
+    assert isinstance(gm.get_submodule("2"), Int4WeightLinear)
+    assert gm.get_submodule("4").weight.const_data_ptr() == model[4].weight.const_data_ptr()  # still shared
+
+
+def test_one_shot_pack_text_form_and_layers_left_in_float():
+    assert OneShot(GPTQ(), pack=True).to_text() == "one-shot{algorithm=gptq,pack=true}"
+    assert parse_pipeline("one-shot{algorithm=gptq,pack=true}")[0].pack
+    assert OneShot(GPTQ()).keeps_analysis and not OneShot(GPTQ(), pack=True).keeps_analysis
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    data = [torch.randn(8, 64) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"2 linear layer\(s\) left in float: 0 \(int4 groups of 16 columns"):
+        gm = fxcompress.compile(model, data[0], [OneShot(RTN(bits=4, group_size=16), data, progress=False, pack=True)])
+    assert isinstance(gm.get_submodule("2"), nn.Linear) and len(gm.meta[meta.WEIGHT_GRIDS]) == 2
+
+
 # ---------------------------------------------------------------------------- eager models
 
 
