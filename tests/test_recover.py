@@ -100,3 +100,16 @@ def test_recovery_refuses_settings_without_a_budget():
         Recovery(minutes=0)
     with pytest.raises(ConfigError, match="window"):
         token_windows(torch.arange(10), 2, 10)
+
+
+def test_a_step_that_would_end_past_the_budget_is_not_started(teacher, monkeypatch):
+    """Each step takes 1 s of a fake clock; a 4.5 s budget runs 4 steps and stops inside it, not after a fifth."""
+    import importlib
+
+    clock = {"now": 0.0}
+    module = importlib.import_module("fxcompress.prune.recover")
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clock["now"])
+    student = remove_layers(teacher, [1])
+    student.register_forward_pre_hook(lambda *_: clock.__setitem__("now", clock["now"] + 1.0))
+    result = recover(student, teacher, _data(), Recovery(minutes=4.5 / 60))
+    assert (result.steps, result.stopped_by) == (4, "minutes") and result.seconds <= 4.5

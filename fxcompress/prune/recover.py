@@ -181,9 +181,10 @@ def recover(student: nn.Module, teacher: nn.Module, data: Sampler | Sequence[tor
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
+        last_step = 0.0  # seconds the previous step took: a step that would end past the budget is not started
         while settings.steps is None or len(losses) < settings.steps:
             elapsed = time.perf_counter() - start
-            if budget is not None and elapsed >= budget:
+            if budget is not None and elapsed + last_step > budget:
                 stopped_by = "minutes"
                 break
             step = len(losses)
@@ -202,6 +203,7 @@ def recover(student: nn.Module, teacher: nn.Module, data: Sampler | Sequence[tor
                                                settings.grad_clip)
             optimizer.step()
             losses.append(float(loss.detach()))
+            last_step = time.perf_counter() - start - elapsed
             if log and (len(losses) % log_every == 0 or len(losses) == 1):
                 log(f"recovery step {len(losses)}: loss {losses[-1]:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
                     f"{time.perf_counter() - start:.0f} s")
