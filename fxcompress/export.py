@@ -2,7 +2,13 @@
 
 Quantized modules (after ``fold-qdq``) export as QuantizeLinear/DequantizeLinear
 pairs with int8 weight initializers (opset >= 13, per-channel ``axis``), the
-form ONNX Runtime fuses into int8 kernels. Every export is validated with
+form ONNX Runtime fuses into int8 kernels. Linear layers that one-shot weight
+quantization (RTN, GPTQ, AWQ) left on a 2-, 4- or 8-bit grid of column blocks
+(:data:`fxcompress.meta.WEIGHT_GRIDS`) export as ONNX Runtime's
+``com.microsoft`` ``MatMulNBits``, their integers packed (``low_bit=True``, the
+default); fine-grained sparsity masks (unstructured, 2:4) export as dense
+weights holding zeros, with a warning: ONNX Runtime has no CPU kernel that
+skips them. Every export is validated with
 ``onnx.checker`` and, with ``check=True``, run in ONNX Runtime on the example
 inputs and compared with the ``GraphModule``'s own output.
 
@@ -43,16 +49,20 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils import _pytree as pytree
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError, VerificationError
+from fxcompress.masks import forward_value, own_masks, split_target
+from fxcompress.oneshot.engine import current_value, linear_site
 from fxcompress.quant.ops import DEQUANTIZE, QUANTIZE, register_onnx_symbolics
 from fxcompress.trace import BATCH, SEQUENCE, dynamic_dims, inference_mode, normalize_example_inputs, resized_inputs
 
-__all__ = ["to_onnx", "ExportResult", "is_quantized", "onnx_session", "DEFAULT_OPSET"]
+__all__ = ["to_onnx", "ExportResult", "is_quantized", "onnx_session", "DEFAULT_OPSET", "NBitsWeight", "nbits_weight",
+           "unpack_nbits", "matmul_nbits", "NBITS_WIDTHS"]
 
 DEFAULT_OPSET = 17
 
@@ -86,6 +96,7 @@ class ExportResult:
     output_names: tuple[str, ...] = ()
     dynamic_axes: Axes = dataclasses.field(default_factory=dict)
     checked_shapes: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    low_bit_layers: tuple[str, ...] = ()  #: the layers written as ``MatMulNBits``
 
 
 def is_quantized(gm: fx.GraphModule) -> bool:
@@ -339,11 +350,223 @@ def _check_inputs(tensors: list[torch.Tensor], names: list[str], axes: Axes) -> 
     return list(resized_inputs(tuple(tensors), sizes, dims)) if sizes else None
 
 
+# ---------------------------------------------------------------------------- low-bit weights: MatMulNBits
+
+#: Weight widths that ONNX Runtime's ``com.microsoft`` ``MatMulNBits`` runs on CPU (checked with 1.32).
+NBITS_WIDTHS = (2, 4, 8)
+#: The op's blocks are a power of two of at least this many input columns.
+NBITS_MIN_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class NBitsWeight:
+    """One linear weight in ``MatMulNBits``' layout (``Y = A @ Wᵀ``, ``W`` of ``n`` rows by ``k`` columns).
+
+    ``packed`` is ``uint8`` ``(n, k_blocks, block_size * bits / 8)``: the codes
+    ``q - qmin`` of each block, ``8 / bits`` per byte, the lowest bits first
+    (last block padded); ``scales`` is ``(n, k_blocks)`` float32;
+    ``zero_points`` are the codes of the grid's zero points packed the same
+    way along the blocks, ``(n, ceil(k_blocks * bits / 8))``, or None when
+    every one is ``2^(bits-1)`` (the op's default, a symmetric grid).
+    ``input_divisor`` is AWQ's per-input scale (the input is divided by it
+    first), or None.
+    """
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor | None
+    input_divisor: torch.Tensor | None
+    k: int
+    n: int
+    bits: int
+    block_size: int
+
+
+def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``uint8`` codes (``..., L``, ``L`` a multiple of ``8 / bits``) packed ``8 / bits`` to a byte, lowest bits first."""
+    per_byte = 8 // bits
+    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per_byte)
+    packed = torch.zeros(grouped.shape[:-1], dtype=torch.uint8)
+    for j in range(per_byte):
+        packed |= grouped[..., j] << (j * bits)
+    return packed
+
+
+def _unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    codes = torch.stack([(packed >> (j * bits)) & mask for j in range(per_byte)], dim=-1)
+    return codes.reshape(*packed.shape[:-1], -1)
+
+
+def nbits_weight(weight: torch.Tensor, grid) -> NBitsWeight | str:
+    """``weight`` (lying on the :class:`~fxcompress.oneshot.WeightGrid` ``grid``) in ``MatMulNBits``' layout, or
+    why the op cannot hold it.
+
+    >>> from fxcompress.oneshot import RTN
+    >>> from fxcompress.oneshot.engine import Layer
+    >>> out = RTN(bits=4, group_size=16).compress(Layer("w", torch.randn(8, 32)), None)
+    >>> low = nbits_weight(out.weight, out.grid)
+    >>> tuple(low.packed.shape), tuple(low.scales.shape), torch.equal(unpack_nbits(low), out.weight)
+    ((8, 2, 8), (8, 2), True)
+    """
+    rows, columns = weight.shape
+    bits, block = grid.bits, grid.group_size
+    if bits not in NBITS_WIDTHS:
+        return f"{bits}-bit weights (MatMulNBits takes {', '.join(map(str, NBITS_WIDTHS))} bits)"
+    if block < NBITS_MIN_BLOCK or block & (block - 1):
+        return f"groups of {block} columns (MatMulNBits' blocks are a power of two, at least {NBITS_MIN_BLOCK})"
+    if not torch.equal(grid.group_index.cpu(), torch.arange(columns) // block):
+        return "groups that are not contiguous columns (GPTQ act-order with static_groups=False)"
+    if not grid.holds(weight):
+        return "its weight no longer lies on its recorded grid (changed after quantization)"
+    blocks = -(-columns // block)
+    qmin = grid.scheme.qmin
+    codes = (grid.integers(weight) - qmin).cpu()
+    codes = F.pad(codes, (0, blocks * block - columns)).reshape(rows, blocks, block)
+    zero_points = (grid.zero_point - qmin).cpu()
+    default = 1 << (bits - 1)
+    packed_zeros = None
+    if not bool((zero_points == default).all()):
+        per_byte = 8 // bits
+        packed_zeros = _pack_codes(F.pad(zero_points, (0, -blocks % per_byte)), bits)
+    divisor = None if grid.input_scale is None else grid.input_scale.detach().float().cpu()
+    return NBitsWeight(_pack_codes(codes, bits), grid.scale.detach().float().cpu().contiguous(), packed_zeros, divisor,
+                       columns, rows, bits, block)
+
+
+def unpack_nbits(weight: NBitsWeight) -> torch.Tensor:
+    """The float32 ``n x k`` weight an :class:`NBitsWeight` stands for (``MatMulNBits``' dequantization)."""
+    return _dequantized(weight.packed, weight.scales, weight.zero_points, weight.input_divisor, weight.k, weight.bits,
+                        weight.block_size)
+
+
+def _dequantized(packed, scales, zero_points, input_divisor, k: int, bits: int, block_size: int) -> torch.Tensor:
+    rows, blocks = scales.shape
+    codes = _unpack_codes(packed, bits).float()  # (n, k_blocks, block_size)
+    if zero_points is None:
+        zeros = torch.full((rows, blocks), float(1 << (bits - 1)))
+    else:
+        zeros = _unpack_codes(zero_points, bits)[:, :blocks].float()
+    weight = ((codes - zeros[..., None]) * scales[..., None]).reshape(rows, -1)[:, :k]
+    return weight if input_divisor is None else weight / input_divisor
+
+
+@torch.library.custom_op("fxcompress::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                 bias: torch.Tensor | None, input_divisor: torch.Tensor | None, k: int, n: int, bits: int,
+                 block_size: int) -> torch.Tensor:
+    """``linear(x, W, bias)`` with ``W`` given in ``MatMulNBits``' layout: the graph op that exports as one
+    ``com.microsoft`` ``MatMulNBits`` node (plus ``Div`` for AWQ's input scale and ``Add`` for the bias)."""
+    weight = _dequantized(packed, scales, zero_points, input_divisor, k, bits, block_size)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@matmul_nbits.register_fake
+def _(x, packed, scales, zero_points, bias, input_divisor, k, n, bits, block_size):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+#: The graph target (``call_function``) of :func:`matmul_nbits`.
+MATMUL_NBITS = torch.ops.fxcompress.matmul_nbits.default
+
+
+def _matmul_nbits_symbolic(g, x, packed, scales, zero_points, bias, input_divisor, k, n, bits, block_size):
+    from torch.onnx import symbolic_helper
+
+    def const(value, name):
+        return symbolic_helper._get_const(value, "i", name)
+
+    if not symbolic_helper._is_none(input_divisor):
+        x = g.op("Div", x, input_divisor)
+    inputs = [x, packed, scales] + ([] if symbolic_helper._is_none(zero_points) else [zero_points])
+    y = g.op("com.microsoft::MatMulNBits", *inputs, K_i=const(k, "k"), N_i=const(n, "n"), bits_i=const(bits, "bits"),
+             block_size_i=const(block_size, "block_size"))
+    sizes = x.type().varyingSizes()  # the output's type, which ONNX's shape inference cannot give a contrib op
+    if sizes is not None:
+        y.setType(x.type().with_sizes([*sizes[:-1], const(n, "n")]))
+    return y if symbolic_helper._is_none(bias) else g.op("Add", y, bias)
+
+
+@functools.cache
+def _register_matmul_nbits(opset: int) -> None:
+    from torch.onnx import register_custom_op_symbolic
+
+    register_custom_op_symbolic("fxcompress::matmul_nbits", _matmul_nbits_symbolic, opset)
+
+
+def _fine_grained_masks(gm: fx.GraphModule) -> list[str]:
+    """The masked tensors of ``gm`` (unstructured or N:M sparsity still held as masks)."""
+    return [f"{path}.{name}" if path else name for path, module in gm.named_modules() for name in own_masks(module)]
+
+
+def _low_bit_module(flat: fx.GraphModule, gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
+    """``flat`` with every linear layer that lies on a grid ``MatMulNBits`` takes computed by :func:`matmul_nbits`
+    (a new module sharing ``flat``'s other tensors), and the layers it wrote so; one warning names the
+    quantized layers left in float, and why."""
+    grids = gm.meta.get(meta.WEIGHT_GRIDS) or {}
+    if not grids:
+        return flat, []
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(flat.graph, {}))
+    module = fx.GraphModule(flat, graph)
+    written, dense = [], []
+    for node in list(module.graph.nodes):
+        site = linear_site(module, node)
+        if site is None or site.target not in grids:
+            continue
+        where = split_target(site.target)[0] or site.target
+        low = nbits_weight(current_value(module, site.target).detach().float(), grids[site.target])
+        if isinstance(low, str):
+            dense.append(f"{where} ({low})")
+            continue
+        _call_matmul_nbits(module, node, site, low, len(written))
+        written.append(where)
+    for node in [n for n in module.graph.nodes if n.op in ("get_attr", "call_module") and not n.users]:
+        if node.op == "get_attr":
+            module.graph.erase_node(node)
+    module.delete_all_unused_submodules()
+    module.recompile()
+    if dense:
+        warnings.warn(f"to_onnx: {len(dense)} quantized linear layer(s) exported with float weights (no MatMulNBits): "
+                      f"{'; '.join(dense)}", stacklevel=3)
+    return module, written
+
+
+def _call_matmul_nbits(module: fx.GraphModule, node: fx.Node, site, low: NBitsWeight, index: int) -> None:
+    """Replace the linear ``node`` by a :func:`matmul_nbits` call reading ``low``'s tensors (new buffers of ``module``)."""
+    graph = module.graph
+    if node.op == "call_module":
+        bias = forward_value(module.get_submodule(node.target), "bias")
+    else:
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    tensors = {"packed": low.packed, "scales": low.scales, "zero_points": low.zero_points,
+               "input_divisor": low.input_divisor, "bias": bias if isinstance(bias, torch.Tensor) else None}
+    reads = {}
+    with graph.inserting_before(node):
+        for name, tensor in tensors.items():
+            if tensor is None:
+                reads[name] = None
+                continue
+            attr = f"_matmul_nbits_{index}_{name}"
+            module.register_buffer(attr, tensor.detach())
+            reads[name] = graph.get_attr(attr)
+        if isinstance(bias, fx.Node):
+            reads["bias"] = bias
+        call = graph.call_function(MATMUL_NBITS, (
+            site.source if node.op == "call_module" else node.args[0], reads["packed"], reads["scales"],
+            reads["zero_points"], reads["bias"], reads["input_divisor"], low.k, low.n, low.bits, low.block_size))
+    call.meta.update(node.meta)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+
+
 # ---------------------------------------------------------------------------- export and check
 
 
 def _export(flat: fx.GraphModule, tensors: list, opset: int, input_names, output_names, axes: Axes) -> onnx.ModelProto:
     register_onnx_symbolics()
+    _register_matmul_nbits(opset)
     buffer = io.BytesIO()
     with inference_mode(flat), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -351,6 +574,7 @@ def _export(flat: fx.GraphModule, tensors: list, opset: int, input_names, output
             flat, tuple(tensors), buffer, dynamo=False, opset_version=opset,
             training=torch.onnx.TrainingMode.PRESERVE,  # inference_mode set eval; torch.export graphs refuse .train()
             input_names=list(input_names), output_names=list(output_names), dynamic_axes=axes or None,
+            custom_opsets={"com.microsoft": 1} if any(n.target is MATMUL_NBITS for n in flat.graph.nodes) else None,
         )
     model = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(model, full_check=True)
@@ -436,6 +660,7 @@ def to_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None | str = "auto",
+    low_bit: bool = True,
 ) -> ExportResult:
     """Export ``gm`` to ONNX (to ``path`` when given) and check it.
 
@@ -455,6 +680,16 @@ def to_onnx(
     :data:`QUANTIZED_RTOL` for QDQ graphs) on the example inputs and, when an
     axis is dynamic, on them resized along every dynamic axis (another batch
     size and sequence length), else :class:`VerificationError`.
+
+    ``low_bit=True`` (the default) writes every linear layer that one-shot
+    quantization left on a 2-, 4- or 8-bit grid of contiguous column blocks
+    (RTN, GPTQ, AWQ with ``group_size`` a power of two >= 16; AWQ's input scale
+    becomes a ``Div`` before it) as one ``com.microsoft`` ``MatMulNBits`` node
+    holding the packed integers, scales and zero points (``low_bit_layers``
+    lists them; a warning names quantized layers it cannot take);
+    ``low_bit=False`` exports their dequantized float weights. Weights under
+    fine-grained masks (unstructured or 2:4 sparsity) export dense, zeros in
+    place, with a warning: ONNX Runtime has no CPU kernel for them.
     """
     if opset < 13:
         raise ConfigError(f"to_onnx needs opset >= 13 (per-channel DequantizeLinear), got {opset}")
@@ -465,6 +700,12 @@ def to_onnx(
     inputs = normalize_example_inputs(example_inputs, gm)
     quantized = is_quantized(gm)
     flat, tensors, outputs = _flat_module(gm, inputs)
+    masked = _fine_grained_masks(gm)
+    if masked:
+        warnings.warn(f"to_onnx: {len(masked)} weight(s) carry sparsity masks (unstructured or N:M such as 2:4), e.g. "
+                      f"{masked[0]}: they export as dense weights with their zeros in place (ONNX Runtime has no "
+                      "CPU kernel that skips them; channel masks go away with shrink)", stacklevel=2)
+    exported, low_bit_layers = _low_bit_module(flat, gm) if low_bit else (flat, [])
     names = _io_names(input_names, len(tensors), "input", f"the model takes {len(tensors)} tensor inputs "
                       f"({', '.join(_tensor_input_names(gm, inputs))})")
     out_names = _io_names(output_names, outputs, "output", f"the model returns {outputs} tensors")
@@ -475,7 +716,7 @@ def to_onnx(
     else:
         axes = _checked_axes(dynamic_axes or {}, [*names, *out_names], dict(zip(names, tensors)))
     tolerance = rtol if rtol is not None else (QUANTIZED_RTOL if quantized else FLOAT_RTOL)
-    export = functools.partial(_export, flat, tensors, opset, names, out_names)
+    export = functools.partial(_export, exported, tensors, opset, names, out_names)  # checked against flat
     if check:
         model, axes, session, runs = _checked_axes_model(export, flat, tensors, names, axes, tolerance,
                                                          automatic=isinstance(dynamic_axes, str))
@@ -486,7 +727,7 @@ def to_onnx(
         onnx.save(model, os.fspath(path))
     return ExportResult(
         None if path is None else os.fspath(path), model, quantized, error, tolerance, tuple(names),
-        tuple(out_names), axes, tuple(tuple(tuple(t.shape) for t in run) for run in runs),
+        tuple(out_names), axes, tuple(tuple(tuple(t.shape) for t in run) for run in runs), tuple(low_bit_layers),
     )
 
 
