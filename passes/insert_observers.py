@@ -56,7 +56,8 @@ def _quantize_weight(path: str, module: nn.Module, config: QConfig) -> None:
             "before insert-observers"
         )
     axis = WEIGHTED_TYPES[parametrize.type_before_parametrizations(module)]
-    parametrize.register_parametrization(module, "weight", config.weight.build(axis), unsafe=True)
+    quantizer = config.weight.build(axis).train(module.training)  # see _quantize_activations
+    parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:
@@ -82,7 +83,9 @@ def _quantize_activations(gm: fx.GraphModule, config: QConfig) -> bool:
             _insert_after(gm, node, targets[owner], shared=True)
             continue
         target = targets[node] = _free_name(gm, f"{node.name}_aq")
-        gm.add_submodule(target, config.activation.build())
+        # in the graph's mode: a quantizer in training mode moves its grid with every forward (QAT), so one
+        # added to an eval-mode model would silently recalibrate on whatever the user runs through it
+        gm.add_submodule(target, config.activation.build().train(gm.training))
         _insert_after(gm, node, target, shared=False)
     return bool(plan.quantized)
 

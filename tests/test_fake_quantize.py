@@ -31,3 +31,17 @@ def test_weights_are_rounded_onto_their_per_channel_grid():
 def test_uncalibrated_activations_name_the_quantizer():
     with pytest.raises(PipelineError, match="'x_aq' has seen no data: run calibrate"):
         fxcompress.compile(small_model(), inputs(4), [InsertObservers(config()), FakeQuantize()])
+
+
+def test_a_simulated_eval_model_keeps_its_grids_whatever_runs_through_it():
+    """Quantizers take the model's mode: an eval-mode model's grids stay frozen (training mode would move
+    them with every forward, as QAT does), until the user trains it."""
+    gm = ptq(small_model().eval())
+    quantizers = [m for m in gm.modules() if hasattr(m, "observer")]
+    assert quantizers and not any(q.training for q in quantizers)
+    x = inputs(32, 2)
+    first = gm(x)
+    gm(100 * inputs(32, 2))  # data far outside the calibration range
+    assert torch.equal(gm(x), first)
+    gm.train()
+    assert all(q.training for q in quantizers)
