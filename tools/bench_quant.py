@@ -20,6 +20,7 @@ PyTorch and in ONNX Runtime, QAT and LSQ at 4-bit weights).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -116,14 +117,23 @@ def ort_int8(float_path: str, out_path: str, batches: list[torch.Tensor], **sett
     ``settings`` override ``quantize_static``'s arguments (default: QDQ, per-channel int8 weights, uint8
     activations). Where ``quant_pre_process`` fails (its symbolic shape inference on some transformer graphs),
     the float model is quantized as it is; the returned note says so ("" otherwise)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    float_path, out_path = str(Path(float_path).resolve()), str(Path(out_path).resolve())
     prepared, note = out_path + ".pre.onnx", ""
-    try:
-        quant_pre_process(float_path, prepared)
-    except Exception as error:  # noqa: BLE001 - ORT's own failure, reported in the note
-        prepared, note = float_path, f"without quant_pre_process ({type(error).__name__}: {str(error)[:80]})"
+    # ORT's tools write temporary external-data files (hundreds of MB for ResNet-50) into the working
+    # directory and leave them there: give them the output's folder
+    with contextlib.chdir(Path(out_path).parent):
+        try:
+            quant_pre_process(float_path, prepared)
+        except Exception as error:  # noqa: BLE001 - ORT's own failure, reported in the note
+            prepared, note = float_path, f"without quant_pre_process ({type(error).__name__}: {str(error)[:80]})"
+        _quantize_static(prepared, out_path, batches, **settings)
+    return note
+
+
+def _quantize_static(prepared: str, out_path: str, batches: list[torch.Tensor], **settings) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -135,7 +145,6 @@ def ort_int8(float_path: str, out_path: str, batches: list[torch.Tensor], **sett
     options = dict(quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                    weight_type=QuantType.QInt8)
     quantize_static(prepared, out_path, Reader(), **{**options, **settings})
-    return note
 
 
 def time_sessions(paths: dict[str, str], x: np.ndarray, runs: int, threads: int) -> dict[str, float]:
