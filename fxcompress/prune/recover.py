@@ -40,13 +40,13 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.errors import ConfigError
+from fxcompress.examples_llm import logits_of
 
 __all__ = ["Recovery", "RecoveryResult", "recover", "distillation_loss", "token_windows"]
 
@@ -94,16 +94,6 @@ class RecoveryResult:
     seconds: float  #: wall time of the fine-tune (teacher forwards included)
     stopped_by: str  #: "steps" or "minutes"
     losses: list[float]  #: the training loss of every step
-
-
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, dict):
-        return output["logits"]
-    return output[0]
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
@@ -193,8 +183,8 @@ def recover(student: nn.Module, teacher: nn.Module, data: Sampler | Sequence[tor
                 group["lr"] = settings.lr * settings.lr_factor(step, progress)
             input_ids = next(batches)
             with torch.no_grad():
-                target = _logits(teacher(input_ids))
-            loss = distillation_loss(_logits(student(input_ids)), target, settings.temperature, input_ids,
+                target = logits_of(teacher(input_ids))
+            loss = distillation_loss(logits_of(student(input_ids)), target, settings.temperature, input_ids,
                                      settings.ce_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
