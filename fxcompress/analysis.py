@@ -458,7 +458,7 @@ def _distinct_components(slices: list[ParamSlice], labels: np.ndarray, n_comp: i
     if not slices:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     sizes = [len(piece.ids) for piece in slices]
-    ids = np.concatenate([np.asarray(piece.ids, dtype=np.int64) for piece in slices])
+    ids = np.concatenate([piece.ids for piece in slices])
     owner_of_id = np.repeat(np.arange(len(slices), dtype=np.int64), sizes)
     pairs = distinct(owner_of_id * max(n_comp, 1) + labels[ids])
     owners, comps = np.divmod(pairs, max(n_comp, 1))

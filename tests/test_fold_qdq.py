@@ -12,8 +12,10 @@ from quant_helpers import inputs, ptq
 Q, DQ = "Q", "DQ"
 
 
-def _ops(gm: fx.GraphModule) -> list[str]:
-    names = {QUANTIZE: Q, DEQUANTIZE: DQ}
+def _ops(gm: fx.GraphModule, names: dict | None = None) -> list[str]:
+    """The graph's calls in order: quantize/dequantize spelled by ``names``, other functions by name, modules
+    by class."""
+    names = {QUANTIZE: Q, DEQUANTIZE: DQ} if names is None else names
     out = []
     for n in gm.graph.nodes:
         if n.op == "call_function":
@@ -98,15 +100,8 @@ def test_identity_modules_disappear():
 
 def _pt2e_ops(gm: fx.GraphModule) -> list[str]:
     ops = torch.ops.quantized_decomposed
-    names = {ops.quantize_per_tensor.default: Q, ops.dequantize_per_tensor.default: DQ,
-             ops.dequantize_per_channel.default: "DQc", DEQUANTIZE: "dequantize"}
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            out.append(names.get(n.target, getattr(n.target, "__name__", str(n.target))))
-        elif n.op == "call_module":
-            out.append(type(gm.get_submodule(n.target)).__name__)
-    return out
+    return _ops(gm, {ops.quantize_per_tensor.default: Q, ops.dequantize_per_tensor.default: DQ,
+                     ops.dequantize_per_channel.default: "DQc", DEQUANTIZE: "dequantize"})
 
 
 def _pt2e(gm: fx.GraphModule) -> fx.GraphModule:

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import warnings
 
-from proc_memory import reset_peak, status_bytes
+from proc_memory import depth_sweep, in_fresh_process, reset_peak, status_bytes
 from tabulate import tabulate
 
 DEPTHS = (2, 4, 8, 22)
@@ -90,10 +89,7 @@ def run_depth(layers: int, args) -> dict:
     command = [sys.executable, __file__, "--measure", str(layers), "--threads", str(args.threads),
                "--sequences", str(args.sequences), "--tokens", str(args.tokens), "--bits", str(args.bits),
                "--group-size", str(args.group_size)] + ([] if args.pack else ["--no-pack"])
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{layers} layers failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return in_fresh_process(command, f"{layers} layers")
 
 
 def table(rows: list[dict]) -> str:
@@ -126,14 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure is not None:
         print(json.dumps(measure(args)))
         return 0
-    rows = []
-    for layers in (int(n) for n in args.layers.split(",")):
-        rows.append(run_depth(layers, args))
-        print(f"  {layers} layers: {rows[-1]['wall_s']:.1f} s", flush=True)
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=1)
+    print(table(depth_sweep(args.layers, lambda layers: run_depth(layers, args), "wall_s", args.json)))
     return 0
 
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import warnings
 
-from proc_memory import reset_peak, status_bytes
+from proc_memory import depth_sweep, in_fresh_process, reset_peak, status_bytes
 from tabulate import tabulate
 
 DEPTHS = (2, 4, 8, 16, 22)
@@ -80,11 +79,8 @@ def measure(layers: int, threads: int) -> dict:
 
 def run_depth(layers: int, threads: int) -> dict:
     """:func:`measure` in a fresh interpreter, so that every depth's peak is its own."""
-    result = subprocess.run([sys.executable, __file__, "--measure", str(layers), "--threads", str(threads)],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{layers} layers failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return in_fresh_process([sys.executable, __file__, "--measure", str(layers), "--threads", str(threads)],
+                            f"{layers} layers")
 
 
 def table(rows: list[dict]) -> str:
@@ -108,14 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.threads)))
         return 0
-    rows = []
-    for layers in (int(n) for n in args.layers.split(",")):
-        rows.append(run_depth(layers, args.threads))
-        print(f"  {layers} layers: {rows[-1]['compile_s']:.1f} s", flush=True)
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=1)
+    print(table(depth_sweep(args.layers, lambda layers: run_depth(layers, args.threads), "compile_s", args.json)))
     return 0
 
 
