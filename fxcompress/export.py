@@ -44,7 +44,7 @@ import io
 import operator
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -59,6 +59,7 @@ from fxcompress.errors import ConfigError, VerificationError
 from fxcompress.masks import forward_value, own_masks, split_target
 from fxcompress.oneshot.engine import current_value, linear_site
 from fxcompress.quant.ops import DEQUANTIZE, QUANTIZE, register_onnx_symbolics
+from fxcompress.quant.stepwise import StepwiseCheck, stepwise_check
 from fxcompress.trace import BATCH, SEQUENCE, dynamic_dims, inference_mode, normalize_example_inputs, resized_inputs
 
 __all__ = ["to_onnx", "ExportResult", "is_quantized", "onnx_session", "DEFAULT_OPSET", "NBitsWeight", "nbits_weight",
@@ -97,6 +98,9 @@ class ExportResult:
     dynamic_axes: Axes = dataclasses.field(default_factory=dict)
     checked_shapes: tuple[tuple[tuple[int, ...], ...], ...] = ()
     low_bit_layers: tuple[str, ...] = ()  #: the layers written as ``MatMulNBits``
+    #: int8 graphs whose outputs differ beyond ``tolerance`` (amplified one-step flips): the quantizer-by-quantizer
+    #: check that accepted them (:mod:`fxcompress.quant.stepwise`); None when the end-to-end check sufficed
+    stepwise: StepwiseCheck | None = None
 
 
 def is_quantized(gm: fx.GraphModule) -> bool:
@@ -581,23 +585,32 @@ def _export(flat: fx.GraphModule, tensors: list, opset: int, input_names, output
     return model
 
 
-def _ort_error(session, flat: fx.GraphModule, tensors: list, tolerance: float) -> tuple[float, str | None]:
+def _ort_error(session, flat: fx.GraphModule, tensors: list, tolerance: float,
+               confirm: Callable[[list], str | None] | None = None) -> tuple[float, str | None]:
     """ONNX Runtime's error on ``tensors`` relative to each output's scale, and what is wrong when it is too large
-    (or ONNX Runtime fails)."""
+    (or ONNX Runtime fails). ``confirm(tensors)`` gets the last word on an error beyond ``tolerance``: what is
+    wrong, or None when a finer check explains the difference (int8 graphs, :mod:`fxcompress.quant.stepwise`)."""
     try:
         error = _max_error(session, flat, tensors)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own failure, reported in words
         lines = str(exc).strip().splitlines()
         return float("inf"), f"ONNX Runtime fails: {type(exc).__name__}: {lines[0][:300] if lines else ''}"
     if not error <= tolerance:
-        return error, f"the outputs differ by {error:.2e} of their scale (tolerance {tolerance:.0e})"
+        failure = f"the outputs differ by {error:.2e} of their scale (tolerance {tolerance:.0e})"
+        if confirm is None or not np.isfinite(error):
+            return error, failure
+        finer = confirm(tensors)
+        return error, None if finer is None else f"{failure}, and {finer}"
     return error, None
 
 
 def _max_error(session, flat: fx.GraphModule, tensors: list[torch.Tensor]) -> float:
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), tensors)}
-    got = session.run(None, feeds)
-    expected = _outputs(flat, tensors)
+    return _relative_error(_outputs(flat, tensors), session.run(None, feeds))
+
+
+def _relative_error(expected: list[torch.Tensor], got: list[np.ndarray]) -> float:
+    """The largest difference of ``got`` from ``expected``, relative to each output's largest magnitude."""
     worst = 0.0
     for a, b in zip(expected, got):
         a = a.detach().cpu().numpy()
@@ -608,7 +621,7 @@ def _max_error(session, flat: fx.GraphModule, tensors: list[torch.Tensor]) -> fl
     return worst
 
 
-def _checked_axes_model(export, flat, tensors, names, axes: Axes, tolerance: float, automatic: bool):
+def _checked_axes_model(export, flat, tensors, names, axes: Axes, tolerance: float, automatic: bool, confirm=None):
     """The exported model, its dynamic axes, an ONNX Runtime session of it and the inputs to check it on: the
     example and, with dynamic axes, the example resized along them. Automatic axes that ONNX Runtime gets
     wrong (the exporter froze a size the graph computes) give way to fixed shapes, with a warning; axes the
@@ -618,7 +631,7 @@ def _checked_axes_model(export, flat, tensors, names, axes: Axes, tolerance: flo
     resized = _check_inputs(tensors, names, axes)
     if resized is None:
         return model, axes, session, [tensors]
-    _, failure = _ort_error(session, flat, resized, tolerance)
+    _, failure = _ort_error(session, flat, resized, tolerance, confirm)
     if failure is None:
         return model, axes, session, [tensors, resized]
     shapes = [tuple(t.shape) for t in resized]
@@ -635,11 +648,12 @@ def _checked_axes_model(export, flat, tensors, names, axes: Axes, tolerance: flo
     return model, {}, onnx_session(model, quiet=True), [tensors]
 
 
-def _checked_error(session, flat, runs, tolerance: float) -> float:
-    """The worst error of ONNX Runtime over ``runs``; :class:`VerificationError` beyond ``tolerance``."""
+def _checked_error(session, flat, runs, tolerance: float, confirm=None) -> float:
+    """The worst error of ONNX Runtime over ``runs``; :class:`VerificationError` beyond ``tolerance`` unless
+    ``confirm`` explains it (see :func:`_ort_error`)."""
     worst = 0.0
     for run in runs:
-        error, failure = _ort_error(session, flat, run, tolerance)
+        error, failure = _ort_error(session, flat, run, tolerance, confirm)
         worst = max(worst, error)
         if failure is not None:
             raise VerificationError(
@@ -717,10 +731,12 @@ def to_onnx(
         axes = _checked_axes(dynamic_axes or {}, [*names, *out_names], dict(zip(names, tensors)))
     tolerance = rtol if rtol is not None else (QUANTIZED_RTOL if quantized else FLOAT_RTOL)
     export = functools.partial(_export, exported, tensors, opset, names, out_names)  # checked against flat
+    stepwise: list[StepwiseCheck] = []
+    confirm = _stepwise_confirmation(exported, opset, names, out_names, tolerance, stepwise) if quantized else None
     if check:
         model, axes, session, runs = _checked_axes_model(export, flat, tensors, names, axes, tolerance,
-                                                         automatic=isinstance(dynamic_axes, str))
-        error = _checked_error(session, flat, runs, tolerance)
+                                                         automatic=isinstance(dynamic_axes, str), confirm=confirm)
+        error = _checked_error(session, flat, runs, tolerance, confirm)
     else:
         model, runs, error = export(axes), [], float("nan")
     if path is not None:
@@ -728,7 +744,25 @@ def to_onnx(
     return ExportResult(
         None if path is None else os.fspath(path), model, quantized, error, tolerance, tuple(names),
         tuple(out_names), axes, tuple(tuple(tuple(t.shape) for t in run) for run in runs), tuple(low_bit_layers),
+        max((c for c in stepwise if c.failure() is None), key=lambda c: c.output_error, default=None),
     )
+
+
+def _stepwise_confirmation(exported: fx.GraphModule, opset: int, names, out_names, tolerance: float,
+                           checks: list[StepwiseCheck]) -> Callable[[list], str | None]:
+    """The ``confirm`` of an int8 export: :func:`~fxcompress.quant.stepwise.stepwise_check` on the inputs whose
+    end-to-end error is too large, each check appended to ``checks``."""
+    def confirm(tensors: list) -> str | None:
+        def export_probe(probe: fx.GraphModule, n_outputs: int) -> onnx.ModelProto:
+            codes = [f"quantized_{i}" for i in range(n_outputs - len(out_names))]
+            return _export(probe, tensors, opset, names, [*out_names, *codes], {})
+
+        check = stepwise_check(exported, tensors, tolerance, export_probe, functools.partial(onnx_session, quiet=True),
+                               _relative_error)
+        checks.append(check)
+        return check.failure()
+
+    return confirm
 
 
 def _tensor_input_names(gm: fx.GraphModule, inputs: tuple) -> list[str]:

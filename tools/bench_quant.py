@@ -178,6 +178,9 @@ def bench_model(name: str, runs: int, threads: int, calib: int, workdir: Path) -
         "model": name, "float_ms": ms["float"], "fxcompress_int8_ms": ms["fxcompress"], "ort_int8_ms": ms["ort"],
         "fxcompress_speedup": ms["float"] / ms["fxcompress"], "ort_speedup": ms["float"] / ms["ort"],
         "fxcompress_vs_ort": ms["ort"] / ms["fxcompress"], "fx_export_rel_error": result.max_error,
+        # beyond to_onnx's end-to-end tolerance, the share of codes one step apart in the worst quantizer
+        # on identical inputs (fxcompress.quant.stepwise), which is what accepted the export
+        "fx_stepwise_flips": result.stepwise.worst.flip_rate if result.stepwise else None,
     }
 
 
