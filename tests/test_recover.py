@@ -63,6 +63,7 @@ def test_recovery_lowers_the_depth_pruned_students_kl_to_the_teacher(teacher):
     result = recover(student, teacher, _data(), Recovery(steps=25, lr=3e-3))
     after = _kl(student, teacher, x)
     assert result.steps == 25 and result.stopped_by == "steps" and len(result.losses) == 25
+    assert result.trainable_params == sum(p.numel() for p in student.parameters())  # every weight trains
     assert after < 0.6 * before, (before, after)  # on held-out text, not the batches trained on
     assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())  # the teacher is untouched
     assert not student.training and not teacher.training and all(math.isfinite(v) for v in result.losses)

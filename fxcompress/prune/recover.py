@@ -25,6 +25,16 @@ logits (a tensor, an object with ``.logits``, a dict or a tuple's first): a
 written-back Hugging Face model, a depth-pruned copy, a shrunk or masked
 ``GraphModule`` (masked weights stay zero: masks apply in every forward).
 
+With ``Recovery(adapters=LoRA(rank=...))`` the fine-tune trains low-rank
+adapters on the student's linear layers instead of its weights
+(:mod:`fxcompress.prune.lora`), and merges them into the weights at the end:
+the student comes back as the same module, with its own class and
+``state_dict`` keys. Gradients and AdamW's two state tensors then exist for
+the adapters (and any norms or biases they keep training) only, not for
+every weight, which is what makes a recovery fit in memory beside the
+teacher at a scale where full fine-tuning would not; at equal steps it
+usually recovers less.
+
 >>> teacher = torch.nn.Sequential(torch.nn.Embedding(8, 8)).eval()
 >>> student = torch.nn.Sequential(torch.nn.Embedding(8, 8))
 >>> data = token_windows(torch.arange(64) % 8, batch_size=4, seq_len=8)
@@ -47,6 +57,7 @@ from torch import nn
 
 from fxcompress.errors import ConfigError
 from fxcompress.examples_llm import logits_of
+from fxcompress.prune.lora import LoRA, add_adapters
 
 __all__ = ["Recovery", "RecoveryResult", "recover", "distillation_loss", "token_windows"]
 
@@ -70,6 +81,8 @@ class Recovery:
     beta2: float = 0.95
     grad_clip: float | None = 1.0
     seed: int = 0
+    adapters: LoRA | None = None  #: train low-rank adapters (merged at the end) instead of every weight
+
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -80,6 +93,8 @@ class Recovery:
             raise ConfigError(f"Recovery.minutes must be > 0, got {self.minutes}")
         if self.temperature <= 0 or self.lr <= 0:
             raise ConfigError(f"Recovery needs a positive temperature and lr, got {self.temperature} and {self.lr}")
+        if self.adapters is not None and not isinstance(self.adapters, LoRA):
+            raise ConfigError(f"Recovery.adapters must be a LoRA(...) or None, got {self.adapters!r}")
 
     def lr_factor(self, step: int, progress: float) -> float:
         """The learning rate's multiple of ``lr`` at ``step``, ``progress`` (0..1) through the budget."""
@@ -94,6 +109,7 @@ class RecoveryResult:
     seconds: float  #: wall time of the fine-tune (teacher forwards included)
     stopped_by: str  #: "steps" or "minutes"
     losses: list[float]  #: the training loss of every step
+    trainable_params: int  #: parameters the optimizer updated (the adapters' alone with ``adapters``)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
@@ -139,8 +155,7 @@ def _draw(data: Sampler | Sequence[torch.Tensor], generator: torch.Generator):
     yield from itertools.cycle(data)
 
 
-def _optimizer(model: nn.Module, settings: Recovery) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(params: list[nn.Parameter], settings: Recovery) -> torch.optim.Optimizer:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
@@ -156,47 +171,59 @@ def recover(student: nn.Module, teacher: nn.Module, data: Sampler | Sequence[tor
 
     The teacher runs in eval mode without gradients and is not modified; the
     student is left in eval mode. The global RNG is forked, so dropout in the
-    student is seeded by ``settings.seed`` and the caller's RNG stream is
-    unchanged.
+    student (and the adapters' initialisation) is seeded by ``settings.seed``
+    and the caller's RNG stream is unchanged. With ``settings.adapters`` the
+    adapters are merged even when the fine-tune is interrupted, so the
+    student never leaves with adapter modules in it.
     """
     generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = _optimizer(student, settings)
     batches = _draw(data, generator)
-    budget = None if settings.minutes is None else settings.minutes * 60.0
     teacher_was_training = teacher.training
     teacher.eval()
     student.train()
-    losses: list[float] = []
-    stopped_by = "steps"
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        last_step = 0.0  # seconds the previous step took: a step that would end past the budget is not started
-        while settings.steps is None or len(losses) < settings.steps:
-            elapsed = time.perf_counter() - start
-            if budget is not None and elapsed + last_step > budget:
-                stopped_by = "minutes"
-                break
-            step = len(losses)
-            progress = step / settings.steps if settings.steps is not None else elapsed / budget
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * settings.lr_factor(step, progress)
-            input_ids = next(batches)
-            with torch.no_grad():
-                target = logits_of(teacher(input_ids))
-            loss = distillation_loss(logits_of(student(input_ids)), target, settings.temperature, input_ids,
-                                     settings.ce_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad],
-                                               settings.grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            last_step = time.perf_counter() - start - elapsed
-            if log and (len(losses) % log_every == 0 or len(losses) == 1):
-                log(f"recovery step {len(losses)}: loss {losses[-1]:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                    f"{time.perf_counter() - start:.0f} s")
-    student.eval()
-    teacher.train(teacher_was_training)
-    return RecoveryResult(len(losses), time.perf_counter() - start, stopped_by, losses)
+        adapters = add_adapters(student, settings.adapters) if settings.adapters is not None else None
+        params = adapters.trainable() if adapters else [p for p in student.parameters() if p.requires_grad]
+        try:
+            losses, stopped_by = _fine_tune(student, teacher, batches, params, settings, start, log, log_every)
+        finally:
+            if adapters:
+                adapters.merge()
+            student.eval()
+            teacher.train(teacher_was_training)
+    return RecoveryResult(len(losses), time.perf_counter() - start, stopped_by, losses, sum(p.numel() for p in params))
+
+
+def _fine_tune(student: nn.Module, teacher: nn.Module, batches, params: list[nn.Parameter], settings: Recovery,
+               start: float, log: Callable[[str], None] | None, log_every: int) -> tuple[list[float], str]:
+    """The training loop of :func:`recover` over ``params``: the step losses and what stopped it."""
+    optimizer = _optimizer(params, settings)
+    budget = None if settings.minutes is None else settings.minutes * 60.0
+    losses: list[float] = []
+    last_step = 0.0  # seconds the previous step took: a step that would end past the budget is not started
+    while settings.steps is None or len(losses) < settings.steps:
+        elapsed = time.perf_counter() - start
+        if budget is not None and elapsed + last_step > budget:
+            return losses, "minutes"
+        step = len(losses)
+        progress = step / settings.steps if settings.steps is not None else elapsed / budget
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * settings.lr_factor(step, progress)
+        input_ids = next(batches)
+        with torch.no_grad():
+            target = logits_of(teacher(input_ids))
+        loss = distillation_loss(logits_of(student(input_ids)), target, settings.temperature, input_ids,
+                                 settings.ce_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        last_step = time.perf_counter() - start - elapsed
+        if log and (len(losses) % log_every == 0 or len(losses) == 1):
+            log(f"recovery step {len(losses)}: loss {losses[-1]:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"{time.perf_counter() - start:.0f} s")
+    return losses, "steps"
