@@ -26,7 +26,8 @@ lottery ticket      :class:`LotteryTicket`                          training
 depth (ShortGPT)    :func:`depth_prune` (whole decoder layers)      batches
 ==================  ==============================================  ==========
 
-:func:`recover` fine-tunes a pruned causal LM by distillation from the dense one.
+:func:`recover` fine-tunes a pruned causal LM by distillation from the dense one, all its
+weights or, with ``Recovery(adapters=LoRA(...))``, low-rank adapters merged afterwards.
 """
 
 from fxcompress.prune.base import PRUNERS, Allocation, ChannelDecider, ChannelPruner, Combined, Pruner, make_pruner
@@ -35,6 +36,7 @@ from fxcompress.prune.data_aware import OBD, APoZ, ActivationNorm, MeanActivatio
 from fxcompress.prune.depth import DepthPruned, block_influence, decoder_layers, depth_prune, lowest_influence, remove_layers
 from fxcompress.prune.distill import LayerwiseDistillation
 from fxcompress.prune.evaluator import Evaluator, LRSchedule, recalibrate_batchnorm
+from fxcompress.prune.lora import Adapters, LoRA, LoRALinear, add_adapters
 from fxcompress.prune.magnitude import FPGM, LAMP, L1Norm, L2Norm, Normalizer, RandomPruner, Reduction, Slim, slim_penalty
 from fxcompress.prune.nni import from_config_list
 from fxcompress.prune.recover import Recovery, RecoveryResult, distillation_loss, recover, token_windows
@@ -55,4 +57,5 @@ __all__ = [
     "Targeted", "TargetFit", "TargetWarning", "Budget", "BudgetMetric", "ShapeCost",
     "block_influence", "lowest_influence", "remove_layers", "depth_prune", "decoder_layers", "DepthPruned",
     "recover", "Recovery", "RecoveryResult", "distillation_loss", "token_windows",
+    "LoRA", "LoRALinear", "Adapters", "add_adapters",
 ]
