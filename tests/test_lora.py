@@ -166,3 +166,25 @@ def test_lora_refuses_what_it_cannot_adapt_and_leaves_tied_weights_out():
     tied[2].weight = tied[0].weight
     with pytest.warns(UserWarning, match="leaves out 2: the weight is shared"):
         assert add_adapters(tied, LoRA(rank=2)).layers == ("1",)
+
+
+def test_a_layer_read_by_its_weight_sees_the_adapted_weight():
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` rather than calling ``out_proj``: the adapter must
+    still apply there, train there and merge to the same model."""
+    model = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    adapters = add_adapters(model, LoRA(rank=2))
+    assert "self_attn.out_proj" in adapters.layers
+    nn.init.normal_(model.self_attn.out_proj.lora_B, std=0.1)
+    adapted = model(x)
+    adapted.square().sum().backward()
+    assert model.self_attn.out_proj.lora_A.grad.abs().max() > 0
+    with torch.no_grad():
+        model.self_attn.out_proj.lora_B.zero_()
+        base = model(x)
+    assert not torch.allclose(adapted, base, atol=1e-3)  # the out_proj adapter changed the output
+    nn.init.normal_(model.self_attn.out_proj.lora_B, std=0.1)
+    adapted = model(x).detach()
+    adapters.merge()
+    assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)

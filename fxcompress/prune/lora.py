@@ -18,8 +18,9 @@ shapes and ``state_dict`` keys as before the adapters (``save_pretrained`` and
 ``from_pretrained`` work as ever), and it computes what the adapted model did,
 to float rounding. A wrapper (rather than a ``torch.nn.utils.parametrize``
 re-parametrisation of the weight) keeps the training forward low-rank:
-``B (A x)`` costs ``rank · (in + out)`` per token and never materialises a
-weight-sized update.
+``B (A x)`` costs ``rank · (in + out)`` per token and materialises no
+weight-sized update (unless code reads the layer's ``weight`` instead of
+calling it, as ``nn.MultiheadAttention`` does with ``out_proj``).
 
 >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
 >>> adapters = add_adapters(model, LoRA(rank=2))
@@ -110,6 +111,16 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The adapted weight ``W + scale · B A``, for code that reads a layer's weight instead of calling it
+        (``nn.MultiheadAttention`` reads ``out_proj.weight``); gradients reach ``A`` and ``B`` through it."""
+        return self.base.weight + (self.lora_B @ self.lora_A) * self.scale
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
 
     def merged(self) -> nn.Linear:
         """The base layer with ``scale · B A`` added to its weight (summed in float32, stored in its dtype)."""
