@@ -177,6 +177,34 @@ DECOMPOSITIONS: dict = {
 }
 
 
+def _gemm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 like: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` as one 2-D product: ONNX Runtime fuses a ``Gemm`` with int8 inputs and an int32 bias into
+    ``QGemm``, where ``MatMul`` + ``Add`` on a 3-D input of dynamic shape become ``MatMulIntegerToFloat``, a
+    float ``Add`` and a ``QuantizeLinear`` (its ``Gemm`` fusion needs static shapes). The leading sizes are read
+    from ``like``, a tensor of ``x``'s shape that exists anyway (the float input of ``x``'s quantizer), so that
+    no dequantized copy of ``x`` is computed just to read its shape."""
+    if x.dim() <= 2:
+        return F.linear(x, weight, bias)
+    like = x if like is None else like
+    return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*like.shape[:-1], weight.shape[0])
+
+
+def _int8_linear(node: fx.Node) -> bool:
+    """A functional linear whose input and weight are dequantized int8 (the fold-qdq form)."""
+    if node.op != "call_function" or node.target not in (F.linear, torch._C._nn.linear) or node.kwargs:
+        return False
+    return all(isinstance(a, fx.Node) and a.target is DEQUANTIZE for a in node.args[:2])
+
+
+def _as_gemm(node: fx.Node) -> None:
+    """Respell an int8 linear as :func:`_gemm_linear`, its shape read before the input's quantizer."""
+    x, weight, bias = (*node.args, None)[:3]
+    quantized = x.args[0]
+    like = quantized.args[0] if isinstance(quantized, fx.Node) and quantized.target is QUANTIZE else None
+    node.target, node.args = _gemm_linear, (x, weight, bias, like)
+
+
 def _is_size(value) -> bool:
     """A node computing a Python number from the graph (a size read from an input, arithmetic on it):
     ``torch.export`` records those as symbolic values (kept through passes), shape propagation as numbers."""
@@ -265,6 +293,8 @@ def _flat_module(gm: fx.GraphModule, inputs: tuple) -> tuple[fx.GraphModule, lis
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in DECOMPOSITIONS:
             node.target = DECOMPOSITIONS[node.target]
+        elif _int8_linear(node):
+            _as_gemm(node)
         elif node.op == "call_function" and (node.target in TRACEABLE or node.target is aten.slice.Tensor):
             if node.target is aten.sym_size.int or _reads_sizes(node):
                 _respell(node)

@@ -149,3 +149,26 @@ def test_a_graph_fixed_along_the_batch_exports_a_fixed_batch_and_says_why():
     with pytest.warns(UserWarning, match="graph does not run at batch size 3.*batch dim stays fixed"):
         result = to_onnx(gm)
     assert result.dynamic_axes == {} and result.max_error <= 1e-4
+
+
+def test_int8_linear_on_a_sequence_runs_as_qgemm_at_any_batch(tmp_path):
+    """A linear layer on (batch, tokens, features) input exports as one 2-D Gemm, which ONNX Runtime fuses into
+    QGemm with its int32 bias at dynamic shapes (MatMul + Add would run as MatMulIntegerToFloat, a float Add and a
+    requantization)."""
+    import onnxruntime as ort
+
+    from fxcompress.passes.calibrate import Calibrate
+    from fxcompress.passes.fake_quantize import FakeQuantize
+    from fxcompress.passes.insert_observers import InsertObservers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(2, 5, 16)
+    passes = [InsertObservers(config()), Calibrate((x,), progress=False), FakeQuantize(), FoldQDQ()]
+    result = to_onnx(fxcompress.compile(model, x, passes), x)
+    assert result.dynamic_axes and len(result.checked_shapes) == 2  # also checked at another batch size
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = _op_types(onnx.load(options.optimized_model_filepath))
+    assert optimized.count("QGemm") == 2 and "MatMulIntegerToFloat" not in optimized

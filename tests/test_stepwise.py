@@ -10,7 +10,7 @@ from fxcompress.errors import VerificationError
 from fxcompress.export import _export, _flat_module, _relative_error, onnx_session, to_onnx
 from fxcompress.quant import stepwise
 from fxcompress.quant.stepwise import FLIP_RATE, QuantizerAgreement, StepwiseCheck, stepwise_check
-from tests.quant_helpers import inputs, ptq
+from quant_helpers import inputs, ptq
 
 
 def _scale_up(model: onnx.ModelProto, output: str, factor: float) -> onnx.ModelProto:
