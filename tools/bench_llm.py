@@ -59,6 +59,17 @@ trained). Issue 17's checks (best recovered 25 % row
 within 10 % of dense; activation-aware beats L1 before recovery) are in
 ``ACCEPTANCE`` too.
 
+The per-layer allocation of the width rows differs: ``l1-width``/``act-width``
+fit one sparsity for every group (uniform); ``act-width-global`` ranks all
+channels across groups and layers at once (``allocation="global"``, so widths
+differ per layer); ``search-width`` lets ``fxcompress.auto.search`` find it
+(``SEARCH_TRIALS`` Optuna trials at the same parameter budget, each scored by
+minus the perplexity of the first ``SEARCH_SEQUENCES`` calibration sequences,
+never the evaluation split; one searched sparsity per layer's FFN and one for
+every layer's heads, ``SEARCH_TIE``; the first trial is the uniform
+allocation) and compiles the pruner it found into the ``LlamaForCausalLM``
+(``output="module"``); the search's table goes to stderr.
+
 Unigram and bigram byte models fitted on the training files are printed first
 as a sanity floor: a trained model must beat them clearly. Choose methods' settings with ``--eval-split valid`` and
 report test.
@@ -78,6 +89,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -94,6 +106,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress import prune as P
+from fxcompress.auto import search
 from fxcompress.examples_llm import (
     VOCAB_SIZE,
     TrainSettings,
@@ -228,6 +241,50 @@ def activation_width_pruning(removed: float) -> Method:
     return method
 
 
+#: Trials of the ``search-width`` rows' search; the first is the uniform allocation at the same budget.
+SEARCH_TRIALS = 16
+#: Calibration sequences each trial is scored on (minus their perplexity): the first of the calibration set.
+SEARCH_SEQUENCES = 32
+#: Groups sharing one searched sparsity (``auto.search``'s ``tie``): each layer's FFN alone, every layer's heads
+#: together (a head group of this model is a whole GQA group, half a layer's heads), the hidden size alone.
+SEARCH_TIE = r"layers\.\d+\.mlp|self_attn"
+
+
+def _activation_criterion(calibration: torch.Tensor, **options) -> P.ActivationNorm:
+    """``P.ActivationNorm`` on every calibration sequence, as the ``act-width`` rows rank channels."""
+    evaluator = _calibration_evaluator(calibration)
+    return P.ActivationNorm(evaluator=evaluator, num_batches=len(evaluator.data), **options)
+
+
+def global_activation_width_pruning(removed: float) -> Method:
+    """As :func:`activation_width_pruning` (same criterion, same ``target``), with one ranking of all channels
+    across groups and layers (``allocation="global"``) instead of one sparsity for every group."""
+    def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        pruner = _activation_criterion(calibration, allocation=P.Allocation.GLOBAL)
+        return _compile_module(model, calibration, standard_pruning(pruner, target=f"params={1 / (1 - removed):.6f}"))
+    return method
+
+
+def _minus_perplexity(sequences: torch.Tensor, model: nn.Module) -> float:
+    """A search's score (higher is better): minus the perplexity of ``sequences``."""
+    return -perplexity(model, sequences)
+
+
+def searched_width_pruning(removed: float, trials: int = SEARCH_TRIALS) -> Method:
+    """As :func:`activation_width_pruning` (same criterion, same parameter budget), with the per-group sparsities
+    found by ``fxcompress.auto.search`` (see the module docstring); the pruner found is compiled again into the
+    user's ``LlamaForCausalLM`` (``output="module"``)."""
+    def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        score = functools.partial(_minus_perplexity, calibration[:SEARCH_SEQUENCES])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the capture's notes, as in _compile
+            result = search(model, _example(calibration), score, f"params={1 / (1 - removed):.6f}", trials,
+                            criterion=_activation_criterion(calibration), tie=SEARCH_TIE, progress=False)
+        print(result.table(), file=sys.stderr, flush=True)
+        return _compile_module(model, calibration, standard_pruning(result.pruner))
+    return method
+
+
 def layers_to_remove(layers: int, removed: float) -> int:
     """The whole-layer count nearest ``removed`` of ``layers`` (halves round up), at least one, one left.
 
@@ -268,12 +325,15 @@ METHODS: dict[str, Method] = {
     "l1-width-50%": width_pruning(0.50),
     "act-width-25%": activation_width_pruning(0.25),
     "act-width-50%": activation_width_pruning(0.50),
+    "act-width-global-25%": global_activation_width_pruning(0.25),
+    "search-width-25%": searched_width_pruning(0.25),
     "depth-25%": depth_pruning(0.25),
     "depth-50%": depth_pruning(0.50),
 }
 
 #: The structured rows: they shrink the model, and the recovery fine-tune (``--recover-*``) applies to them.
-STRUCTURED = ("l1-width-25%", "l1-width-50%", "act-width-25%", "act-width-50%", "depth-25%", "depth-50%")
+STRUCTURED = ("l1-width-25%", "l1-width-50%", "act-width-25%", "act-width-50%", "depth-25%", "depth-50%",
+              "act-width-global-25%", "search-width-25%")
 
 
 # ---------------------------------------------------------------------------- acceptance checks (issues 17, 18)

@@ -36,6 +36,7 @@ from fxcompress.auto.search import (
     open_storage,
     run_worker,
     search,
+    searched_parameters,
 )
 from fxcompress.auto.sensitivity import SensitivityCache, SensitivityResult, sensitivity
 from fxcompress.auto.workspace import Workspace
@@ -44,6 +45,6 @@ __all__ = [
     "Budget", "BudgetMetric", "LatencyTable", "ShapeCost", "fit_to_budget", "measure_cost", "spend_leftover",
     "PerGroupSparsity", "group_key", "searchable_groups", "Workspace",
     "sensitivity", "SensitivityResult", "SensitivityCache",
-    "search", "SearchConfig", "SearchResult", "SamplerKind", "run_worker", "open_storage", "Heartbeat",
+    "search", "searched_parameters", "SearchConfig", "SearchResult", "SamplerKind", "run_worker", "open_storage", "Heartbeat",
     "ModelSource", "InlineSource", "iterative_search", "IterativeResult",
 ]

@@ -53,10 +53,17 @@ class PerGroupSparsity(ChannelDecider):
     ``max_sparsity_per_layer`` still apply, so the number of channels a group
     keeps is exactly what :meth:`kept` says (the cost models rely on it).
     A key that names no searchable group is an error listing the known keys.
+
+    ``scores`` (by key) are the criterion's scores of the unpruned graph the
+    pruner is applied to, when already known: a :class:`~fxcompress.auto.Workspace`
+    scores its graph once and hands them to every trial, because a data-aware
+    criterion's statistics (a forward pass over the calibration data) would
+    otherwise cost more than the trial itself. None: the criterion scores now.
     """
 
     criterion: ChannelPruner = dataclasses.field(default_factory=L1Norm)
     sparsities: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    scores: Mapping[str, np.ndarray] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.criterion, ChannelPruner):
@@ -85,13 +92,21 @@ class PerGroupSparsity(ChannelDecider):
                 f"groups of this model: {', '.join(groups) or 'none'}"
             )
         keep = np.ones(analysis.solution.num_components, dtype=bool)
-        chosen = [(groups[k], s) for k, s in self.sparsities.items() if s > 0]
-        scores = self.criterion.ranked_scores(gm, analysis, [g for g, _ in chosen]) if chosen else []
-        for (group, sparsity), score in zip(chosen, scores):
+        chosen = {k: (groups[k], s) for k, s in self.sparsities.items() if s > 0}
+        scores = self._scores(gm, analysis, {k: g for k, (g, _) in chosen.items()})
+        for (group, sparsity), score in zip(chosen.values(), scores):
             n_drop = len(group) - self.kept(len(group), sparsity)
             drop = np.argsort(np.asarray(score, dtype=np.float64), kind="stable")[:n_drop]
             keep[group.components[drop]] = False
         return keep
+
+    def _scores(self, gm: fx.GraphModule, analysis: ChannelAnalysis, groups: Mapping[str, Group]) -> list[np.ndarray]:
+        """The criterion's scores of ``groups`` (by key): the given ``scores``, or computed on ``gm``."""
+        if not groups:
+            return []
+        if self.scores is not None:
+            return [self.scores[k] for k in groups]
+        return self.criterion.ranked_scores(gm, analysis, list(groups.values()))
 
     def to_dict(self) -> dict:
         """A JSON-able description (registered criteria only), read back by :meth:`from_dict`.

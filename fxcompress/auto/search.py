@@ -37,6 +37,27 @@ macs budget (1/3)                   1.414e+06
 >>> small = result.model       # the compressed GraphModule, verified against its masked form
 >>> result.pruner              # the sparsities found, for this model's groups
 PerGroupSparsity(criterion=L1Norm(...), sparsities={'conv1.weight[0]': ..., 'fc1.weight[0]': ...})
+
+Per-layer allocation of an LLM's structured pruning (heads as whole GQA
+groups, FFN channels, the hidden size; one group each per decoder layer, the
+hidden size once), under a parameter budget, three ways:
+
+- *uniform*: ``standard_pruning(ActivationNorm(...), target="params=1.33")``,
+  every group at one sparsity (the target's fit leaves groups within one
+  channel step of it);
+- *global*: the same with ``ActivationNorm(..., allocation="global")``, one
+  ranking across all groups, so widths differ per layer;
+- *searched*: ``search(model, x, evaluate, "params=1.33", criterion=ActivationNorm(...),
+  tie=...)`` with ``evaluate`` returning, say, minus the perplexity on
+  calibration sequences (never the test split).
+
+Per-layer widths are written back by ``output="module"`` (or
+``fxcompress.writeback.write_back``) into ``config.fxcompress_layer_widths``,
+and a saved model loads with ``fxcompress.writeback.from_pretrained``. A
+search's ``result.pruner`` names groups by stable keys, so it applies to a
+fresh trace of the same model: ``fxcompress.compile(model, x,
+standard_pruning(result.pruner), output="module")`` returns the user's class
+(or ``write_back(model, result.model)``, without scoring again).
 """
 
 from __future__ import annotations
@@ -46,6 +67,7 @@ import dataclasses
 import enum
 import multiprocessing
 import os
+import re
 import threading
 import time
 import uuid
@@ -76,6 +98,7 @@ __all__ = [
     "open_storage",
     "default_storage",
     "Heartbeat",
+    "searched_parameters",
     "search",
     "run_worker",
     "iterative_search",
@@ -178,9 +201,13 @@ class SearchConfig:
     seed: int = 0
     #: check each trial's shrunk model against its masked one (the final model is always checked)
     verify: bool = False
+    #: a regular expression: groups whose keys hold the same match share one searched value (:func:`searched_parameters`)
+    tie: str | None = None
 
     def __post_init__(self) -> None:
         coerce_enum(self, "sampler", SamplerKind)
+        if self.tie is not None:
+            _tie_pattern(self.tie)
         if not 0 < self.max_sparsity < 1:
             raise ConfigError(f"max_sparsity must be in (0, 1), got {self.max_sparsity!r}")
         if not isinstance(self.criterion, ChannelPruner):
@@ -188,13 +215,50 @@ class SearchConfig:
 
     def to_dict(self) -> dict:
         return {"budget": self.budget.to_dict(), "max_sparsity": self.max_sparsity, "sampler": self.sampler.value,
-                "seed": self.seed, "verify": self.verify, **PerGroupSparsity(self.criterion).to_dict()}
+                "seed": self.seed, "verify": self.verify, "tie": self.tie, **PerGroupSparsity(self.criterion).to_dict()}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> SearchConfig:
         criterion = PerGroupSparsity.from_dict(data).criterion
         return cls(Budget.from_dict(data["budget"]), criterion, float(data["max_sparsity"]), data["sampler"],
-                   int(data["seed"]), bool(data["verify"]))
+                   int(data["seed"]), bool(data["verify"]), data.get("tie"))
+
+
+def _tie_pattern(tie: str) -> re.Pattern:
+    """``tie`` compiled, or a ConfigError saying why it is not a pattern (checked when the config is made, so a
+    bad pattern fails before any tracing)."""
+    if not isinstance(tie, str) or not tie:
+        raise ConfigError(f"tie must be a regular expression such as r'layers\\.\\d+\\.', got {tie!r}")
+    try:
+        return re.compile(tie)
+    except re.error as error:
+        raise ConfigError(f"tie {tie!r} is not a regular expression: {error}") from None
+
+
+def searched_parameters(keys: list[str], tie: str | None) -> dict[str, str]:
+    """Per group key, the name of the searched value it reads: groups tied by ``tie`` share one.
+
+    Without ``tie`` every group is searched on its own. With it, groups whose
+    keys hold the same first match of the regular expression share one value,
+    so a model with many groups fits in few trials; a key with no match keeps
+    its own. For a Hugging Face decoder, ``r"layers\\.\\d+\\."`` searches one
+    sparsity per decoder layer (its heads and FFN together) and
+    ``r"layers\\.\\d+\\.mlp|self_attn"`` one per layer's FFN and one for every
+    layer's heads. A pattern that matches no key is an error.
+
+    >>> keys = ["model.embed_tokens.weight[1]", "model.layers.0.self_attn.q_proj.weight[0]",
+    ...         "model.layers.0.mlp.gate_proj.weight[0]", "model.layers.1.mlp.gate_proj.weight[0]"]
+    >>> list(searched_parameters(keys, r"layers\\.\\d+\\.").values())
+    ['model.embed_tokens.weight[1]', 'tie:layers.0.', 'tie:layers.0.', 'tie:layers.1.']
+    """
+    if tie is None:
+        return {k: k for k in keys}
+    pattern = _tie_pattern(tie)
+    matches = {k: pattern.search(k) for k in keys}
+    if not any(matches.values()):
+        raise ConfigError(f"tie {tie!r} matches none of this model's groups ({', '.join(keys[:3])}"
+                          f"{', ...' if len(keys) > 3 else ''}); write a pattern that matches the part keys share")
+    return {k: f"tie:{m.group(0)}" if m else k for k, m in matches.items()}
 
 
 # ---------------------------------------------------------------------------- where the model comes from
@@ -267,13 +331,20 @@ class Objective:
     def fit(self, preferences: Mapping[str, float]) -> dict[str, float] | None:
         return fit_to_budget(preferences, self.predict, self.target, self.config.max_sparsity)
 
+    @property
+    def parameters(self) -> dict[str, str]:
+        """Per group key, the searched value it reads (tied groups share one)."""
+        return searched_parameters(self.ws.keys, self.config.tie)
+
     def __call__(self, trial: optuna.Trial) -> float:
         with self.heartbeat.beating(trial):
             return self.run(trial)
 
     def run(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(PID_ATTR, os.getpid())
-        preferences = {k: trial.suggest_float(k, 0.0, 1.0) for k in self.ws.keys}
+        names = self.parameters
+        values = {name: trial.suggest_float(name, 0.0, 1.0) for name in dict.fromkeys(names.values())}
+        preferences = {k: values[name] for k, name in names.items()}
         sparsities = self.fit(preferences)
         if sparsities is None:
             raise optuna.TrialPruned(f"budget unreachable with max_sparsity={self.config.max_sparsity}")
@@ -466,7 +537,7 @@ def _create_study(storage, study_name: str, objective: Objective, table: Latency
         study.set_user_attr(LATENCY_ATTR, table.to_dict())
     uniform = objective.fit({k: 1.0 for k in objective.ws.keys})
     if uniform is not None:
-        study.enqueue_trial({k: 1.0 for k in objective.ws.keys}, user_attrs={BASELINE_ATTR: "uniform"})
+        study.enqueue_trial(dict.fromkeys(objective.parameters.values(), 1.0), user_attrs={BASELINE_ATTR: "uniform"})
     return study
 
 
@@ -520,6 +591,7 @@ def search(
     *,
     criterion: ChannelPruner | None = None,
     max_sparsity: float = 0.9,
+    tie: str | None = None,
     sampler: SamplerKind | str = SamplerKind.TPE,
     seed: int = 0,
     storage: str | os.PathLike | None = None,
@@ -543,12 +615,16 @@ def search(
     trials survive any failure and a rerun with the same ``study_name`` resumes);
     they get ``source`` (default: the objects themselves, pickled), which the
     command line uses to make each worker import the model file itself.
+    ``tie`` (a regular expression over group keys) makes groups share one
+    searched value, e.g. ``r"layers\\.\\d+\\."`` one per decoder layer of an LLM,
+    whose many groups would otherwise need many trials (see
+    :func:`searched_parameters`); the uniform baseline is the same either way.
     """
     budget = budget if isinstance(budget, Budget) else (
         Budget.parse(budget) if isinstance(budget, str) else Budget(BudgetMetric.MACS, budget))
     if not isinstance(n_trials, int) or n_trials < 1 or not isinstance(n_workers, int) or n_workers < 1:
         raise ConfigError(f"n_trials and n_workers must be positive integers, got {n_trials!r} and {n_workers!r}")
-    config = SearchConfig(budget, criterion or L1Norm(), max_sparsity, sampler, seed, verify)
+    config = SearchConfig(budget, criterion or L1Norm(), max_sparsity, sampler, seed, verify, tie)
     ws = Workspace.trace(model, example_inputs, config.criterion)
     if budget.metric is BudgetMetric.LATENCY and latency_table is None:
         latency_table = LatencyTable.measure(ws, progress=progress)

@@ -16,9 +16,11 @@ copy plus the mask/shrink passes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -72,7 +74,16 @@ class Workspace:
         return {k: len(g) for k, g in self.groups.items()}
 
     def pruner(self, sparsities: Mapping[str, float]) -> PerGroupSparsity:
+        """The pruner of ``sparsities``, to apply to any trace of the same model (it scores channels itself)."""
         return PerGroupSparsity(self.criterion, sparsities)
+
+    @functools.cached_property
+    def scores(self) -> dict[str, np.ndarray]:
+        """The criterion's channel scores of every searchable group, computed once: every trial starts from
+        this same unpruned graph, so its ranking is the same in each (and a data-aware criterion's forward
+        passes over the calibration data would otherwise dominate a trial)."""
+        scores = self.criterion.ranked_scores(self.gm, self.analysis, list(self.groups.values()))
+        return dict(zip(self.groups, scores))
 
     def kept_fractions(self, sparsities: Mapping[str, float]) -> dict[str, float]:
         """Per group, the fraction of channels kept at ``sparsities`` (missing groups keep all)."""
@@ -89,7 +100,7 @@ class Workspace:
         from fxcompress.passes import standard_pruning
 
         gm = copy_model(self.gm)
-        passes = standard_pruning(self.pruner(sparsities))
+        passes = standard_pruning(PerGroupSparsity(self.criterion, sparsities, self.scores))
         passes = passes if shrink else passes[:-1]
         hooks = [VerifyOutputs(gm.meta[meta.EXAMPLE_INPUTS], rtol=rtol)] if verify else []
         return run_pipeline(gm, passes, hooks).eval()
