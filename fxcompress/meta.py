@@ -18,6 +18,8 @@ __all__ = [
     "STATISTICS",
     "WEIGHT_GRIDS",
     "SMOOTHED",
+    "INPUT_STATISTICS",
+    "COMPENSATED",
     "KEEP",
     "QCONFIG",
 ]
@@ -74,3 +76,14 @@ WEIGHT_GRIDS = "fxcompress.weight_grids"
 #: ``s``, folded into the norm or per-channel ``mul`` before it, or by a ``mul`` node the pass inserted.
 #: A second run leaves these layers alone (their activations are already smooth).
 SMOOTHED = "fxcompress.smoothed"
+
+#: On the module: ``{linear weight's fully qualified name: fxcompress.prune.data_aware.ColumnStatistics}``, its
+#: input per column (tokens, Σx², mean, deviations) over the calibration data, as the last data-aware channel
+#: criterion measured it (``ActivationNorm``, ``Fluctuation``; before their masks, so removed channels' means are
+#: known). ``compensate-bias`` adds removed columns' mean contributions to biases from it.
+INPUT_STATISTICS = "fxcompress.input_statistics"
+
+#: On the module: ``{linear weight's fully qualified name: bool numpy array over its input columns}``, the
+#: columns whose mean contribution ``compensate-bias`` has put into the bias (a second run skips them).
+#: Forgotten whenever new ``INPUT_STATISTICS`` are recorded.
+COMPENSATED = "fxcompress.compensated"

@@ -18,6 +18,10 @@ an unchanged hidden size) are recorded under ``config.fxcompress_layer_widths``
 (``{module path: {attribute: value}}``, JSON), and :func:`from_pretrained`
 rebuilds such a model from a ``save_pretrained`` directory. When the config can
 say them, it does, and ``AutoModelForCausalLM.from_pretrained`` loads the model.
+Biases that ``compensate-bias`` gave bias-less layers are added to the copy, and
+the config fields that make the class build them (``attention_bias``,
+``mlp_bias``) are turned on, with zero biases for the other layers they cover;
+a bias no config field covers is a :class:`~fxcompress.errors.ConfigError`.
 
 >>> from fxcompress.passes import standard_pruning
 >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
@@ -47,7 +51,7 @@ from fxcompress.verify import forward, graph_state, leaf_error, output_leaves
 
 __all__ = [
     "write_back", "verify_write_back", "from_pretrained", "assign_tensors", "update_attributes", "update_config",
-    "apply_widths", "AttributeChange", "WIDTHS_KEY", "OUTPUTS",
+    "apply_widths", "update_bias_config", "AttributeChange", "WIDTHS_KEY", "OUTPUTS", "BIAS_FIELDS",
 ]
 
 #: The config entry that records per-module widths a Hugging Face config cannot express.
@@ -173,6 +177,74 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- biases a pass added
+
+#: Hugging Face config fields that give a family's linear layers biases (Llama-like: ``attention_bias`` for
+#: q/k/v/o, ``mlp_bias`` for gate/up/down); which layers each covers is read off a fresh build.
+BIAS_FIELDS = ("attention_bias", "mlp_bias")
+
+
+def _add_biases(model: nn.Module, shrunk: fx.GraphModule) -> list[str]:
+    """Give each bias-less ``nn.Linear`` of ``model`` a bias where the graph holds one (``compensate-bias`` put
+    the removed channels' mean contribution there); returns their module paths. The values come with the
+    graph's other tensors."""
+    names = {n for group in _names_by_tensor(model).values() for n in group}
+    added = []
+    for target, value in graph_state(shrunk).items():
+        owner, _, attr = target.rpartition(".")
+        weight = _match(names, f"{owner}.weight")
+        if attr != "bias" or _match(names, target) is not None or weight is None:
+            continue
+        path = weight.rpartition(".")[0]
+        layer = model.get_submodule(path)
+        if isinstance(layer, nn.Linear) and layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros_like(value, device=layer.weight.device, dtype=layer.weight.dtype),
+                                      requires_grad=layer.weight.requires_grad)
+            added.append(path)
+    return added
+
+
+def _biased_layers(model: nn.Module, **fields) -> set[str] | None:
+    """Paths of the linear layers that have a bias in a fresh build from ``model``'s config with ``fields``
+    set; None when the class does not build from its config."""
+    config = _without_widths(model.config)
+    for field, value in fields.items():
+        setattr(config, field, value)
+    fresh = _fresh_build(model, config)
+    if fresh is None:
+        return None
+    return {path for path, m in fresh.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
+
+
+def update_bias_config(model: nn.Module, added: list[str]) -> list[AttributeChange]:
+    """Turn on the config fields (:data:`BIAS_FIELDS`) that give the ``added`` layers biases, and give every
+    other layer those fields cover a zero bias, so that the class builds the same model from the config
+    (``from_pretrained`` loads it exactly). A layer no field covers cannot be saved and reloaded:
+    :class:`~fxcompress.errors.ConfigError` naming it and the architecture."""
+    config = getattr(model, "config", None)
+    if not added or config is None or not hasattr(config, "to_dict"):
+        return []
+    changes = []
+    for field in BIAS_FIELDS:
+        if getattr(config, field, None) is False and set(added) & (_biased_layers(model, **{field: True}) or set()):
+            setattr(config, field, True)
+            changes.append(AttributeChange("config", field, False, True))
+    expected = _biased_layers(model)
+    missing = [p for p in added if expected is not None and p not in expected]
+    if missing:
+        raise ConfigError(
+            f"{type(model).__name__}: bias compensation gave {', '.join(missing[:3])} a bias, which its config "
+            f"({type(config).__name__}) cannot express (fields tried: {', '.join(BIAS_FIELDS)}); exclude those "
+            "layers from compensate-bias (CompensateBias(exclude=...)) or use output='graph'"
+        )
+    for path in sorted(expected or ()):
+        layer = model.get_submodule(path)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], device=layer.weight.device,
+                                                  dtype=layer.weight.dtype), requires_grad=layer.weight.requires_grad)
+    return changes
 
 
 # ---------------------------------------------------------------------------- attributes
@@ -463,9 +535,10 @@ def _tracked(module: nn.Module, root_config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in found.items() if isinstance(v, (int, float, tuple))}
 
 
-def _fresh_build(model: nn.Module) -> nn.Module | None:
-    """``type(model)(config)`` on the meta device (no memory, no init cost); None if the class will not."""
-    config = _without_widths(model.config)
+def _fresh_build(model: nn.Module, config=None) -> nn.Module | None:
+    """``type(model)(config)`` (``model``'s own config, recorded widths left out, by default) on the meta
+    device (no memory, no init cost); None if the class will not."""
+    config = _without_widths(model.config) if config is None else config
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -629,10 +702,11 @@ def write_back(model: nn.Module, shrunk: fx.GraphModule, *, example_inputs: tupl
     if not isinstance(shrunk, fx.GraphModule):
         raise ConfigError(f"write_back takes the GraphModule compile returned, got {type(shrunk).__name__}")
     mine = copy_model(model)
+    biased = _add_biases(mine, shrunk)
     unread = assign_tensors(mine, _shrunk_values(mine, shrunk))
     old_hidden = getattr(getattr(mine, "config", None), "hidden_size", None)
     config_changes = update_config(mine)
-    changes = update_attributes(mine, old_hidden) + config_changes
+    changes = update_attributes(mine, old_hidden) + config_changes + update_bias_config(mine, biased)
     _store_widths(mine)
     _warn_unread(mine, unread, changes)
     if verify:

@@ -2,6 +2,7 @@
 
 from fxcompress.passes.analyze_groups import AnalyzeGroups
 from fxcompress.passes.calibrate import Calibrate
+from fxcompress.passes.compensate_bias import CompensateBias
 from fxcompress.passes.channels_last import ChannelsLast
 from fxcompress.passes.fake_quantize import FakeQuantize
 from fxcompress.passes.fold_batch_norm import FoldBatchNorm
@@ -20,6 +21,7 @@ __all__ = [
     "InsertMasks",
     "AnalyzeGroups",
     "PropagateChannels",
+    "CompensateBias",
     "Shrink",
     "FoldBatchNorm",
     "FuseConvActivation",
@@ -39,8 +41,13 @@ __all__ = [
 ]
 
 
-def standard_pruning(pruner, target=None) -> list:
+def standard_pruning(pruner, target=None, compensate: bool = False) -> list:
     """The standard structured-pruning pipeline: mask (analysing the graph), propagate, shrink.
+
+    ``compensate=True`` adds :class:`CompensateBias` after the masks: removed
+    channels' mean contributions go into the biases of the layers that read
+    them (FLAP), from the statistics a data-aware criterion measured
+    (``Fluctuation``, ``ActivationNorm``).
 
     ``target="macs=2"`` (or ``"params=2"``, or a :class:`fxcompress.prune.Budget`)
     replaces the channel criterion's sparsity by a search that makes the
@@ -58,7 +65,7 @@ def standard_pruning(pruner, target=None) -> list:
     from fxcompress.prune import Targeted
 
     masks = InsertMasks(pruner if target is None else Targeted(pruner, target))
-    return [masks, PropagateChannels(), Shrink()]
+    return [masks, *([CompensateBias()] if compensate else []), PropagateChannels(), Shrink()]
 
 
 def standard_ptq(config, calibration_data) -> list:

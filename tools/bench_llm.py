@@ -241,6 +241,23 @@ def activation_width_pruning(removed: float) -> Method:
     return method
 
 
+def flap_width_pruning(removed: float, compensate: bool = True,
+                       allocation: P.Allocation = P.Allocation.GLOBAL) -> Method:
+    """FLAP (An et al., 2024): heads (whole GQA groups) and FFN channels ranked by ``P.Fluctuation`` (input
+    variance times squared column norms on every calibration sequence), standardised per layer and structure
+    and compared across layers (``Allocation.GLOBAL``: FLAP's adaptive structure search), fitted to the same
+    ``target`` as :func:`width_pruning`; the residual width stays, as in the paper. With ``compensate`` the
+    removed channels' mean contributions go into the biases of ``o_proj``/``down_proj`` (``compensate-bias``;
+    the written-back config sets ``attention_bias``/``mlp_bias``)."""
+    def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        evaluator = _calibration_evaluator(calibration)
+        pruner = P.Fluctuation(evaluator=evaluator, num_batches=len(evaluator.data), exclude=("model.embed_tokens",),
+                               allocation=allocation)
+        passes = standard_pruning(pruner, target=f"params={1 / (1 - removed):.6f}", compensate=compensate)
+        return _compile_module(model, calibration, passes)
+    return method
+
+
 #: Trials of the ``search-width`` rows' search; the first is the uniform allocation at the same budget.
 SEARCH_TRIALS = 16
 #: Calibration sequences each trial is scored on (minus their perplexity): the first of the calibration set.
@@ -327,12 +344,15 @@ METHODS: dict[str, Method] = {
     "act-width-50%": activation_width_pruning(0.50),
     "act-width-global-25%": global_activation_width_pruning(0.25),
     "search-width-25%": searched_width_pruning(0.25),
+    "flap-width-25%": flap_width_pruning(0.25),
+    "flap-width-50%": flap_width_pruning(0.50),
     "depth-25%": depth_pruning(0.25),
     "depth-50%": depth_pruning(0.50),
 }
 
 #: The structured rows: they shrink the model, and the recovery fine-tune (``--recover-*``) applies to them.
-STRUCTURED = ("l1-width-25%", "l1-width-50%", "act-width-25%", "act-width-50%", "depth-25%", "depth-50%",
+STRUCTURED = ("l1-width-25%", "l1-width-50%", "act-width-25%", "act-width-50%", "flap-width-25%", "flap-width-50%",
+              "depth-25%", "depth-50%",
               "act-width-global-25%", "search-width-25%")
 
 

@@ -16,6 +16,7 @@ BN scaling factor   :class:`Slim` (+ :func:`slim_penalty`)          training
 random baseline     :class:`RandomPruner`                           no
 APoZ / mean act.    :class:`APoZ`, :class:`MeanActivation`          batches
 |W|·||X|| (Wanda)   :class:`ActivationNorm`                         batches
+Var(X)·|W|² (FLAP)  :class:`Fluctuation` (+ ``compensate-bias``)    batches
 Taylor (g x w)      :class:`Taylor`                                 batches+loss
 OBD (Hessian diag)  :class:`OBD`                                    batches+loss
 level / N:M         :class:`LevelPruner`, :class:`NMPruner`         no
@@ -32,7 +33,7 @@ weights or, with ``Recovery(adapters=LoRA(...))``, low-rank adapters merged afte
 
 from fxcompress.prune.base import PRUNERS, Allocation, ChannelDecider, ChannelPruner, Combined, Pruner, make_pruner
 from fxcompress.prune.budget import Budget, BudgetMetric, ShapeCost
-from fxcompress.prune.data_aware import OBD, APoZ, ActivationNorm, MeanActivation, Taylor
+from fxcompress.prune.data_aware import OBD, APoZ, ActivationNorm, Fluctuation, MeanActivation, Taylor
 from fxcompress.prune.depth import DepthPruned, block_influence, decoder_layers, depth_prune, lowest_influence, remove_layers
 from fxcompress.prune.distill import LayerwiseDistillation
 from fxcompress.prune.evaluator import Evaluator, LRSchedule, recalibrate_batchnorm
@@ -48,7 +49,7 @@ from fxcompress.prune.unstructured import LevelPruner, NMPruner
 __all__ = [
     "Pruner", "ChannelDecider", "ChannelPruner", "Allocation", "Combined", "PRUNERS", "make_pruner",
     "L1Norm", "L2Norm", "FPGM", "LAMP", "Slim", "slim_penalty", "RandomPruner", "Normalizer", "Reduction",
-    "APoZ", "MeanActivation", "ActivationNorm", "Taylor", "OBD",
+    "APoZ", "MeanActivation", "ActivationNorm", "Fluctuation", "Taylor", "OBD",
     "LevelPruner", "NMPruner",
     "Schedule", "LinearSchedule", "AGPSchedule", "ScheduledPruning",
     "MovementPruning", "ADMM", "LotteryTicket",

@@ -38,8 +38,9 @@ from fxcompress.prune.magnitude import (
     reduce_slices,
 )
 
-__all__ = ["APoZ", "MeanActivation", "ActivationNorm", "Taylor", "OBD", "DataAwarePruner", "ACTIVATION_OPS",
-           "LINEAR_CONSUMERS"]
+__all__ = ["APoZ", "MeanActivation", "ActivationNorm", "Fluctuation", "Taylor", "OBD", "DataAwarePruner",
+           "ACTIVATION_OPS", "LINEAR_CONSUMERS", "ColumnStatistics", "ConsumerColumns", "consumer_columns",
+           "linear_input_statistics", "linear_input_norms", "record_input_statistics", "standardized"]
 
 #: Ops whose output is a post-nonlinearity activation: where APoZ and mean activation are measured.
 ACTIVATION_OPS: tuple = (
@@ -228,13 +229,64 @@ def _linear_reads(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node] | No
     return weight.target, source
 
 
-class _InputNorms(fx.Interpreter):
-    """Runs the graph and sums, per watched linear weight, ``x_c²`` of its input's columns over every token."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class ColumnStatistics:
+    """One linear layer's calibration input ``X`` (``tokens x in``) per column, float64 on the CPU: the token
+    count, ``squares = Σ x_c²``, ``mean`` and ``deviations = Σ (x_c - mean_c)²``.
+
+    Deviations are merged batch by batch (Chan, Golub and LeVeque's pairwise
+    update) rather than derived from ``Σx² - n·mean²``, which cancels
+    catastrophically for a column with a large mean and a small spread:
+    exactly the columns FLAP's fluctuation metric is meant to find.
+
+    >>> x = torch.tensor([[1.0, 5.0], [3.0, 5.0]])
+    >>> s = ColumnStatistics.of(x[:1]).merged(ColumnStatistics.of(x[1:]))
+    >>> s.mean.tolist(), s.variance.tolist(), s.norms.tolist()
+    ([2.0, 5.0], [2.0, 0.0], [3.1622776601683795, 7.0710678118654755])
+    """
+
+    tokens: int
+    squares: torch.Tensor
+    mean: torch.Tensor
+    deviations: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> ColumnStatistics:
+        """The statistics of ``x``'s last dim over every other dim (all tokens of a batch)."""
+        rows = x.detach().reshape(-1, x.shape[-1]).double()
+        mean = rows.mean(0)
+        return cls(rows.shape[0], rows.pow(2).sum(0).cpu(), mean.cpu(), (rows - mean).pow(2).sum(0).cpu())
+
+    def merged(self, other: ColumnStatistics) -> ColumnStatistics:
+        """The statistics of both token sets together."""
+        n = self.tokens + other.tokens
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.tokens / n)
+        deviations = self.deviations + other.deviations + delta.pow(2) * (self.tokens * other.tokens / n)
+        return ColumnStatistics(n, self.squares + other.squares, mean, deviations)
+
+    def select(self, index: torch.Tensor) -> ColumnStatistics:
+        """The statistics of the columns ``index`` only."""
+        return ColumnStatistics(self.tokens, self.squares[index], self.mean[index], self.deviations[index])
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """``||X_c||₂`` over every calibration token."""
+        return self.squares.sqrt()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """The sample variance of each column over the calibration tokens (``n - 1`` in the denominator)."""
+        return self.deviations / max(self.tokens - 1, 1)
+
+
+class _InputStatistics(fx.Interpreter):
+    """Runs the graph and accumulates, per watched linear weight, the :class:`ColumnStatistics` of its input."""
 
     def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, tuple[str, fx.Node]]) -> None:
         super().__init__(gm)
         self.watch = watch
-        self.squares: dict[str, torch.Tensor] = {}
+        self.columns: dict[str, ColumnStatistics] = {}
 
     def run_node(self, n: fx.Node):
         read = self.watch.get(n)
@@ -242,15 +294,15 @@ class _InputNorms(fx.Interpreter):
             target, source = read
             x = self.env[source]
             if isinstance(x, torch.Tensor) and x.dim() >= 1:
-                squares = x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)
-                seen = self.squares.get(target)
-                self.squares[target] = squares if seen is None else seen + squares
+                batch = ColumnStatistics.of(x)
+                seen = self.columns.get(target)
+                self.columns[target] = batch if seen is None else seen.merged(batch)
         return super().run_node(n)
 
 
 @torch.no_grad()
-def linear_input_norms(gm: fx.GraphModule, evaluator: Evaluator, targets: set[str], num_batches: int) -> dict:
-    """``||X_c||₂`` per input column of each linear weight in ``targets`` (CPU float64), over ``num_batches``
+def linear_input_statistics(gm: fx.GraphModule, evaluator: Evaluator, targets: set[str], num_batches: int) -> dict:
+    """:class:`ColumnStatistics` of the input of each linear weight in ``targets``, over ``num_batches``
     calibration batches in one pass; a weight the graph's linears never read is absent."""
     watch = {}
     for node in gm.graph.nodes:
@@ -259,11 +311,63 @@ def linear_input_norms(gm: fx.GraphModule, evaluator: Evaluator, targets: set[st
             watch[node] = read
     if not watch:
         return {}
-    interpreter = _InputNorms(gm, watch)
+    interpreter = _InputStatistics(gm, watch)
     with eval_flags(gm):
         for batch in evaluator.batches(num_batches):
             interpreter.run(*evaluator.inputs(batch))
-    return {t: s.sqrt().cpu() for t, s in interpreter.squares.items()}
+    return interpreter.columns
+
+
+def linear_input_norms(gm: fx.GraphModule, evaluator: Evaluator, targets: set[str], num_batches: int) -> dict:
+    """``||X_c||₂`` per input column of each linear weight in ``targets`` (CPU float64), over ``num_batches``
+    calibration batches in one pass; a weight the graph's linears never read is absent."""
+    return {t: s.norms for t, s in linear_input_statistics(gm, evaluator, targets, num_batches).items()}
+
+
+def record_input_statistics(gm: fx.GraphModule, columns: dict[str, ColumnStatistics]) -> None:
+    """Keep the measured statistics on the graph (:data:`fxcompress.meta.INPUT_STATISTICS`) for
+    ``compensate-bias``; columns compensated with earlier statistics are forgotten with them."""
+    gm.meta[meta.INPUT_STATISTICS] = dict(columns)
+    gm.meta.pop(meta.COMPENSATED, None)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ConsumerColumns:
+    """The input columns of one linear layer that carry a group's channels: the group channel of each
+    (``local``), the column norms of the weight ``||W[:, c]||₂`` and the input's statistics there."""
+
+    local: np.ndarray
+    weight_norms: torch.Tensor
+    inputs: ColumnStatistics
+
+
+def consumer_columns(gm: fx.GraphModule, analysis: ChannelAnalysis, groups: Sequence[Group], evaluator: Evaluator,
+                     num_batches: int) -> dict[int, list[ConsumerColumns]]:
+    """Per group id, the measured linear-layer columns that read its channels (bias slices and layers that are
+    not linear, or whose weight is computed, are left out), from one pass over the calibration batches. The
+    statistics are recorded on the graph (:func:`record_input_statistics`)."""
+    pieces = [(g, k) for g in groups for k in analysis.slices_of(g, Role.CONSUMER) if not is_bias(analysis, k)]
+    stats = linear_input_statistics(gm, evaluator, {analysis.slices[k].target for _, k in pieces}, num_batches)
+    record_input_statistics(gm, stats)
+    found: dict[int, list[ConsumerColumns]] = defaultdict(list)
+    for group, k in pieces:
+        piece = analysis.slices[k]
+        inputs = stats.get(piece.target)
+        if inputs is None:
+            continue
+        weight = effective_tensor(gm, piece.target).float()
+        if weight.dim() != 2 or piece.dim != 1 or weight.shape[1] != inputs.mean.shape[0]:
+            continue
+        positions, local = analysis.positions(k, group)
+        index = torch.from_numpy(positions)
+        w_norm = torch.linalg.vector_norm(weight, dim=0).double().cpu()
+        found[group.id].append(ConsumerColumns(local, w_norm[index], inputs.select(index)))
+    return found
+
+
+def _per_channel(columns: list[ConsumerColumns], n: int, value) -> np.ndarray:
+    """``Σ value(column)`` per group channel over every column that reads it."""
+    return sum((np.bincount(c.local, weights=value(c).numpy(), minlength=n) for c in columns), np.zeros(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,25 +405,82 @@ class ActivationNorm(DataAwarePruner):
     key = "activation-norm"
 
     def group_scores(self, gm, analysis, groups):
-        pieces = [(g, k) for g in groups for k in analysis.slices_of(g, Role.CONSUMER) if not is_bias(analysis, k)]
-        norms = linear_input_norms(gm, self.evaluator, {analysis.slices[k].target for _, k in pieces}, self.num_batches)
-        scores = {g.id: np.zeros(len(g)) for g in groups}
-        measured: set[int] = set()
-        for group, k in pieces:
-            piece = analysis.slices[k]
-            x_norm = norms.get(piece.target)
-            if x_norm is None:
-                continue
-            weight = effective_tensor(gm, piece.target).float()
-            if weight.dim() != 2 or piece.dim != 1 or weight.shape[1] != x_norm.shape[0]:
-                continue
-            w_norm = torch.linalg.vector_norm(weight, dim=0).double().cpu()
-            positions, local = analysis.positions(k, group)
-            index = torch.from_numpy(positions)
-            product = (w_norm[index] * x_norm[index]).numpy()
-            scores[group.id] += np.bincount(local, weights=product, minlength=len(group))
-            measured.add(group.id)
-        return [scores[g.id] if g.id in measured else group_norm_scores(gm, analysis, g, 1) for g in groups]
+        columns = consumer_columns(gm, analysis, groups, self.evaluator, self.num_batches)
+        return [_per_channel(columns[g.id], len(g), lambda c: c.weight_norms * c.inputs.norms) if columns.get(g.id)
+                else group_norm_scores(gm, analysis, g, 1) for g in groups]
+
+
+def standardized(column_scores: np.ndarray, channel_sums: np.ndarray, channel_columns: np.ndarray) -> np.ndarray:
+    """Each channel's mean column score, in standard deviations of all the columns' scores from their mean.
+
+    FLAP's standardisation (``(x - mean) / std`` over one layer's columns of
+    one structure, then the mean over a head's columns): under
+    ``Allocation.GLOBAL`` heads, FFN channels and layers then compare on one
+    scale, whatever their raw magnitudes. Constant scores give zeros.
+
+    >>> standardized(np.array([1.0, 2.0, 3.0, 6.0]), np.array([3.0, 9.0]), np.array([2, 2])).round(3).tolist()
+    [-0.694, 0.694]
+    """
+    centre = column_scores.mean()
+    spread = column_scores.std(ddof=1) if len(column_scores) > 1 else 0.0
+    means = channel_sums / np.maximum(channel_columns, 1)
+    return (means - centre) / spread if spread > 0 and np.isfinite(spread) else np.zeros_like(means)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fluctuation(DataAwarePruner):
+    """FLAP's fluctuation metric (An et al., 2024, "Fluctuation-based Adaptive Structured Pruning for Large
+    Language Models"): channels whose input barely varies over the calibration data go first.
+
+    For each input column ``c`` of a linear layer that reads a channel (the
+    ``o_proj`` columns of a head or GQA group, ``down_proj``'s column of an
+    FFN channel, every projection and ``lm_head`` for a residual-stream
+    channel), the column scores
+
+        ``F_c = Var(X_c) · ||W[:, c]||₂²``
+
+    over every calibration token (sample variance; the input's mean and
+    variance per column are gathered in one pass with
+    :func:`consumer_columns`). Removing a column whose input is nearly
+    constant changes the layer's output by about a constant, ``W[:, c] ·
+    mean(X_c)``, which ``compensate-bias`` puts back into the bias: what is
+    lost is the fluctuation around the mean, which ``F_c`` measures. So
+    unlike :class:`ActivationNorm` a loud but constant channel scores low.
+
+    Scores are standardised per group as FLAP does per layer and structure
+    (:func:`standardized`): the columns' mean and standard deviation over
+    the group, and each channel's mean column score in those units. Within a
+    group this keeps the ranking (``Allocation.LOCAL``, FLAP's uniform
+    "UL-UM"); across groups it makes heads, FFN channels and layers
+    comparable, so ``Allocation.GLOBAL`` with a params target is FLAP's
+    adaptive structure search ("AL-AM": one threshold on the standardised
+    score, moved until the parameter budget is met). FLAP's code squares the
+    attention columns' scores before standardising; this is the paper's
+    formula, the same for every structure. A group no measured linear layer
+    reads is ranked by the L1 norm of its weights, standardised alike. The
+    evaluator's ``loss`` is not called.
+    """
+
+    key = "fluctuation"
+
+    def group_scores(self, gm, analysis, groups):
+        columns = consumer_columns(gm, analysis, groups, self.evaluator, self.num_batches)
+        return [self._scores(columns[g.id], len(g)) if columns.get(g.id) else self._fallback(gm, analysis, g)
+                for g in groups]
+
+    @staticmethod
+    def _scores(columns: list[ConsumerColumns], n: int) -> np.ndarray:
+        def fluctuation(c: ConsumerColumns) -> torch.Tensor:
+            return c.inputs.variance * c.weight_norms.pow(2)
+
+        every = np.concatenate([fluctuation(c).numpy() for c in columns])
+        counts = _per_channel(columns, n, lambda c: torch.ones(len(c.local), dtype=torch.float64))
+        return standardized(every, _per_channel(columns, n, fluctuation), counts)
+
+    @staticmethod
+    def _fallback(gm, analysis, group) -> np.ndarray:
+        scores = np.asarray(group_norm_scores(gm, analysis, group, 1), dtype=np.float64)
+        return standardized(scores, scores, np.ones(len(scores)))
 
 
 # ---------------------------------------------------------------------------- gradients
