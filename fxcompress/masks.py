@@ -334,10 +334,60 @@ def apply_masks(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> bool:
             if _all_ones(mask):
                 continue
             _install_mask(module, name, mask)
+            _recompute_read_values(gm)
             changed = True
             continue
         changed |= _combine(module, name, existing, mask)
     return changed
+
+
+class _ReadMaskedValues:
+    """Forward pre- and post-hook of a graph: recomputes every masked tensor the graph reads with ``get_attr``.
+
+    ``torch.nn.utils.prune``'s hook on a tensor's owner runs only when the
+    owner is called; a ``torch.export`` graph (a Hugging Face model's) reads
+    its parameters with ``get_attr`` and never calls their owners. Without
+    this, its forward would read the value computed when the mask was
+    installed: no gradient would reach the dense values (a fine-tune or a
+    Taylor score would silently skip every masked tensor) and an optimizer
+    step would leave the value stale. After the forward each value is
+    detached again (the autograd graph keeps what it needs), so the model
+    can still be deep-copied. Tensors swapped for meta twins (shape
+    propagation) are left as they are.
+    """
+
+    def before(self, root: fx.GraphModule, args) -> None:
+        for module, name, mask in self._read_masked(root):
+            orig = trainable(module, name)
+            if not orig.is_meta:
+                setattr(module, name, masked(orig, mask))
+
+    def after(self, root: fx.GraphModule, args, output) -> None:
+        for module, name, _ in self._read_masked(root):
+            value = getattr(module, name)
+            if value.grad_fn is not None:
+                setattr(module, name, value.detach())
+
+    @staticmethod
+    def _read_masked(root: fx.GraphModule):
+        for node in root.graph.nodes:
+            if node.op == "get_attr":
+                owner, name = split_target(node.target)
+                module = submodule(root, owner)
+                mask = mask_of(module, name)
+                if mask is not None:
+                    yield module, name, mask
+
+
+def _recompute_read_values(gm: nn.Module) -> None:
+    """Give ``gm`` (once) the hooks of :class:`_ReadMaskedValues` if it is a graph."""
+    if not isinstance(gm, fx.GraphModule):
+        return
+    if any(isinstance(getattr(hook, "__self__", None), _ReadMaskedValues) for hook in gm._forward_pre_hooks.values()):
+        return
+    hooks = _ReadMaskedValues()
+    gm.register_forward_pre_hook(hooks.before)
+    gm.register_forward_hook(hooks.after)
 
 
 def _combine(module: nn.Module, name: str, existing: torch.Tensor, mask: torch.Tensor) -> bool:

@@ -541,6 +541,14 @@ class Taylor(GroupAggregation, DataAwarePruner):
     rather than squaring ``sum(g * w)`` over the whole group keeps
     opposite-signed slices from cancelling; compare with Torch-Pruning's
     ``GroupTaylorImportance`` in ``python tools/bench_real.py --criteria taylor``.
+
+    On a Hugging Face LLM (a ``torch.export`` graph) the groups are GQA
+    groups (query heads with their key/value head and ``o_proj`` columns),
+    FFN channels and the hidden size; a tensor registered under several
+    names (a tied embedding and ``lm_head``) is one slice with its whole
+    gradient, and a masked tensor scores by its masked values.
+    ``tests/test_taylor_llm.py`` checks the scores against autograd on the
+    Hugging Face model.
     """
 
     key = "taylor"
