@@ -1,10 +1,20 @@
-"""Issue 17, "Scale out": pruned models fine-tune under ``torch.distributed`` (DDP, gloo, CPU).
+"""Issue 17, "Scale out": pruned models fine-tune under ``torch.distributed`` (DDP and FSDP, gloo, CPU).
 
 One ``torchrun --standalone --nproc-per-node 2`` launch (``tests/ddp_worker.py``) runs every scenario on
-both ranks: a shrunk ``GraphModule`` (``SmallCNN``), a masked one (``InsertMasks`` + ``PropagateChannels``,
-masks as ``torch.nn.utils.prune`` re-parametrisation), and a tiny ``LlamaForCausalLM`` written back with
-``output="module"``. Each rank trains on a batch of its own; the tests check that the gradient averaging
-left both ranks with identical weights that moved from where they started, and that the loss went down.
+both ranks. Under DDP: a shrunk ``GraphModule`` (``SmallCNN``), a masked one (``InsertMasks`` +
+``PropagateChannels``, masks as ``torch.nn.utils.prune`` re-parametrisation), and a tiny
+``LlamaForCausalLM`` written back with ``output="module"``. Each rank trains on a batch of its own; the
+tests check that the gradient averaging left both ranks with identical weights that moved from where they
+started, and that the loss went down.
+
+Under FSDP: FSDP2 (``torch.distributed.fsdp.fully_shard``) runs on CPU with gloo in torch 2.14, so it is
+the one tested (FSDP1 is not). A written-back Llama with per-layer widths (layer 0 pruned, layer 1 not)
+is sharded per decoder layer, then at the root; after training, the full state dict gathered from the
+shards (``get_model_state_dict(..., StateDictOptions(full_state_dict=True))``) is the same on both ranks
+and loads into a fresh model of the saved widths (``writeback.from_pretrained``) that gives the sharded
+model's logits. A masked ``torch.export`` graph of the Llama is sharded at its root (a captured graph
+calls no submodule, so per-layer units would never be unsharded) and keeps its zeros while its masked
+weights train.
 """
 
 from __future__ import annotations
@@ -95,3 +105,33 @@ def test_written_back_llama_fine_tunes_under_ddp(ranks):
     assert results[0]["config"] == {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
                                     "intermediate_size": 64}
     _check_training(results)
+
+
+def test_written_back_llama_with_per_layer_widths_fine_tunes_under_fsdp(ranks):
+    results = _scenario(ranks, "fsdp_llama")
+    r0 = results[0]
+    assert r0["type"] == "LlamaForCausalLM" and r0["sharded_type"] == "FSDPLlamaForCausalLM"
+    assert r0["after"]["model.layers.0.mlp.down_proj.weight"].shape == (64, 64)  # pruned by half
+    assert r0["after"]["model.layers.1.mlp.down_proj.weight"].shape == (64, 128)  # excluded: dense
+    assert r0["widths"]["model.layers.0.mlp.down_proj"] == {"in_features": 64, "out_features": 64}
+    _check_training(results)  # the gathered full state dicts are identical on both ranks
+    for rank, result in enumerate(results):
+        assert result["fresh_type"] == "LlamaForCausalLM"
+        assert result["logits_gap"] < 1e-5, f"rank {rank}: reloaded logits differ by {result['logits_gap']}"
+
+
+def test_masked_llama_graph_keeps_its_zeros_under_fsdp(ranks):
+    """The graph reads its masked weights with ``get_attr``: they must train (gradients through the mask),
+    and the entries the masks remove stay zero."""
+    results = _scenario(ranks, "fsdp_masked_llama")
+    assert results[0]["graph"] and results[0]["sharded_type"].startswith("FSDP")
+    _check_training(results)
+    before = results[0]["masks_before"]
+    assert "model.layers.0.mlp.gate_proj.weight" in before and "model.embed_tokens.weight" in before
+    for result in results:
+        assert result["masks_after"].keys() == before.keys()
+        for name, (mask, value) in result["masks_after"].items():
+            assert torch.equal(mask, before[name][0]), f"{name}: mask changed"
+            assert not mask.all(), f"{name}: nothing masked"
+            assert (value[~mask.bool()] == 0).all(), f"{name}: a masked weight moved off zero"
+            assert not torch.equal(value, before[name][1]), f"{name}: did not train"
