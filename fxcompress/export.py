@@ -101,6 +101,7 @@ class ExportResult:
     #: int8 graphs whose outputs differ beyond ``tolerance`` (amplified one-step flips): the quantizer-by-quantizer
     #: check that accepted them (:mod:`fxcompress.quant.stepwise`); None when the end-to-end check sufficed
     stepwise: StepwiseCheck | None = None
+    exporter: str = "torchscript"  #: the exporter that wrote ``model`` (see ``to_onnx``'s ``exporter``)
 
 
 def is_quantized(gm: fx.GraphModule) -> bool:
@@ -598,7 +599,18 @@ def _call_matmul_nbits(module: fx.GraphModule, node: fx.Node, site, low: NBitsWe
 # ---------------------------------------------------------------------------- export and check
 
 
-def _export(flat: fx.GraphModule, tensors: list, opset: int, input_names, output_names, axes: Axes) -> onnx.ModelProto:
+#: ``to_onnx``'s exporters: PyTorch's ``torch.export``-based one (onnxscript) and the TorchScript one it replaces.
+EXPORTERS = ("dynamo", "torchscript")
+#: The lowest opset the ``torch.export``-based exporter writes.
+DYNAMO_MIN_OPSET = 18
+
+
+def _export(flat: fx.GraphModule, tensors: list, opset: int, input_names, output_names, axes: Axes,
+            exporter: str = "torchscript") -> onnx.ModelProto:
+    if exporter == "dynamo":
+        from fxcompress.export_dynamo import export_dynamo
+
+        return export_dynamo(flat, tensors, opset, input_names, output_names, axes)
     register_onnx_symbolics()
     _register_matmul_nbits(opset)
     buffer = io.BytesIO()
@@ -698,13 +710,14 @@ def to_onnx(
     example_inputs=None,
     path: str | os.PathLike | None = None,
     *,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     check: bool = True,
     rtol: float | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None | str = "auto",
     low_bit: bool = True,
+    exporter: str = "auto",
 ) -> ExportResult:
     """Export ``gm`` to ONNX (to ``path`` when given) and check it.
 
@@ -734,7 +747,16 @@ def to_onnx(
     ``low_bit=False`` exports their dequantized float weights. Weights under
     fine-grained masks (unstructured or 2:4 sparsity) export dense, zeros in
     place, with a warning: ONNX Runtime has no CPU kernel for them.
+
+    ``exporter="dynamo"`` writes the model with PyTorch's ``torch.export``-based
+    exporter (onnxscript; opset >= 18), ``"torchscript"`` with the TorchScript
+    exporter it replaces (opset 17 by default). ``"auto"`` (the default) takes
+    the first where onnxscript is installed and ``opset`` allows, and falls back
+    to the second, with a warning naming the failure, on a graph ``torch.export``
+    cannot take; ``ExportResult.exporter`` says which wrote the model.
     """
+    chosen = _resolved_exporter(exporter, opset)
+    opset = opset if opset is not None else DYNAMO_MIN_OPSET if chosen == "dynamo" else DEFAULT_OPSET
     if opset < 13:
         raise ConfigError(f"to_onnx needs opset >= 13 (per-channel DequantizeLinear), got {opset}")
     if example_inputs is None:
@@ -760,9 +782,9 @@ def to_onnx(
     else:
         axes = _checked_axes(dynamic_axes or {}, [*names, *out_names], dict(zip(names, tensors)))
     tolerance = rtol if rtol is not None else (QUANTIZED_RTOL if quantized else FLOAT_RTOL)
-    export = functools.partial(_export, exported, tensors, opset, names, out_names)  # checked against flat
+    export = _Exporter(exported, tensors, opset, names, out_names, chosen, fallback=exporter == "auto")
     stepwise: list[StepwiseCheck] = []
-    confirm = _stepwise_confirmation(exported, opset, names, out_names, tolerance, stepwise) if quantized else None
+    confirm = _stepwise_confirmation(export, tolerance, stepwise) if quantized else None
     if check:
         model, axes, session, runs = _checked_axes_model(export, flat, tensors, names, axes, tolerance,
                                                          automatic=isinstance(dynamic_axes, str), confirm=confirm)
@@ -774,21 +796,62 @@ def to_onnx(
     return ExportResult(
         None if path is None else os.fspath(path), model, quantized, error, tolerance, tuple(names),
         tuple(out_names), axes, tuple(tuple(tuple(t.shape) for t in run) for run in runs), tuple(low_bit_layers),
-        max((c for c in stepwise if c.failure() is None), key=lambda c: c.output_error, default=None),
+        max((c for c in stepwise if c.failure() is None), key=lambda c: c.output_error, default=None), export.used,
     )
 
 
-def _stepwise_confirmation(exported: fx.GraphModule, opset: int, names, out_names, tolerance: float,
+def _resolved_exporter(exporter: str, opset: int | None) -> str:
+    """``exporter`` with ``"auto"`` decided: ``"dynamo"`` where onnxscript is installed and ``opset`` allows."""
+    from fxcompress import export_dynamo
+
+    if exporter not in ("auto", *EXPORTERS):
+        raise ConfigError(f"to_onnx: exporter must be 'auto' or one of {EXPORTERS}, got {exporter!r}")
+    allowed = opset is None or opset >= DYNAMO_MIN_OPSET
+    if exporter == "dynamo" and not export_dynamo.available():
+        raise ConfigError("to_onnx(exporter='dynamo') needs onnxscript: pip install onnxscript")
+    if exporter == "dynamo" and not allowed:
+        raise ConfigError(f"to_onnx(exporter='dynamo') writes opset >= {DYNAMO_MIN_OPSET}, got opset={opset}")
+    if exporter == "auto":
+        return "dynamo" if export_dynamo.available() and allowed else "torchscript"
+    return exporter
+
+
+class _Exporter:
+    """Writes the flat module (or a probe of it) to ONNX with the chosen exporter. Chosen by ``"auto"``, the
+    ``torch.export``-based exporter gives way to the TorchScript one, with a warning naming why, when it
+    fails on the graph; ``used`` is the one that wrote the model."""
+
+    def __init__(self, module: fx.GraphModule, tensors: list, opset: int, names: list[str], out_names: list[str],
+                 exporter: str, fallback: bool) -> None:
+        self.module, self.tensors, self.opset, self.names, self.out_names = module, tensors, opset, names, out_names
+        self.used, self.fallback = exporter, fallback
+
+    def __call__(self, axes: Axes, module: fx.GraphModule | None = None, out_names=None, tensors=None):
+        module, tensors, out_names = module or self.module, tensors or self.tensors, out_names or self.out_names
+        if self.used == "dynamo":
+            try:
+                return _export(module, tensors, self.opset, self.names, out_names, axes, exporter="dynamo")
+            except Exception as error:  # noqa: BLE001 - the exporter's own failure, named in the warning
+                if not self.fallback:
+                    raise
+                first = (str(error).strip().splitlines() or [""])[0][:300]
+                warnings.warn(f"to_onnx: torch.export's ONNX exporter fails on this graph ({type(error).__name__}: "
+                              f"{first}); the TorchScript exporter writes it instead", stacklevel=4)
+                self.used, self.opset = "torchscript", min(self.opset, DEFAULT_OPSET)
+        return _export(module, tensors, self.opset, self.names, out_names, axes, exporter=self.used)
+
+
+def _stepwise_confirmation(export: _Exporter, tolerance: float,
                            checks: list[StepwiseCheck]) -> Callable[[list], str | None]:
     """The ``confirm`` of an int8 export: :func:`~fxcompress.quant.stepwise.stepwise_check` on the inputs whose
     end-to-end error is too large, each check appended to ``checks``."""
     def confirm(tensors: list) -> str | None:
         def export_probe(probe: fx.GraphModule, n_outputs: int) -> onnx.ModelProto:
-            codes = [f"quantized_{i}" for i in range(n_outputs - len(out_names))]
-            return _export(probe, tensors, opset, names, [*out_names, *codes], {})
+            codes = [f"quantized_{i}" for i in range(n_outputs - len(export.out_names))]
+            return export({}, probe, [*export.out_names, *codes], tensors)
 
-        check = stepwise_check(exported, tensors, tolerance, export_probe, functools.partial(onnx_session, quiet=True),
-                               _relative_error)
+        check = stepwise_check(export.module, tensors, tolerance, export_probe,
+                               functools.partial(onnx_session, quiet=True), _relative_error)
         checks.append(check)
         return check.failure()
 

@@ -172,3 +172,37 @@ def test_int8_linear_on_a_sequence_runs_as_qgemm_at_any_batch(tmp_path):
     ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     optimized = _op_types(onnx.load(options.optimized_model_filepath))
     assert optimized.count("QGemm") == 2 and "MatMulIntegerToFloat" not in optimized
+
+
+def test_the_torch_export_based_exporter_writes_int8_with_dynamic_batch():
+    result = to_onnx(ptq(fold=True), inputs(4), exporter="dynamo")
+    assert result.exporter == "dynamo" and result.max_error <= result.tolerance
+    assert {o.domain: o.version for o in result.model.opset_import}[""] >= 18
+    assert _op_types(result.model).count("QuantizeLinear") == 8
+    assert result.dynamic_axes["input_0"] == {0: "batch"} and len(result.checked_shapes) == 2
+
+
+def test_the_torchscript_exporter_on_request():
+    result = to_onnx(ptq(fold=True), inputs(4), exporter="torchscript")
+    assert result.exporter == "torchscript" and {o.domain: o.version for o in result.model.opset_import}[""] == 17
+
+
+def test_auto_falls_back_to_torchscript_naming_why(monkeypatch):
+    import fxcompress.export_dynamo as export_dynamo
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("an op torch.export cannot take")
+
+    monkeypatch.setattr(export_dynamo, "export_dynamo", fails)
+    with pytest.warns(UserWarning, match="an op torch.export cannot take.*TorchScript exporter writes it"):
+        result = to_onnx(ptq(fold=True), inputs(4))
+    assert result.exporter == "torchscript" and result.max_error <= result.tolerance
+    with pytest.raises(RuntimeError, match="cannot take"):  # chosen by name, it is not replaced
+        to_onnx(ptq(fold=True), inputs(4), exporter="dynamo")
+
+
+@pytest.mark.parametrize("options, words", [({"exporter": "jit"}, "exporter must be"),
+                                            ({"exporter": "dynamo", "opset": 17}, "opset >= 18")])
+def test_exporter_options_are_checked(options, words):
+    with pytest.raises(ConfigError, match=words):
+        to_onnx(ptq(fold=True), inputs(4), **options)
