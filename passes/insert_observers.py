@@ -8,6 +8,14 @@ chooses. Quantizers start disabled and not observing, so the model's outputs
 are unchanged; ``calibrate`` then feeds them data and ``fake-quantize`` turns
 rounding on.
 
+Graphs captured by ``torch.export`` call linear layers as functions on
+parameters (``aten.linear(x, layer.weight, layer.bias)``). Where such a call
+reads the two parameters of a holder module that holds nothing else, the
+holder becomes the ``nn.Linear`` it was (same parameters, same path) and the
+call a call of it, so that its weight is selected and quantized like any
+other (``transformers.BertModel`` through ``torch.export`` gets int8 linear
+layers).
+
 >>> import torch, fxcompress
 >>> from fxcompress.examples import SmallCNN
 >>> from fxcompress.passes import FoldBatchNorm, InsertObservers
@@ -23,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
@@ -35,6 +45,58 @@ from fxcompress.quant.placement import plan_activations
 from fxcompress.trace import propagate_shapes
 
 __all__ = ["InsertObservers"]
+
+
+#: Function-form spellings of a linear layer's call.
+LINEAR_FUNCTIONS = (torch.ops.aten.linear.default, F.linear, torch._C._nn.linear)
+
+
+def _linear_holder(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The path of the module whose ``weight`` (and ``bias``) the function-form linear ``node`` alone reads,
+    when that module holds nothing else; else None."""
+    if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS or node.kwargs or len(node.args) < 2:
+        return None
+    reads = [a for a in node.args[1:3] if a is not None]
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" and len(a.users) == 1 for a in reads):
+        return None
+    path, _, name = reads[0].target.rpartition(".")
+    if name != "weight" or [a.target for a in reads] != [f"{path}.weight", f"{path}.bias"][:len(reads)] or not path:
+        return None
+    holder = gm.get_submodule(path)
+    names = {a.target.rpartition(".")[2] for a in reads}
+    if type(holder) is not nn.Module or holder._modules or holder._buffers or set(holder._parameters) != names:
+        return None
+    return path if holder.weight.dim() == 2 else None
+
+
+def _as_linear_modules(gm: fx.GraphModule, config: QConfig) -> bool:
+    """Respell the function-form linears that ``config`` selects as calls of ``nn.Linear`` modules (see the
+    module docstring); whether any was."""
+    if nn.Linear not in config.op_types:
+        return False
+    changed = False
+    for node in list(gm.graph.nodes):
+        path = _linear_holder(gm, node)
+        if path is None:
+            continue
+        holder = gm.get_submodule(path)
+        linear = nn.Linear(holder.weight.shape[1], holder.weight.shape[0], bias="bias" in holder._parameters,
+                           device="meta")
+        linear.weight, linear.bias = holder.weight, holder._parameters.get("bias")
+        if not config.selects(path, linear.train(holder.training)):
+            continue
+        parent, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(parent), name, linear)
+        reads = [a for a in node.args[1:3] if a is not None]
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (node.args[0],))
+        call.meta = node.meta
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        for read in reads:
+            gm.graph.erase_node(read)
+        changed = True
+    return changed
 
 
 def _weighted_layers(gm: fx.GraphModule, config: QConfig) -> list[tuple[str, nn.Module]]:
@@ -109,10 +171,11 @@ class InsertObservers(Pass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         gm.meta[meta.QCONFIG] = self.config
+        modified = self.config.weight is not None and _as_linear_modules(gm, self.config)
         layers = _weighted_layers(gm, self.config) if self.config.weight is not None else []
         for path, module in layers:
             _quantize_weight(path, module, self.config)
-        modified = bool(layers)
+        modified |= bool(layers)
         if self.config.activation is not None:
             modified |= _quantize_activations(gm, self.config)
         if modified:

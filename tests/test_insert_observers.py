@@ -8,6 +8,7 @@ import fxcompress
 from fxcompress.errors import ConfigError
 from fxcompress.passes.fold_batch_norm import FoldBatchNorm
 from fxcompress.passes.insert_observers import InsertObservers
+from fxcompress.quant.config import QConfig
 from fxcompress.quant.quantizers import Quantizer
 from quant_helpers import config, inputs, small_model
 
@@ -56,3 +57,22 @@ def test_masked_layers_are_refused_with_a_clear_message():
 
     with pytest.raises(ConfigError, match="pruning mask.*run shrink"):
         fxcompress.compile(small_model(), inputs(4), [InsertMasks(L1Norm(0.5)), InsertObservers(config())])
+
+
+def test_function_form_linears_of_an_exported_graph_get_int8_weights():
+    """torch.export calls BertModel's linear layers as aten.linear on their parameters: each becomes the
+    nn.Linear it was (same path, same tensors), so its weight is quantized; outputs stay the model's."""
+    import transformers
+
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=50)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(0))
+    gm = fxcompress.compile(model, ids, [InsertObservers(QConfig.int8())], frontend="export")
+    linears = {n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                        torch.nn.Linear)}
+    assert len(linears) == 12 and "encoder.layer.0.attention.self.query" in linears
+    assert all(parametrize.is_parametrized(gm.get_submodule(p), "weight") for p in linears)
+    assert gm.get_submodule("encoder.layer.0.intermediate.dense").weight.shape == (64, 32)
+    assert not any(n.op == "call_function" and n.target is torch.ops.aten.linear.default for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(ids)[0], model(ids).last_hidden_state)
