@@ -709,9 +709,30 @@ def write_back(model: nn.Module, shrunk: fx.GraphModule, *, example_inputs: tupl
     changes = update_attributes(mine, old_hidden) + config_changes + update_bias_config(mine, biased)
     _store_widths(mine)
     _warn_unread(mine, unread, changes)
+    _warn_invalid_config(mine)
     if verify:
         verify_write_back(mine, shrunk, example_inputs, rtol, changes)
     return mine
+
+
+def _warn_invalid_config(model: nn.Module) -> None:
+    """A config its own class's checks refuse (transformers validates on ``save_pretrained`` and
+    ``from_pretrained``, e.g. a hidden size the attention heads do not divide even where ``head_dim`` is
+    explicit): the model runs, but will not save; say so now, and how to prune instead."""
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "validate", None)):
+        return
+    try:
+        config.validate()
+    except Exception as error:  # noqa: BLE001 - the config class's own check, reported in words
+        cause = error.__cause__ or error
+        heads = getattr(config, "num_attention_heads", None)
+        steps = f" (round_to={heads} on the pruner)" if isinstance(heads, int) else ""
+        warnings.warn(
+            f"{type(model).__name__}: the written-back {type(config).__name__} fails its own checks, so "
+            f"save_pretrained will refuse it: {cause}. Prune in steps it accepts{steps}, or exclude that width "
+            "from pruning", stacklevel=3,
+        )
 
 
 def _warn_unread(model: nn.Module, unread: list[str], changes: list[AttributeChange]) -> None:
