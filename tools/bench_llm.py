@@ -40,9 +40,11 @@ the tool prints issue 18's acceptance checks computed from the rows
 50 %), also in ``--json`` as ``"acceptance"``.
 
 Issue 17's structured rows (``STRUCTURED``) remove 25 % or 50 % of all
-parameters: ``l1-width``/``act-width`` prune heads (whole GQA groups), FFN
-channels and the hidden size by L1 or by ``P.ActivationNorm`` and return the
-user's ``LlamaForCausalLM`` rewritten at the new widths (``output="module"``);
+parameters: ``l1-width``/``act-width``/``taylor-width`` prune heads (whole GQA
+groups), FFN channels and the hidden size by L1, by ``P.ActivationNorm`` or by
+``P.Taylor`` (gradients of the next-token loss on the calibration sequences)
+and return the user's ``LlamaForCausalLM`` rewritten at the new widths
+(``output="module"``);
 ``depth`` rows remove whole decoder layers by Block Influence (ShortGPT,
 ``P.depth_prune``; 2 and 3 of the 6 layers, the nearest whole-layer counts).
 With ``--recover-minutes`` and/or ``--recover-steps`` each structured model is
@@ -231,14 +233,26 @@ def _calibration_evaluator(calibration: torch.Tensor) -> P.Evaluator:
     return P.Evaluator(list(calibration_batches(calibration)), loss=loss, progress=False)
 
 
-def activation_width_pruning(removed: float) -> Method:
-    """As :func:`width_pruning` (same groups, same ``target``), ranked by ``P.ActivationNorm``: each channel's
-    consumer-column weight norms times its input activations' norms on every calibration sequence."""
+def data_aware_width_pruning(pruner_class, removed: float) -> Method:
+    """As :func:`width_pruning` (same groups, same ``target``), ranked by the data-aware ``pruner_class`` on
+    every calibration sequence."""
     def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
         evaluator = _calibration_evaluator(calibration)
-        pruner = P.ActivationNorm(evaluator=evaluator, num_batches=len(evaluator.data))
+        pruner = pruner_class(evaluator=evaluator, num_batches=len(evaluator.data))
         return _compile_module(model, calibration, standard_pruning(pruner, target=f"params={1 / (1 - removed):.6f}"))
     return method
+
+
+def activation_width_pruning(removed: float) -> Method:
+    """Width pruning ranked by ``P.ActivationNorm``: each channel's consumer-column weight norms times its input
+    activations' norms."""
+    return data_aware_width_pruning(P.ActivationNorm, removed)
+
+
+def taylor_width_pruning(removed: float) -> Method:
+    """Width pruning ranked by ``P.Taylor``: ``Σ |w · ∂L/∂w|`` over each channel's weights, ``∂L/∂w`` the gradient
+    of the next-token cross-entropy summed over the calibration batches."""
+    return data_aware_width_pruning(P.Taylor, removed)
 
 
 def flap_width_pruning(removed: float, compensate: bool = True,
@@ -346,13 +360,15 @@ METHODS: dict[str, Method] = {
     "search-width-25%": searched_width_pruning(0.25),
     "flap-width-25%": flap_width_pruning(0.25),
     "flap-width-50%": flap_width_pruning(0.50),
+    "taylor-width-25%": taylor_width_pruning(0.25),
+    "taylor-width-50%": taylor_width_pruning(0.50),
     "depth-25%": depth_pruning(0.25),
     "depth-50%": depth_pruning(0.50),
 }
 
 #: The structured rows: they shrink the model, and the recovery fine-tune (``--recover-*``) applies to them.
 STRUCTURED = ("l1-width-25%", "l1-width-50%", "act-width-25%", "act-width-50%", "flap-width-25%", "flap-width-50%",
-              "depth-25%", "depth-50%",
+              "taylor-width-25%", "taylor-width-50%", "depth-25%", "depth-50%",
               "act-width-global-25%", "search-width-25%")
 
 
