@@ -16,10 +16,9 @@ from fxcompress.channels import Role
 from fxcompress.decision import current_decision
 from fxcompress.errors import ConfigError
 from fxcompress.masks import apply_masks, current_masks, mask_of, set_masked, split_target, trainable
-from fxcompress.oneshot.engine import LinearSite, linear_site
+from fxcompress.oneshot.engine import LinearSite, selected_linear_sites
 from fxcompress.pipeline import Pass, Requires, register_pass
-from fxcompress.selection import layer_selected, normalize_selection
-from fxcompress.trace import module_type
+from fxcompress.selection import normalize_selection
 
 __all__ = ["CompensateBias"]
 
@@ -99,15 +98,7 @@ class CompensateBias(Pass):
         return changed
 
     def _sites(self, gm: fx.GraphModule) -> list[LinearSite]:
-        found = []
-        for node in gm.graph.nodes:
-            site = linear_site(gm, node)
-            if site is None:
-                continue
-            owner = split_target(site.target)[0]
-            if layer_selected(owner, module_type(gm, owner), self.op_types, self.op_names, self.exclude):
-                found.append(site)
-        return found
+        return selected_linear_sites(gm, self.op_types, self.op_names, self.exclude)
 
     @staticmethod
     def _contribution(gm: fx.GraphModule, target: str, columns: np.ndarray) -> torch.Tensor:

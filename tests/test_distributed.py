@@ -82,6 +82,16 @@ def test_shrunk_graph_module_fine_tunes_under_ddp(ranks):
                for k in ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"))
 
 
+def _check_masks_kept(result: dict, before: dict) -> None:
+    """Same masks as before training, each masking something, masked entries still zero, the rest trained."""
+    assert result["masks_after"].keys() == before.keys()
+    for name, (mask, value) in result["masks_after"].items():
+        assert torch.equal(mask, before[name][0]), f"{name}: mask changed"
+        assert not mask.all(), f"{name}: nothing masked"
+        assert (value[~mask.bool()] == 0).all(), f"{name}: a masked weight moved off zero"
+        assert not torch.equal(value, before[name][1]), f"{name}: did not train"
+
+
 def test_masked_graph_module_keeps_its_zeros_under_ddp(ranks):
     results = _scenario(ranks, "masked_cnn")
     assert results[0]["graph"]
@@ -89,12 +99,7 @@ def test_masked_graph_module_keeps_its_zeros_under_ddp(ranks):
     before, after = results[0]["masks_before"], results[0]["masks_after"]
     assert "conv1.weight" in before and "fc1.weight" in before
     for result in results:
-        assert result["masks_after"].keys() == before.keys()
-        for name, (mask, value) in result["masks_after"].items():
-            assert torch.equal(mask, before[name][0]), f"{name}: mask changed"
-            assert not mask.all(), f"{name}: nothing masked"
-            assert (value[~mask.bool()] == 0).all(), f"{name}: a masked weight moved off zero"
-            assert not torch.equal(value, before[name][1]), f"{name}: did not train"
+        _check_masks_kept(result, before)
         assert result["shrunk_widths"] == (4, 8, 16)  # the fine-tuned masked model shrinks, outputs verified
     assert all(torch.equal(after[k][1], results[1]["masks_after"][k][1]) for k in after)
 
@@ -129,9 +134,4 @@ def test_masked_llama_graph_keeps_its_zeros_under_fsdp(ranks):
     before = results[0]["masks_before"]
     assert "model.layers.0.mlp.gate_proj.weight" in before and "model.embed_tokens.weight" in before
     for result in results:
-        assert result["masks_after"].keys() == before.keys()
-        for name, (mask, value) in result["masks_after"].items():
-            assert torch.equal(mask, before[name][0]), f"{name}: mask changed"
-            assert not mask.all(), f"{name}: nothing masked"
-            assert (value[~mask.bool()] == 0).all(), f"{name}: a masked weight moved off zero"
-            assert not torch.equal(value, before[name][1]), f"{name}: did not train"
+        _check_masks_kept(result, before)

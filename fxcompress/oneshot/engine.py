@@ -185,18 +185,25 @@ def _dense(gm: fx.GraphModule, target: str):
         return fetch_attr(gm, target)
 
 
-def linear_sites(gm: fx.GraphModule, algorithm: OneShotAlgorithm) -> list[LinearSite]:
-    """The linear layers ``algorithm``'s selection picks, in graph order; shared weights are skipped (warned)."""
-    counts = _read_counts(gm)
+def selected_linear_sites(gm: fx.GraphModule, op_types, op_names, exclude) -> list[LinearSite]:
+    """The linear layers of ``gm`` that a selection (``op_types``, ``op_names``, ``exclude``) picks, in graph
+    order."""
     found = []
     for node in gm.graph.nodes:
         site = linear_site(gm, node)
         if site is None:
             continue
         owner = split_target(site.target)[0]
-        if not layer_selected(owner, module_type(gm, owner), algorithm.op_types, algorithm.op_names,
-                              algorithm.exclude):
-            continue
+        if layer_selected(owner, module_type(gm, owner), op_types, op_names, exclude):
+            found.append(site)
+    return found
+
+
+def linear_sites(gm: fx.GraphModule, algorithm: OneShotAlgorithm) -> list[LinearSite]:
+    """The linear layers ``algorithm``'s selection picks, in graph order; shared weights are skipped (warned)."""
+    counts = _read_counts(gm)
+    found = []
+    for site in selected_linear_sites(gm, algorithm.op_types, algorithm.op_names, algorithm.exclude):
         if counts.get(id(_dense(gm, site.target)), 0) > 1:
             warnings.warn(f"one-shot: {site.target} is read more than once by the graph (a tied or reused weight); "
                           "it has no single input to calibrate on and is left as it is", stacklevel=3)
