@@ -14,22 +14,18 @@ transformers = pytest.importorskip("transformers")
 
 import fxcompress  # noqa: E402 - after the skip
 from fxcompress.errors import ConfigError  # noqa: E402
-from fxcompress.examples_llm import stdlib_corpus, tiny_llama, tiny_llama_config, train_lm, TrainSettings  # noqa: E402
+from fxcompress.examples_llm import stdlib_corpus  # noqa: E402
+from llm_helpers import trained_teacher  # noqa: E402
 from fxcompress.passes import standard_pruning  # noqa: E402
 from fxcompress.prune import L1Norm, LoRA, LoRALinear, Recovery, add_adapters, distillation_loss, recover  # noqa: E402
 from fxcompress.prune import remove_layers, token_windows  # noqa: E402
 
-CONFIG = dict(hidden=32, layers=3, heads=4, kv_heads=2, ffn=64, seq_len=32)
 PROJECTIONS = ("model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj")
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    """A tiny Llama trained 8 steps on the standard library (a teacher with something to teach)."""
-    model = tiny_llama(tiny_llama_config(**CONFIG), seed=0)
-    train_lm(model, stdlib_corpus().split("train")[:200_000],
-             TrainSettings(steps=8, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2))
-    return model.eval()
+    return trained_teacher()
 
 
 def _ids(n: int = 4, seed: int = 5) -> torch.Tensor:
