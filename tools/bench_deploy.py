@@ -21,8 +21,8 @@ median over rounds of the per-round medians. Rows (``--rows``):
 
 Models (``--models``): torchvision ResNet-50 and MobileNetV3-Large at 224x224 (random weights, BatchNorm
 statistics settled on random images so activations keep a trained model's scale), ``transformers.BertModel``
-at BERT-base's shape on 128 tokens (through ``torch.export``; fxcompress's int8 rows fail there and say why),
-the same encoder written with ``nn.Linear`` modules (``encoder-base``, which they quantize), and ``small-cnn``
+at BERT-base's shape on 128 tokens (through ``torch.export``, which calls its linear layers as functions),
+the same encoder written with ``nn.Linear`` modules (``encoder-base``), and ``small-cnn``
 for tests. Every compile row runs frozen (``torch._inductor.config.freezing``), as PT2E int8 needs.
 
 Columns: median ms, speed-up against dense eager, MACs ratio (dense / row's model), ``err`` (largest absolute
@@ -179,8 +179,7 @@ MODELS: dict[str, Case] = {
     "mobilenet_v3_large": Case(_torchvision("mobilenet_v3_large", 224, 64), _image(224, 64)),
     "bert-base": Case(_bert, _tokens, frontend="export"),
     # BERT-base's encoder written with nn.Linear modules (tools/bench_quant.py's TinyBert at 12 x 768, 12 heads,
-    # FFN 3072, on 128 embedded tokens): fxcompress quantizes module layers, and BertModel's graph (torch.export:
-    # it defeats symbolic_trace) calls its linears as functions
+    # FFN 3072, on 128 embedded tokens), the same computation as BertModel's without its export graph
     "encoder-base": Case(_encoder, _embedded),
     "small-cnn": Case(_small_cnn, _image(28, 28, channels=1)),
 }
