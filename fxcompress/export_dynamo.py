@@ -18,6 +18,7 @@ traced at inputs resized to 2 along every dynamic axis of size 1.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Sequence
 
@@ -67,6 +68,32 @@ def translation_table() -> dict:
     return {QUANTIZE: quantize, DEQUANTIZE: dequantize, torch.ops.fxcompress.matmul_nbits.default: matmul_nbits}
 
 
+def _core_export():
+    """The exporter behind ``torch.onnx.export(dynamo=True)`` when it takes a ready registry, else None.
+
+    ``torch.onnx.export`` builds the registry of every torchlib translation anew on each call, about 0.8 s,
+    often more than the rest of a small model's export; building it once per opset (:func:`_registry`) keeps
+    ``to_onnx`` quick. Where this internal entry point differs, the public one is used."""
+    try:
+        from torch.onnx._internal.exporter import _core, _registration  # noqa: F401
+    except ImportError:
+        return None
+    parameters = inspect.signature(_core.export).parameters
+    wanted = ("registry", "dynamic_shapes", "input_names", "output_names", "opset_version", "report", "verbose")
+    return _core.export if all(name in parameters for name in wanted) else None
+
+
+@functools.cache
+def _registry(opset: int):
+    """torchlib's translations for ``opset`` plus fxcompress's (:func:`translation_table`), built once."""
+    from torch.onnx._internal.exporter import _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    for target, function in translation_table().items():
+        registry.register_op(target, function, is_complex=False)
+    return registry
+
+
 def _register_matmul_nbits_schema() -> None:
     """Tell ONNX the signature of ONNX Runtime's contrib op ``com.microsoft::MatMulNBits`` (the inputs and
     attributes fxcompress writes), which onnxscript needs to build a call; once per process, and only where
@@ -103,14 +130,17 @@ def export_dynamo(flat: fx.GraphModule, tensors: Sequence[torch.Tensor], opset: 
                   output_names: Sequence[str], axes: dict[str, dict[int, str]]) -> onnx.ModelProto:
     """``flat`` as an ONNX model of ``opset`` (at least 18, the exporter's own) by ``torch.onnx.export(...,
     dynamo=True)``, inputs and outputs named, ``axes`` dynamic."""
+    options = dict(input_names=list(input_names), output_names=list(output_names), opset_version=opset,
+                   dynamic_shapes=_dynamic_shapes(input_names, axes) if axes else None, verbose=False, report=False)
+    inputs = _traceable_inputs(tensors, input_names, axes)
     with inference_mode(flat), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on opset conversion and draft export
-        program = torch.onnx.export(
-            flat, _traceable_inputs(tensors, input_names, axes), dynamo=True, opset_version=opset,
-            input_names=list(input_names), output_names=list(output_names),
-            dynamic_shapes=_dynamic_shapes(input_names, axes) if axes else None,
-            custom_translation_table=translation_table(), verbose=False, report=False,
-        )
+        core = _core_export()
+        if core is not None:
+            program = core(flat, inputs, registry=_registry(opset), **options)
+        else:
+            program = torch.onnx.export(flat, inputs, dynamo=True, custom_translation_table=translation_table(),
+                                        **options)
     model = program.model_proto
     onnx.checker.check_model(model, full_check=True)
     return model
