@@ -603,6 +603,8 @@ def _call_matmul_nbits(module: fx.GraphModule, node: fx.Node, site, low: NBitsWe
 EXPORTERS = ("dynamo", "torchscript")
 #: The lowest opset the ``torch.export``-based exporter writes.
 DYNAMO_MIN_OPSET = 18
+#: The environment variable naming ``to_onnx``'s exporter when a call names none.
+EXPORTER_VARIABLE = "FXCOMPRESS_ONNX_EXPORTER"
 
 
 def _export(flat: fx.GraphModule, tensors: list, opset: int, input_names, output_names, axes: Axes,
@@ -717,7 +719,7 @@ def to_onnx(
     output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None | str = "auto",
     low_bit: bool = True,
-    exporter: str = "auto",
+    exporter: str | None = None,
 ) -> ExportResult:
     """Export ``gm`` to ONNX (to ``path`` when given) and check it.
 
@@ -754,7 +756,12 @@ def to_onnx(
     the first where onnxscript is installed and ``opset`` allows, and falls back
     to the second, with a warning naming the failure, on a graph ``torch.export``
     cannot take; ``ExportResult.exporter`` says which wrote the model.
+    ``exporter=None`` reads the environment variable ``FXCOMPRESS_ONNX_EXPORTER``
+    (a process-wide default, e.g. ``torchscript`` where export time matters
+    more than the exporter), else ``"auto"``.
     """
+    if exporter is None:
+        exporter = os.environ.get(EXPORTER_VARIABLE) or "auto"
     chosen = _resolved_exporter(exporter, opset)
     opset = opset if opset is not None else DYNAMO_MIN_OPSET if chosen == "dynamo" else DEFAULT_OPSET
     if opset < 13:

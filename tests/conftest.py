@@ -9,6 +9,7 @@ the suite checks the equivalence invariant on independent inputs.
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import sys
 import warnings
@@ -22,9 +23,22 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxcompress
+from fxcompress.export import EXPORTER_VARIABLE
 from fxcompress.passes import AnalyzeGroups, InsertMasks, PropagateChannels, standard_pruning
 
 torch.set_num_threads(2)
+
+#: ``to_onnx`` exports through ``torch.export`` by default, ~15x slower than the TorchScript exporter on a small
+#: model: tests that export only on the way to something else use the TorchScript one (subprocesses included);
+#: the files that test exporting itself (``EXPORT_TESTS``) run the default.
+os.environ[EXPORTER_VARIABLE] = "torchscript"
+EXPORT_TESTS = {"test_export.py", "test_matmul_nbits.py", "test_stepwise.py", "test_readme.py"}
+
+
+@pytest.fixture(autouse=True)
+def _default_exporter(request, monkeypatch) -> None:
+    if Path(str(request.node.fspath)).name in EXPORT_TESTS:
+        monkeypatch.delenv(EXPORTER_VARIABLE, raising=False)
 
 
 @pytest.fixture(autouse=True)

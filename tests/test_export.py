@@ -206,3 +206,9 @@ def test_auto_falls_back_to_torchscript_naming_why(monkeypatch):
 def test_exporter_options_are_checked(options, words):
     with pytest.raises(ConfigError, match=words):
         to_onnx(ptq(fold=True), inputs(4), **options)
+
+
+def test_the_environment_names_the_default_exporter(monkeypatch):
+    monkeypatch.setenv("FXCOMPRESS_ONNX_EXPORTER", "torchscript")
+    assert to_onnx(ptq(fold=True), inputs(4)).exporter == "torchscript"
+    assert to_onnx(ptq(fold=True), inputs(4), exporter="dynamo").exporter == "dynamo"  # a call's choice wins

@@ -117,6 +117,7 @@ def test_global_allocation_ranks_across_layers_and_the_widths_reload(model, cali
     _reloads(mine, tmp_path, calibration)
 
 
+@pytest.mark.slow  # 5 s: a 4-trial search
 def test_searched_allocation_reaches_the_users_class_and_reloads(model, calibration, tmp_path):
     """``auto.search`` scored by minus the calibration perplexity, one sparsity per decoder layer (``tie``);
     the pruner it finds gives the user's ``LlamaForCausalLM`` through ``output="module"``."""
@@ -147,6 +148,7 @@ def test_searched_allocation_reaches_the_users_class_and_reloads(model, calibrat
     _reloads(mine, tmp_path, calibration)
 
 
+@pytest.mark.slow  # 5 s: trials against fresh pruners
 def test_workspace_scores_once_and_trials_rank_as_a_fresh_pruner_would(model, calibration):
     criterion = _criterion(calibration)
     with warnings.catch_warnings():
