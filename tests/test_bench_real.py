@@ -64,6 +64,7 @@ def test_top_k_and_global_keep(bench):
     assert all(v[-1] for v in kept.values())  # each layer's best channel stays
 
 
+@pytest.mark.slow  # 5.5 s: the tool's whole fast run
 def test_fast_run_compares_both_tools_at_identical_counts(bench, tmp_path):
     out = bench.main(["--fast", "--json", str(tmp_path / "real.json")])
     rows = [r for r in out["rows"] if r["tool"] != "dense"]

@@ -201,6 +201,7 @@ def test_tiny_gqa_llama_with_compensation_round_trips_and_generates_as_the_graph
     assert not model.config.attention_bias and model.model.layers[0].self_attn.o_proj.bias is None  # user's untouched
 
 
+@pytest.mark.slow  # 4 s: two compiles of a written-back Llama
 def test_a_bias_the_config_cannot_express_is_refused_by_name_and_excluding_it_writes_back():
     """Pruning the residual stream with compensation gives ``lm_head`` a bias; LlamaConfig has no field for it.
     Without ``lm_head``, q/k/v and gate/up get compensated biases, which ``attention_bias``/``mlp_bias`` cover."""

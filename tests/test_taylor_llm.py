@@ -160,7 +160,7 @@ def _row_positions(rows: torch.Tensor, dense: torch.Tensor) -> list[int]:
 
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tied", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["untied", "tied"])
 def test_taylor_scores_equal_autograd_sums_over_each_group(tied):
     model = _llama(tied)
     scores = _taylor_scores(_compile(model))

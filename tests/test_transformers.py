@@ -176,7 +176,8 @@ def test_export_frontend_on_request():
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("swin_t", "hf-vit") else n
+                                  for n in ZOO])
 def test_shrunk_transformers_export_to_onnx(name, tmp_path):
     """The shrunk model exports to ONNX; ``to_onnx`` checks it in ONNX Runtime against the GraphModule."""
     pytest.importorskip("transformers")

@@ -89,7 +89,16 @@ def _generation_matches(mine: nn.Module, graph) -> None:
     assert torch.equal(generated, _greedy_graph(graph, ids, 20))
 
 
-@pytest.mark.parametrize("family", list(DECODERS))
+#: Architectures whose write-back is Llama's own code path (same attention and MLP classes' fields): their cases
+#: run with ``-m slow``, the default run keeps one of each kind (Llama, Phi-3's fused projections, Gemma's head_dim).
+LLAMA_LIKE = {"mistral", "qwen2"}
+
+
+def _family_params(families):
+    return [pytest.param(f, marks=pytest.mark.slow) if f in LLAMA_LIKE else f for f in families]
+
+
+@pytest.mark.parametrize("family", _family_params(DECODERS))
 def test_decoder_generates_as_the_graph_and_round_trips(family, tmp_path):
     model = _decoder(family)
     before = copy.deepcopy(model.state_dict())
@@ -127,7 +136,7 @@ def test_pruned_residual_stream_sets_hidden_size(tmp_path):
     _round_trip(mine, tmp_path, transformers.AutoModelForCausalLM.from_pretrained)
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("phi3", marks=pytest.mark.slow)])
 def test_per_layer_widths_are_recorded_and_reloaded(family, tmp_path):
     """Layer 1 unpruned: the config keeps the dense sizes, the recorded widths rebuild layer 0; plain
     ``from_pretrained`` refuses the checkpoint rather than load it wrong."""
@@ -235,7 +244,8 @@ def _wrong_rule(monkeypatch, right, field):
     monkeypatch.setattr(wb, "COMPOSITE_RULES", tuple((t, wrong if r is right else r) for t, r in wb.COMPOSITE_RULES))
 
 
-@pytest.mark.parametrize("family, field", [("llama", "num_key_value_groups"), ("phi3", "num_key_value_heads")])
+@pytest.mark.parametrize("family, field", [("llama", "num_key_value_groups"),
+                                           pytest.param("phi3", "num_key_value_heads", marks=pytest.mark.slow)])
 def test_a_wrong_attribute_update_is_caught(monkeypatch, family, field):
     """Llama's SDPA never reads ``num_key_value_groups`` on a prompt (eager attention and one-token decoding
     do): verification runs eager attention too, and names the attribute it changed. Phi-3 splits its fused
