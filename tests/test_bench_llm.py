@@ -113,6 +113,7 @@ def test_short_run_prints_the_table_and_reuses_the_cached_model(tmp_path, capsys
     assert again["training"]["cached"] and again["rows"][0]["perplexity"] == rows["dense"]["perplexity"]
 
 
+@pytest.mark.slow  # 4 s: every one-shot row of the tool
 def test_one_shot_rows_compress_every_decoder_linear_and_the_acceptance_checks_are_computed():
     from fxcompress import meta
     from fxcompress.report import count_nonzero_params, count_params

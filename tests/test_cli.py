@@ -46,6 +46,7 @@ def test_malformed_pipeline_exits_2_before_loading_the_model():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # 3 s: a fresh interpreter
 def test_viz_module_entry_point_has_complete_help():
     result = _run("fxcompress.viz", "--help")
     assert result.returncode == 0

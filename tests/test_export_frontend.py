@@ -28,7 +28,7 @@ def _check(model, x, frontend):
         return check_pruning(model.eval(), x, L1Norm(0.5), frontend=frontend)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("mobilenet_v3_small", marks=pytest.mark.slow)])
 def test_export_prunes_torchvision_models_as_much_as_symbolic_trace(name):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None)

@@ -35,6 +35,7 @@ def test_resnet10t_row_is_equivalent_and_pruned():
     assert 0 <= row["frozen_share"] < 0.5
 
 
+@pytest.mark.slow  # 3 s; tools/zoo_timm.py runs every timm module
 def test_efficientnet_b0_and_small_vit_rows_are_equivalent():
     for name, size in (("efficientnet_b0", 64), ("vit_tiny_patch16_224", 32)):
         row = zoo_timm.row(zoo_timm.spec(name, size=size))
