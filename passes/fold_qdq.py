@@ -309,6 +309,21 @@ def _float_weights(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(weight)
 
 
+def _is_shared_pt2e_dequantize(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.target is inductor.decomposed_ops().dequantize_per_tensor.default and len(node.users) > 1
+
+
+def _dequantize_per_user(gm: fx.GraphModule, node: fx.Node) -> None:
+    """One ``dequantize`` per user, as ``convert_pt2e`` leaves them: Inductor's int8 patterns match a
+    ``dequantize`` feeding one op only, so query, key and value projections reading one shared ``dequantize``
+    (a transformer's) would otherwise all run in float."""
+    for user in list(node.users)[1:]:
+        with gm.graph.inserting_before(user):
+            copy = gm.graph.call_function(node.target, node.args, node.kwargs)
+        copy.meta = dict(node.meta)
+        user.replace_input_with(node, copy)
+
+
 #: The local rewrites, in the order they are applied.
 REWRITES: tuple[Rewrite, ...] = (
     Rewrite("drop-identity", _is_identity, _drop),  # identity(x) / dropout(x) -> x
@@ -325,6 +340,7 @@ PT2E_REWRITES: tuple[Rewrite, ...] = (
     Rewrite("layer-to-integer", _is_quantized_layer, _pt2e_layer),  # conv(x; fq(w), b) -> conv(x, dq_per_channel(w_i8), b)
     # conv(x, dq_per_channel(w), b) -> conv(x, dequantize(w), b) where Inductor has no (correct) int8 kernel for it
     Rewrite("unlowered-to-float", _is_unlowered_layer, _float_weights),
+    Rewrite("dequantize-per-user", _is_shared_pt2e_dequantize, _dequantize_per_user),  # dq(q(x)) -> one dq per user
 )
 
 #: Output form -> its rewrite table: ``onnx`` (what ONNX Runtime fuses), ``pt2e`` (what Inductor lowers).

@@ -140,6 +140,31 @@ def test_pt2e_form_agrees_with_the_simulation_and_second_run_is_a_no_op():
         "fold-qdq{form=pt2e}"
 
 
+def test_pt2e_form_gives_every_user_of_an_activation_its_own_dequantize():
+    """Query, key and value projections read one activation: PT2E gives each its own dequantize, which is what
+    Inductor's int8 patterns match."""
+    import fxcompress
+    from fxcompress.passes import Calibrate, FakeQuantize, InsertObservers
+    from quant_helpers import config
+
+    class ThreeHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) * self.v(x)
+
+    x = torch.randn(4, 8)
+    passes = [InsertObservers(config()), Calibrate((x,), progress=False), FakeQuantize(), FoldQDQ(form="pt2e")]
+    gm = fxcompress.compile(ThreeHeads().eval(), x, passes)
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    linears = [n for n in gm.graph.nodes if n.target is torch.nn.functional.linear]
+    assert len(linears) == 3 and len({n.args[0] for n in linears}) == 3
+    assert all(n.args[0].target is dequantize and len(n.args[0].users) == 1 for n in linears)
+    assert all(len(n.users) == 1 for n in gm.graph.nodes if n.target is dequantize)
+
+
 def test_pt2e_layers_inductor_cannot_lower_read_float_weights_and_are_named():
     import warnings
 
