@@ -31,14 +31,13 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError
 from fxcompress.masks import is_masked
+from fxcompress.oneshot.engine import linear_site
 from fxcompress.pipeline import Pass, register_pass
 from fxcompress.quant.config import WEIGHTED_TYPES, QConfig
 from fxcompress.quant.placement import plan_activations
@@ -47,14 +46,10 @@ from fxcompress.trace import propagate_shapes
 __all__ = ["InsertObservers"]
 
 
-#: Function-form spellings of a linear layer's call.
-LINEAR_FUNCTIONS = (torch.ops.aten.linear.default, F.linear, torch._C._nn.linear)
-
-
 def _linear_holder(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The path of the module whose ``weight`` (and ``bias``) the function-form linear ``node`` alone reads,
     when that module holds nothing else; else None."""
-    if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS or node.kwargs or len(node.args) < 2:
+    if node.op != "call_function" or node.kwargs or linear_site(gm, node) is None:
         return None
     reads = [a for a in node.args[1:3] if a is not None]
     if not all(isinstance(a, fx.Node) and a.op == "get_attr" and len(a.users) == 1 for a in reads):

@@ -26,6 +26,7 @@ from fxcompress.analysis import ChannelAnalysis, Group
 from fxcompress.channels import Role
 from fxcompress.errors import ConfigError
 from fxcompress.masks import split_target, trainable
+from fxcompress.oneshot.engine import LINEAR_OPS, linear_site
 from fxcompress.ops import runs_one_of
 from fxcompress.prune.base import ChannelPruner
 from fxcompress.prune.evaluator import Evaluator
@@ -211,22 +212,15 @@ class MeanActivation(DataAwarePruner):
 
 #: Ops whose weight (``out x in``) reads its input's last dim: the consumers :class:`ActivationNorm` measures
 #: (``nn.Linear`` of symbolic traces, ``linear`` calls with a ``get_attr`` weight of ``torch.export`` graphs).
-LINEAR_CONSUMERS: frozenset = frozenset({nn.Linear, F.linear, torch.ops.aten.linear.default})
+LINEAR_CONSUMERS: frozenset = LINEAR_OPS
 
 
 def _linear_reads(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node] | None:
     """``(weight target, input node)`` of a linear node, or None (not a linear, or a computed weight)."""
-    if not runs_one_of(LINEAR_CONSUMERS, gm, node):
+    site = linear_site(gm, node)
+    if site is None or not isinstance(site.source, fx.Node):
         return None
-    source = node.args[0] if node.args else node.kwargs.get("input")
-    if not isinstance(source, fx.Node):
-        return None
-    if node.op == "call_module":
-        return f"{node.target}.weight", source
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
-        return None
-    return weight.target, source
+    return site.target, site.source
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
