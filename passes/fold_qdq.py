@@ -316,12 +316,30 @@ def _is_shared_pt2e_dequantize(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _dequantize_per_user(gm: fx.GraphModule, node: fx.Node) -> None:
     """One ``dequantize`` per user, as ``convert_pt2e`` leaves them: Inductor's int8 patterns match a
     ``dequantize`` feeding one op only, so query, key and value projections reading one shared ``dequantize``
-    (a transformer's) would otherwise all run in float."""
+    (a transformer's) would otherwise all run in float.
+
+    Inductor's common-subexpression elimination merges identical copies back into one, and its
+    "dequant promotion" pass splits them again only where the shared ``dequantize`` (or the one
+    ``reshape`` of it that linear layers on 3-D input share) has no user outside the pattern. A
+    transformer's residual ``add`` reads the same value as its query, key and value projections, so the
+    copies that feed anything but a layer carry an explicit ``out_dtype=torch.float32`` (the same
+    computation) that keeps them out of that merge. Without it, 36 of BertModel's 72 linear layers ran in
+    float under ``torch.compile``.
+    """
     for user in list(node.users)[1:]:
         with gm.graph.inserting_before(user):
             copy = gm.graph.call_function(node.target, node.args, node.kwargs)
         copy.meta = dict(node.meta)
         user.replace_input_with(node, copy)
+    for dequantize in list(node.args[0].users):
+        if dequantize.target is node.target and not any(_reads_as_layer_input(user, dequantize)
+                                                        for user in dequantize.users):
+            dequantize.kwargs = {**dequantize.kwargs, "out_dtype": torch.float32}
+
+
+def _reads_as_layer_input(user: fx.Node, value: fx.Node) -> bool:
+    """``user`` is a conv/linear layer whose input is ``value`` (the op Inductor's int8 patterns start from)."""
+    return user.op == "call_function" and user.target in inductor.LAYERS and user.args[0] is value
 
 
 #: The local rewrites, in the order they are applied.

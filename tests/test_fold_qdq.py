@@ -2,6 +2,7 @@
 
 import operator
 
+import pytest
 import torch
 from torch import fx
 
@@ -140,29 +141,53 @@ def test_pt2e_form_agrees_with_the_simulation_and_second_run_is_a_no_op():
         "fold-qdq{form=pt2e}"
 
 
-def test_pt2e_form_gives_every_user_of_an_activation_its_own_dequantize():
-    """Query, key and value projections read one activation: PT2E gives each its own dequantize, which is what
-    Inductor's int8 patterns match."""
+class ThreeHeads(torch.nn.Module):
+    """Query, key and value projections and a residual add reading one (3-D) activation, as in a transformer."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) + self.k(x) * self.v(x) + x
+
+
+def three_heads_pt2e() -> fx.GraphModule:
     import fxcompress
     from fxcompress.passes import Calibrate, FakeQuantize, InsertObservers
     from quant_helpers import config
 
-    class ThreeHeads(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
-
-        def forward(self, x):
-            return self.q(x) + self.k(x) * self.v(x)
-
-    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8)
     passes = [InsertObservers(config()), Calibrate((x,), progress=False), FakeQuantize(), FoldQDQ(form="pt2e")]
-    gm = fxcompress.compile(ThreeHeads().eval(), x, passes)
+    return fxcompress.compile(ThreeHeads().eval(), x, passes)
+
+
+def test_pt2e_form_gives_every_user_of_an_activation_its_own_dequantize():
+    """PT2E gives each of the projections its own dequantize, which is what Inductor's int8 patterns match; the
+    residual add's copy carries an explicit out_dtype so that Inductor's CSE does not merge it back into theirs."""
+    gm = three_heads_pt2e()
     dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
     linears = [n for n in gm.graph.nodes if n.target is torch.nn.functional.linear]
     assert len(linears) == 3 and len({n.args[0] for n in linears}) == 3
     assert all(n.args[0].target is dequantize and len(n.args[0].users) == 1 for n in linears)
     assert all(len(n.users) == 1 for n in gm.graph.nodes if n.target is dequantize)
+    shared = linears[0].args[0].args[0]
+    assert sorted(str(n.kwargs.get("out_dtype")) for n in shared.users) == ["None"] * 3 + ["torch.float32"]
+
+
+@pytest.mark.slow
+def test_projections_sharing_an_input_with_a_residual_all_run_int8_under_torch_compile(one_thread):
+    from torch._inductor.utils import run_and_get_code
+
+    from fxcompress.quant import inductor
+
+    torch._dynamo.reset()
+    gm = three_heads_pt2e()
+    x = torch.randn(2, 4, 8)
+    out, code = run_and_get_code(inductor.compile(gm), x)
+    assert inductor.int8_kernels(code) == {"qlinear": 3}
+    assert inductor.relative_error(out, gm(x)) <= 1e-4
 
 
 def test_pt2e_layers_inductor_cannot_lower_read_float_weights_and_are_named():
