@@ -8,14 +8,29 @@ and maskable) is no faster than the dense one; these modules store the grid
 integers themselves (1 byte or half a byte per weight) and let the kernel
 dequantize on the fly.
 
-The kernels (``torch.ops.aten``, CPU):
+The kernels (CPU):
 
-* ``_weight_int8pack_mm(x, q, scales)`` is ``x @ (q * scales[:, None]).T`` for
-  an ``int8`` ``q`` (``out x in``) and one scale per output row: symmetric, no
-  zero point, no groups. An integer zero point ``z`` is carried exactly as a
-  row correction ``- sum(x) * (z - offset) * scale`` (the ``offset`` moves an
-  unsigned 8-bit grid into ``int8``).
-* ``_convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)`` packs an ``int32``
+* ``torch.ops.onednn.qlinear_pointwise`` (:class:`Int8WeightLinear`'s default
+  where it can run) is oneDNN's int8 GEMM, the one Inductor lowers int8
+  models to. It takes only int8 activations, so the layer keeps weight-only
+  numerics by writing each activation row as int8 *digits*
+  (:func:`split_int8`): with ``step = max|row| / 127``, ``row = step * (d0 +
+  d1 / 254 + d2 / 254**2 ...)``, every digit in ``[-127, 127]``. Each digit
+  row goes through the GEMM as one more row and the float results are summed
+  back with their weights. Two digits carry about 15 bits per element, more
+  than the bf16 activations ``_weight_int8pack_mm`` runs on (bf16 and fp16
+  inputs get two); fp32 inputs get a third, which keeps outputs to float32
+  rounding, as ``pack-weights`` promises. The weight is held once, prepacked
+  by ``onednn.qlinear_prepack`` into an opaque tensor, and read back to int8
+  for ``state_dict``, pickling and copies. It runs where torch has oneDNN
+  and the CPU has AVX-512 VNNI: without VNNI, oneDNN's int8 products may
+  saturate in 16 bits.
+* ``aten._weight_int8pack_mm(x, q, scales)`` is ``x @ (q * scales[:, None]).T``
+  for an ``int8`` ``q`` (``out x in``) and one scale per output row: symmetric,
+  no zero point, no groups. An integer zero point ``z`` is carried exactly (by
+  either int8 kernel) as a row correction ``- sum(x) * (z - offset) * scale``
+  (the ``offset`` moves an unsigned 8-bit grid into ``int8``).
+* ``aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)`` packs an ``int32``
   ``out x in`` tensor of values ``0..15`` (two per byte); then
   ``_weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)``
   computes with ``w = (q - 8) * scale + zero``, ``scales_and_zeros`` being
@@ -26,10 +41,18 @@ The kernels (``torch.ops.aten``, CPU):
   Grids of 2 or 3 bits fit the same container (their integers are below 16):
   they run at int4 speed, exactly.
 
-Both kernels are fast with bf16 activations (measured on a 2048 x 5632 layer,
-one thread, torch 2.14: int8 and int4 about 2.5x faster than the bf16 dense
-layer); fp32 activations take a slow path, several times slower than a
-dense fp32 layer, so run packed models in bf16 (``model.to(torch.bfloat16)``
+Speed, measured on an AVX-512 VNNI Xeon, 2 threads, torch 2.14, on a
+5632 x 2048 layer at batch 1 with its weights not in cache: fp32
+``F.linear`` 1.65 ms, ``_weight_int8pack_mm`` (bf16 activations) 0.87-0.90
+ms, oneDNN's int8 GEMM 0.58 ms for one row and the same for two: decoding is
+memory bound, so the digit rows cost nothing. A 6-layer TinyLlama-shaped
+Hugging Face Llama decode step took 25.0 ms with the oneDNN kernel against
+28.2 ms with ``_weight_int8pack_mm`` (fp32 dense: 52.2 ms); against the exact
+dequantized layer, a two-digit prototype's relative error was 2.9e-4 and
+``_weight_int8pack_mm``'s with bf16 activations 2.8e-3. The oneDNN kernel is
+fast with fp32 or bf16 activations; ``_weight_int8pack_mm`` and the int4
+kernel only with bf16 (fp32 activations take a slow path there, several times
+slower than a dense fp32 layer), so run those in bf16 (``model.to(torch.bfloat16)``
 before packing: scales follow the weight's dtype). In bf16 the int4 kernel
 holds each group's zero offset in bf16 too, which adds a small systematic
 error per group for asymmetric grids; symmetric grids have offset 0.
@@ -49,6 +72,7 @@ Int4WeightLinear(in_features=64, out_features=32, bias=True, group_size=32)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import torch
@@ -61,19 +85,103 @@ from fxcompress.oneshot.quantize import RTN
 
 __all__ = [
     "INT4_GROUP_SIZES", "Packing", "packing_of", "PackedLinear", "Int8WeightLinear", "Int4WeightLinear",
-    "pack_linear", "rtn_grid", "pack_linears", "kernels_available",
+    "pack_linear", "rtn_grid", "pack_linears", "kernels_available", "INT8_KERNELS", "split_int8",
 ]
 
 #: The group sizes ``_weight_int4pack_mm_for_cpu`` accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _INT4_ROWS = 16  # the int4 packing works on blocks of 16 output rows
 _INNER_K_TILES = 2  # the packing's tile argument; the CPU layout is [out, in / 2] whatever it is
+#: :class:`Int8WeightLinear`'s kernels: oneDNN's int8 GEMM on activations split into int8 digits, or
+#: ``aten._weight_int8pack_mm`` (see the module docstring).
+INT8_KERNELS = ("onednn", "int8pack")
+_DIGIT_BASE = 254  # each digit counts 1/254 of the one before: a remainder in [-1/2, 1/2] becomes [-127, 127]
+_LARGEST_PRODUCT = 127 * 128  # |digit x weight|: oneDNN sums in int32, so in_features * this must stay below 2**31
 
 
 def kernels_available() -> dict[str, bool]:
     """Which packed CPU kernels this torch provides (names as in ``torch.ops.aten``)."""
     names = ("_weight_int8pack_mm", "_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
     return {name: hasattr(torch.ops.aten, name) for name in names}
+
+
+@functools.cache
+def _onednn_missing() -> str:
+    """Why oneDNN's int8 GEMM cannot serve :class:`Int8WeightLinear` in this process, or ``""`` when it can."""
+    if not hasattr(torch.ops.onednn, "qlinear_prepack") or not torch.backends.mkldnn.is_available():
+        return "this torch has no oneDNN int8 linear (torch.ops.onednn.qlinear_prepack)"
+    if not getattr(torch.cpu, "_is_vnni_supported", lambda: False)():  # torch's own CPU feature query
+        return "this CPU has no AVX-512 VNNI (without it, oneDNN's int8 products may saturate in 16 bits)"
+    return ""
+
+
+def _int8_kernel(kernel: str | None, in_features: int) -> str:
+    """``kernel`` once checked to run here, or for None the default: oneDNN where it can run, else
+    ``_weight_int8pack_mm``."""
+    if kernel is not None and kernel not in INT8_KERNELS:
+        raise ConfigError(f"Int8WeightLinear: kernel must be one of {', '.join(INT8_KERNELS)} or None, got {kernel!r}")
+    missing = _onednn_missing()
+    if not missing and in_features * _LARGEST_PRODUCT >= 2**31:
+        missing = f"{in_features} inputs could overflow its int32 sums"
+    if kernel == "onednn" and missing:
+        raise ConfigError(f"Int8WeightLinear: the onednn kernel cannot run here: {missing}")
+    return kernel or ("int8pack" if missing else "onednn")
+
+
+def split_int8(x: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` (``M x K``) as ``digits`` rows of int8 digits: ``(digits * M x K`` int8, digit ``i``'s
+    rows at ``i * M``; ``M x 1`` float32 ``step``) with ``x = step * sum_i d_i / 254**i`` to within
+    ``step / (2 * 254**(digits - 1))`` per element, plus float32's rounding of ``x``.
+
+    Why: oneDNN's int8 GEMM takes int8 activations only; summing its results over the digits (one more GEMM
+    row each, free while decoding is memory bound) gives the float activations' product to that precision.
+    ``step`` is the row's largest magnitude over 127 (in float32), so the first digit is the row on a
+    symmetric int8 grid and each later one the previous one's rounding error, 254 times finer.
+
+    >>> q, step = split_int8(torch.tensor([[1.0, -0.3]]), 2)
+    >>> q.tolist(), round(float(step) * 127, 6)
+    ([[127, -38], [0, -25]], 1.0)
+    """
+    x = x.float()
+    largest = torch.linalg.vector_norm(x, float("inf"), -1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+    rest = x / largest * 127  # (dividing first: 127 / a tiny largest would overflow)
+    parts = [rest.round()]
+    for _ in range(digits - 1):
+        rest = (rest - parts[-1]) * _DIGIT_BASE
+        parts.append(rest.round())
+    return torch.cat(parts).to(torch.int8), largest / 127
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scales[:, None]).T`` in float32 for oneDNN's prepacked ``q``, through :func:`split_int8`:
+    three digits for float32 ``x`` (outputs to float32 rounding), two for bf16 and fp16 (finer than they are)."""
+    digits = 3 if torch.finfo(x.dtype).bits >= 32 else 2  # (never one: a single row runs ~70x slower in oneDNN)
+    q, step = split_int8(x, digits)
+    zero_points = torch.zeros(len(scales), dtype=torch.long)
+    y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales.float(), zero_points, None, 1.0, 0,
+                                           torch.float32, "none", [], "").view(digits, len(x), len(scales))
+    total = y[-1]
+    for i in reversed(range(digits - 1)):  # Horner: d0 + (d1 + d2 / 254) / 254
+        total = torch.add(y[i], total, alpha=1 / _DIGIT_BASE)
+    return total * step
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """:func:`_onednn_linear`, whose backward raises as ``_weight_int8pack_mm``'s does. Left to autograd, the
+    int8 digits would carry no gradient and a wrong one would flow through ``step`` alone."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return _onednn_linear(x, packed, scales)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("Int8WeightLinear has no backward (its kernels are for inference): train the float "
+                           "model, then pack it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,20 +263,80 @@ class PackedLinear(nn.Module):
 
 
 class Int8WeightLinear(PackedLinear):
-    """``y = x @ ((q - z) * scale).T + bias`` with ``int8`` ``q - offset`` through ``_weight_int8pack_mm``."""
+    """``y = x @ ((q - z) * scale).T + bias`` with ``int8`` ``q - offset`` (``out x in``), through ``kernel``:
+    ``"onednn"`` or ``"int8pack"`` (see the module docstring); None, the default, picks oneDNN where it runs.
+
+    The weight is held once, as ``weight_packed`` in the form the kernel reads (oneDNN's prepacked, opaque
+    tensor, or the int8 matrix itself). ``weight_int8`` reads it back as the ``out x in`` int8 matrix; that
+    is what ``state_dict``, pickling and ``copy.deepcopy`` carry (an opaque tensor has no storage to save or
+    copy), packed again when loaded. Inference only: the backward raises.
+    """
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, correction: torch.Tensor | None,
-                 bias: torch.Tensor | None = None, input_divisor: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, input_divisor: torch.Tensor | None = None,
+                 kernel: str | None = None):
         super().__init__(weight_int8.shape[1], weight_int8.shape[0], bias, input_divisor)
-        self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scales", scales)
         self.register_buffer("correction", correction)
+        self._hold(weight_int8, _int8_kernel(kernel, self.in_features))
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        """The ``out x in`` int8 weight (for the oneDNN kernel, a copy read out of the prepacked one)."""
+        return self.weight_packed.to_dense().t() if self.kernel == "onednn" else self.weight_packed
+
+    def _hold(self, weight_int8: torch.Tensor, kernel: str) -> None:
+        self.kernel = kernel
+        held = weight_int8.contiguous()
+        if kernel == "onednn":
+            held = torch.ops.onednn.qlinear_prepack(held, [1, self.in_features])
+        self.register_buffer("weight_packed", held, persistent=False)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales.to(x.dtype))
+        if self.kernel == "onednn":  # (autograd.Function's apply costs about 10 us a call: only where needed)
+            run = _InferenceOnly.apply if torch.is_grad_enabled() and x.requires_grad else _onednn_linear
+            y = run(x, self.weight_packed, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight_packed, self.scales.to(x.dtype))
         if self.correction is not None:
-            y = y - x.sum(-1, keepdim=True) * self.correction.to(x.dtype)
-        return y
+            y = y - x.sum(-1, keepdim=True, dtype=y.dtype) * self.correction.to(y.dtype)
+        return y.to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight_int8"] = self.weight_int8
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "weight_int8"
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        if key in unexpected_keys:  # not a buffer of this module's: the base class took it for a stranger
+            unexpected_keys.remove(key)
+        weight = state_dict[key]
+        if weight.dtype != torch.int8 or tuple(weight.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {key}: copying a {weight.dtype} {tuple(weight.shape)}, the "
+                              f"module holds torch.int8 {(self.out_features, self.in_features)}")
+            return
+        self._hold(weight, self.kernel)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_buffers"] = {**self._buffers, "weight_packed": self.weight_int8}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # a module pickled where oneDNN ran takes this machine's default kernel
+        self._hold(self.weight_packed, _int8_kernel(None if self.kernel == "onednn" else self.kernel,
+                                                    self.in_features))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel={self.kernel}"
 
 
 class Int4WeightLinear(PackedLinear):
@@ -193,11 +361,13 @@ def _float_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.is_floating_point() else torch.float32
 
 
-def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, grid: WeightGrid, where: str) -> PackedLinear:
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, grid: WeightGrid, where: str, *,
+                int8_kernel: str | None = None) -> PackedLinear:
     """The packed module computing ``F.linear(x, grid.dequantize(grid.integers(weight)), bias)``.
 
     Scales take ``weight``'s dtype (a bf16 model gets bf16 scales, as its
-    activations are); raises :class:`~fxcompress.errors.ConfigError` naming
+    activations are); ``int8_kernel`` is :class:`Int8WeightLinear`'s ``kernel``
+    (None: the default). Raises :class:`~fxcompress.errors.ConfigError` naming
     ``where`` when the grid does not fit a kernel (see :func:`packing_of`) or the
     weight is not on the CPU.
     """
@@ -221,7 +391,7 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, grid: WeightGri
     offset = 128 if grid.scheme.qmax > 127 else 0
     correction = (zero[:, 0] - offset) * scale[:, 0]
     return Int8WeightLinear((q - offset).to(torch.int8).contiguous(), scale[:, 0].to(dtype),
-                            correction.to(dtype) if bool(correction.any()) else None, bias, divisor)
+                            correction.to(dtype) if bool(correction.any()) else None, bias, divisor, int8_kernel)
 
 
 def rtn_grid(weight: torch.Tensor, bits: int, group_size: int) -> WeightGrid:
@@ -239,9 +409,11 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(owner) if owner else model, name, module)
 
 
-def pack_linears(model: nn.Module, bits: int, group_size: int = 128, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+def pack_linears(model: nn.Module, bits: int, group_size: int = 128, exclude: tuple[str, ...] = (),
+                 int8_kernel: str | None = None) -> dict[str, str]:
     """Quantize (round to nearest, :func:`rtn_grid`) and pack every ``nn.Linear`` of ``model`` in place, except
-    paths matching an ``exclude`` glob; return ``{path: "int8" | "int4"}`` of the packed layers.
+    paths matching an ``exclude`` glob; return ``{path: "int8" | "int4"}`` of the packed layers. ``int8_kernel``
+    forces :class:`Int8WeightLinear`'s kernel (None: the default).
 
     For ordinary eager models (a Hugging Face ``LlamaForCausalLM`` keeps
     ``generate()`` and its KV cache); graphs go through the ``pack-weights``
@@ -258,7 +430,7 @@ def pack_linears(model: nn.Module, bits: int, group_size: int = 128, exclude: tu
         if not packing.fits:
             skipped.append(f"{path} ({packing.reason})")
             continue
-        _set_module(model, path, pack_linear(module.weight.detach(), module.bias, grid, path))
+        _set_module(model, path, pack_linear(module.weight.detach(), module.bias, grid, path, int8_kernel=int8_kernel))
         packed[path] = packing.kind
     if skipped:
         warnings.warn(f"pack_linears: {len(skipped)} linear layer(s) left in float: {'; '.join(skipped)}",

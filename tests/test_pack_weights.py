@@ -3,6 +3,8 @@ the dequantized weights do, for every grid the kernels take; the others stay in 
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -11,15 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress import meta
+from fxcompress import kernels, meta
 from fxcompress.errors import ConfigError
 from fxcompress.kernels import (
+    INT8_KERNELS,
     Int4WeightLinear,
     Int8WeightLinear,
     kernels_available,
     pack_linear,
     pack_linears,
     packing_of,
+    split_int8,
 )
 from fxcompress.oneshot import AWQ, GPTQ, RTN, WeightGrid
 from fxcompress.oneshot.grid import weight_scheme
@@ -79,6 +83,137 @@ def test_bf16_activations_run_on_bf16_scales():
 ], ids=["int4-group-16", "grouped-int8", "8-rows"])
 def test_grids_no_kernel_takes_say_why(grid, shape, reason):
     assert reason in packing_of(grid(torch.randn(32, 64)), shape).reason
+
+
+# ---------------------------------------------------------------------------- the int8 kernels: oneDNN and int8pack
+
+needs_onednn = pytest.mark.skipif(bool(kernels._onednn_missing()), reason=kernels._onednn_missing() or "")
+
+
+@pytest.mark.parametrize("digits", [2, 3])
+def test_split_int8_writes_each_row_as_int8_digits_to_the_stated_precision(digits):
+    x = torch.randn(4, 300)
+    x[1, 7], x[2] = 500.0, 0.0  # an outlier; a row of zeros
+    q, step = split_int8(x, digits)
+    assert q.dtype == torch.int8 and q.shape == (digits * 4, 300) and step.shape == (4, 1)
+    assert int(q.abs().max()) == 127  # each row's largest element is the first digit's 127
+    back = sum(d.double() / 254.0 ** i for i, d in enumerate(q.view(digits, 4, 300))) * step.double()
+    bound = step.double() / (2 * 254.0 ** (digits - 1)) + 4 * 2.0**-24 * x.double().abs()  # + float32 rounding
+    assert ((back - x.double()).abs() <= bound).all()
+    assert not back[2].any()
+
+
+@needs_onednn
+@pytest.mark.parametrize("symmetric, awq", [(True, False), (False, False), (False, True)],
+                         ids=["symmetric", "zero-point", "zero-point-awq"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_both_int8_kernels_compute_the_dequantized_linear_on_an_outlier_activation(symmetric, awq, dtype, tolerance):
+    """fp32 inputs take three digits (float32 rounding); bf16 ones two, finer than bf16 itself."""
+    weight, bias = torch.randn(48, 256), torch.randn(48)
+    grid = WeightGrid.fit(weight_scheme(8, symmetric), weight, 256, input_scale=torch.rand(256) + 0.5 if awq else None)
+    dequantized = grid.dequantize(grid.integers(weight))
+    x = torch.randn(2, 3, 256)
+    x[0, 1, 17] = 300.0  # a massive activation, as LLMs have: the split's step is set by it
+    want = F.linear(x.to(dtype).float(), dequantized, bias)
+    outputs = {}
+    for kernel in INT8_KERNELS:
+        packed = pack_linear(dequantized, bias, grid, "layer", int8_kernel=kernel).to(dtype)
+        assert packed.kernel == kernel and (packed.correction is None) == symmetric
+        assert (packed.input_divisor is None) != awq
+        outputs[kernel] = packed(x.to(dtype))
+        assert outputs[kernel].dtype == dtype and outputs[kernel].shape == (2, 3, 48)
+        assert relative_error(outputs[kernel].float(), want) < tolerance
+    assert relative_error(outputs["onednn"].float(), outputs["int8pack"].float()) < tolerance
+
+
+@needs_onednn
+def test_fp32_packing_keeps_compile_verification_with_an_outlier_activation():
+    """Two digits (about 15 bits) would move this output by ~7e-4 of its element, over verification's 1e-4."""
+    model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 16)).eval()
+    x = torch.randn(4, 512)
+    x[:, 7] = 60.0
+    packed = fxcompress.compile(model, x, [OneShot(RTN(bits=8, group_size=0), [torch.randn(8, 512)], progress=False),
+                                           PackWeights()])  # verify=True: raises if outputs moved
+    assert packed.get_submodule("0").kernel == "onednn"
+
+
+def test_the_default_int8_kernel_is_onednn_where_it_runs(monkeypatch):
+    weight, scales = torch.randint(-128, 128, (16, 64), dtype=torch.int8), torch.rand(16)
+    expected = "int8pack" if kernels._onednn_missing() else "onednn"
+    assert Int8WeightLinear(weight, scales, None).kernel == expected
+    assert Int8WeightLinear(weight, scales, None, kernel="int8pack").kernel == "int8pack"
+    assert pack_linears(nn.Sequential(nn.Linear(64, 16)), bits=8, int8_kernel="int8pack") == {"0": "int8"}
+    with pytest.raises(ConfigError, match="kernel must be one of onednn, int8pack"):
+        Int8WeightLinear(weight, scales, None, kernel="fbgemm")
+    wide = torch.zeros(1, 2**31 // (127 * 128) + 1, dtype=torch.int8)  # its int32 sums could overflow
+    assert Int8WeightLinear(wide, torch.ones(1), None).kernel == "int8pack"
+    monkeypatch.setattr(kernels, "_onednn_missing", lambda: "no oneDNN here")
+    assert Int8WeightLinear(weight, scales, None).kernel == "int8pack"
+    with pytest.raises(ConfigError, match="onednn kernel cannot run here: no oneDNN here"):
+        Int8WeightLinear(weight, scales, None, kernel="onednn")
+
+
+def int8_bytes(module: nn.Module) -> int:
+    """Bytes of int8 tensors the module holds, in buffers, parameters or plain attributes."""
+    tensors = {id(t): t for t in [*module.buffers(), *module.parameters(), *vars(module).values()]
+               if isinstance(t, torch.Tensor) and t.dtype == torch.int8}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@needs_onednn
+def test_the_onednn_layer_holds_its_weight_once_and_survives_state_dict_pickling_and_copies(monkeypatch):
+    weight, bias = torch.randn(48, 256), torch.randn(48)
+    grid = WeightGrid.fit(weight_scheme(8, False), weight, 256)
+    dequantized = grid.dequantize(grid.integers(weight))
+    packed = pack_linear(dequantized, bias, grid, "layer")
+    x = torch.randn(3, 256)
+    want = packed(x)
+    assert packed.weight_packed.layout == torch._mkldnn and int8_bytes(packed) == 48 * 256  # prepacked, only
+    assert torch.equal(packed.weight_int8, (grid.integers(dequantized) - 128).to(torch.int8))
+
+    state = packed.state_dict()
+    assert set(state) == {"bias", "scales", "correction", "weight_int8"} and state["weight_int8"].shape == (48, 256)
+    for kernel in INT8_KERNELS:  # a state dict does not depend on the kernel that wrote it
+        fresh = Int8WeightLinear(torch.zeros(48, 256, dtype=torch.int8), torch.ones(48), torch.zeros(48),
+                                 torch.zeros(48), kernel=kernel)
+        fresh.load_state_dict(state)
+        assert fresh.kernel == kernel and int8_bytes(fresh) == 48 * 256
+        assert relative_error(fresh(x), want) < 1e-5
+    with pytest.raises(RuntimeError, match="Missing key.*weight_int8"):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "weight_int8"})
+    with pytest.raises(RuntimeError, match="size mismatch for weight_int8"):
+        fresh.load_state_dict({**state, "weight_int8": state["weight_int8"][:, :128]})
+
+    twin = copy.deepcopy(packed)
+    assert twin.weight_packed is not packed.weight_packed and twin.weight_packed.layout == torch._mkldnn
+    assert torch.equal(twin(x), want)
+
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    assert pack_linears(model, bits=8) == {"0": "int8", "2": "int8"}
+    gm = fxcompress.trace(nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 16)).eval(), x)
+    PackWeights(bits=8)(gm)
+    for whole in (model, gm):
+        buffer = io.BytesIO()
+        torch.save(whole, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert loaded.get_submodule("0").kernel == "onednn" and torch.equal(loaded(x), whole(x))
+        assert torch.equal(copy.deepcopy(whole)(x), whole(x))
+    monkeypatch.setattr(kernels, "_onednn_missing", lambda: "no oneDNN here")  # loaded where oneDNN cannot run
+    assert copy.deepcopy(model).get_submodule("0").kernel == "int8pack"
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_the_int8_layer_runs_under_autograd_and_its_backward_raises(kernel):
+    if kernel == "onednn" and kernels._onednn_missing():
+        pytest.skip(kernels._onednn_missing())
+    weight = torch.randn(16, 64)
+    grid = WeightGrid.fit(weight_scheme(8, True), weight, 64)
+    packed = pack_linear(grid.dequantize(grid.integers(weight)), None, grid, "layer", int8_kernel=kernel)
+    y = packed(torch.randn(2, 64, requires_grad=True))
+    assert y.requires_grad  # not silently cut off from the graph
+    with pytest.raises(RuntimeError, match="backward|derivative"):
+        y.sum().backward()
 
 
 # ---------------------------------------------------------------------------- the pass

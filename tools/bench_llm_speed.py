@@ -12,16 +12,20 @@ sampling logic. Steps are timed one by one with ``time.perf_counter`` after
 ``--warmup`` untimed steps; tokens/s is ``1 / median``.
 
 The variants are copies of one model: ``fp32``; ``bf16`` (``model.to(bf16)``);
-``fxcompress int8`` and ``int4`` = the bf16 model with every ``nn.Linear``
-(``lm_head`` included) quantized round-to-nearest and packed in place by
-``fxcompress.kernels.pack_linears`` (int8: symmetric per output row through
-``aten._weight_int8pack_mm``; int4: asymmetric groups of ``--group-size``
-through ``aten._weight_int4pack_mm_for_cpu``), so ``generate()`` and the cache
-are the model's own; ``torchao`` rows apply ``quantize_`` with its configs to
-the same bf16 model. Packed variants run bf16 activations because this torch's
-CPU kernels are fast only there (fp32 activations take a slow path, several
-times slower than dense fp32). ``rel err`` compares the last prefill logits
-with fp32's. A config that fails on CPU prints its error instead of figures.
+``fxcompress-int8``, ``-int8pack`` and ``-int4`` = the bf16 model with every
+``nn.Linear`` (``lm_head`` included) quantized round-to-nearest and packed in
+place by ``fxcompress.kernels.pack_linears``, so ``generate()`` and the cache
+are the model's own. int8 is symmetric per output row, run by
+``Int8WeightLinear``'s default kernel (oneDNN's int8 GEMM on activations split
+into two int8 digits, where torch has oneDNN and the CPU AVX-512 VNNI; else
+``aten._weight_int8pack_mm``); ``int8pack`` forces ``_weight_int8pack_mm``, so
+one run compares the two; int4 is asymmetric in groups of ``--group-size``
+through ``aten._weight_int4pack_mm_for_cpu``. ``torchao`` rows apply
+``quantize_`` with its configs to the same bf16 model. Packed variants run
+bf16 activations because ``_weight_int8pack_mm`` and the int4 kernel are fast
+only there (fp32 activations take a slow path, several times slower than
+dense fp32). ``rel err`` compares the last prefill logits with fp32's. A
+config that fails on CPU prints its error instead of figures.
 
 Memory: each variant is rebuilt in a fresh subprocess (same seed); after the
 conversion the peak resident set (``VmHWM``) is reset through
@@ -49,7 +53,10 @@ import torch
 from proc_memory import reset_peak, status_bytes
 from tabulate import tabulate
 
-VARIANTS = ("fp32", "bf16", "fxcompress-int8", "fxcompress-int4", "torchao-int8", "torchao-int4")
+VARIANTS = ("fp32", "bf16", "fxcompress-int8", "fxcompress-int8pack", "fxcompress-int4", "torchao-int8",
+            "torchao-int4")
+#: ``pack_linears``' bits and int8 kernel (None: the default) of each fxcompress variant
+PACKED = {"fxcompress-int8": (8, None), "fxcompress-int8pack": (8, "int8pack"), "fxcompress-int4": (4, None)}
 
 
 def build(layers: int, seed: int = 0):
@@ -68,10 +75,11 @@ def convert(model, variant: str, group_size: int):
     if variant == "fp32":
         return model
     model = model.to(torch.bfloat16)
-    if variant.startswith("fxcompress"):
+    if variant in PACKED:
         from fxcompress.kernels import pack_linears
 
-        pack_linears(model, bits=8 if variant.endswith("int8") else 4, group_size=group_size)
+        bits, kernel = PACKED[variant]
+        pack_linears(model, bits=bits, group_size=group_size, int8_kernel=kernel)
     elif variant.startswith("torchao"):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
