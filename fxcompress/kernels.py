@@ -71,9 +71,11 @@ Int4WeightLinear(in_features=64, out_features=32, bias=True, group_size=32)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -86,6 +88,7 @@ from fxcompress.oneshot.quantize import RTN
 __all__ = [
     "INT4_GROUP_SIZES", "Packing", "packing_of", "PackedLinear", "Int8WeightLinear", "Int4WeightLinear",
     "pack_linear", "rtn_grid", "pack_linears", "kernels_available", "INT8_KERNELS", "split_int8",
+    "portable_kernels",
 ]
 
 #: The group sizes ``_weight_int4pack_mm_for_cpu`` accepts.
@@ -337,6 +340,26 @@ class Int8WeightLinear(PackedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel}"
+
+
+@contextlib.contextmanager
+def portable_kernels(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s oneDNN int8 layers on ``_weight_int8pack_mm`` inside the block (then switch them back).
+
+    oneDNN's prepacked weight is an opaque tensor that ``torch.export``'s
+    serializer cannot write; ``_weight_int8pack_mm`` is an ordinary aten op
+    on the plain int8 matrix, with the same weights and scales (outputs agree
+    to float32 rounding). :func:`fxcompress.save` exports inside this block.
+    """
+    modules = model.modules() if isinstance(model, nn.Module) else ()  # (an ExportedProgram has none)
+    switched = [m for m in modules if isinstance(m, Int8WeightLinear) and m.kernel == "onednn"]
+    for module in switched:
+        module._hold(module.weight_int8, "int8pack")
+    try:
+        yield
+    finally:
+        for module in switched:
+            module._hold(module.weight_packed, "onednn")
 
 
 class Int4WeightLinear(PackedLinear):

@@ -18,7 +18,10 @@ manifest's checksums, and refuses a program that calls anything but
 cannot make loading or running the model execute other code. It returns the
 ``torch.export`` module: it computes bit-for-bit what the saved model computes
 on inputs of the example inputs' shapes, in the mode the model was saved in
-(``.train()``/``.eval()`` raise, as on every ``torch.export`` module).
+(``.train()``/``.eval()`` raise, as on every ``torch.export`` module). The one
+exception: int8 weight-only layers that run oneDNN's kernel are saved on
+PyTorch's portable ``_weight_int8pack_mm`` (same weights and scales; outputs
+agree to float32 rounding, see :func:`fxcompress.kernels.portable_kernels`).
 
 With ``model`` and its example input ``x``:
 
@@ -43,6 +46,7 @@ from torch import nn
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError
+from fxcompress.kernels import portable_kernels
 from fxcompress.trace import accept_keywords, export_program, normalize_example_inputs
 
 __all__ = ["save", "load", "SavedModelError", "FORMAT", "VERSION"]
@@ -129,7 +133,8 @@ def save(model: nn.Module, path: str | os.PathLike, example_inputs=None) -> None
     from torch._export.serde.serialize import serialize
 
     inputs = _example_inputs(model, example_inputs)
-    ep = _export(model, inputs)
+    with portable_kernels(model):  # oneDNN's prepacked int8 weights cannot be serialized
+        ep = _export(model, inputs)
     program = serialize(ep, serialize_state_dict=False, serialize_constants=False,
                         serialize_example_inputs=False).exported_program
     tensors, aliases = _tensors(ep, inputs)

@@ -203,6 +203,22 @@ def test_the_onednn_layer_holds_its_weight_once_and_survives_state_dict_pickling
     assert copy.deepcopy(model).get_submodule("0").kernel == "int8pack"
 
 
+@needs_onednn
+def test_fxcompress_save_writes_onednn_int8_layers_on_the_portable_kernel(tmp_path):
+    """oneDNN's prepacked weight cannot be serialized: save exports those layers on _weight_int8pack_mm (same
+    weights and scales) and leaves the live model on oneDNN."""
+    x = torch.randn(3, 256)
+    model = fxcompress.compile(nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 16)).eval(), x,
+                               [PackWeights(bits=8)])
+    assert model.get_submodule("0").kernel == "onednn"
+    fxcompress.save(model, tmp_path / "int8.fxc")
+    loaded = fxcompress.load(tmp_path / "int8.fxc")
+    targets = {str(n.target) for n in loaded.graph.nodes if n.op == "call_function"}
+    assert "aten._weight_int8pack_mm.default" in targets and not any("onednn" in t for t in targets)
+    assert relative_error(loaded(x), model(x)) < 1e-5
+    assert model.get_submodule("0").kernel == "onednn" and model.get_submodule("0").weight_packed.layout == torch._mkldnn
+
+
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
 def test_the_int8_layer_runs_under_autograd_and_its_backward_raises(kernel):
     if kernel == "onednn" and kernels._onednn_missing():
