@@ -49,7 +49,10 @@ memory bound, so the digit rows cost nothing. A 6-layer TinyLlama-shaped
 Hugging Face Llama decode step took 25.0 ms with the oneDNN kernel against
 28.2 ms with ``_weight_int8pack_mm`` (fp32 dense: 52.2 ms); against the exact
 dequantized layer, a two-digit prototype's relative error was 2.9e-4 and
-``_weight_int8pack_mm``'s with bf16 activations 2.8e-3. The oneDNN kernel is
+``_weight_int8pack_mm``'s with bf16 activations 2.8e-3. Neither int8 kernel
+streams its weights as fast as fp32 ``F.linear`` streams its own (about 20 and
+13 GB/s against 28 GB/s, 24 such layers cycled), which is why int8 decoding
+gains about 1.8x, not 4x, over fp32 (``tools/bench_llm_speed.py``). The oneDNN kernel is
 fast with fp32 or bf16 activations; ``_weight_int8pack_mm`` and the int4
 kernel only with bf16 (fp32 activations take a slow path there, several times
 slower than a dense fp32 layer), so run those in bf16 (``model.to(torch.bfloat16)``
@@ -292,7 +295,8 @@ class Int8WeightLinear(PackedLinear):
         self.kernel = kernel
         held = weight_int8.contiguous()
         if kernel == "onednn":
-            held = torch.ops.onednn.qlinear_prepack(held, [1, self.in_features])
+            # the layout for the (at least) two digit rows a decode step sends: 7 % faster than a 1-row hint
+            held = torch.ops.onednn.qlinear_prepack(held, [2, self.in_features])
         self.register_buffer("weight_packed", held, persistent=False)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
