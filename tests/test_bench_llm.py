@@ -204,3 +204,22 @@ def test_issue_17s_checks_judge_the_best_recovered_25_percent_row_and_activation
     rows[3]["recovered"] = 4.45
     assert bench.acceptance(rows)[0]["met"] is False
     assert [c["issue"] for c in bench.acceptance(rows[:4])] == [17, 17]  # no 50 % rows, no check at 50 %
+
+
+def test_input_statistics_find_an_outlier_column_and_where_wanda_departs_from_magnitude():
+    """One input feature made 50x louder (the RMSNorm weight before the attention) is counted as an outlier in
+    the q/k/v projections' inputs, and Wanda's mask departs further from magnitude's there."""
+    bench = _bench()
+    model = L.tiny_llama(L.tiny_llama_config(hidden=32, layers=1, heads=4, kv_heads=2, ffn=64, seq_len=16), seed=0).eval()
+    calibration = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = {r["layer"]: r for r in bench.input_statistics(model, calibration)}
+    assert set(before) == {f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                           "mlp.down_proj")}
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] *= 50
+    after = {r["layer"]: r for r in bench.input_statistics(model, calibration)}
+    q = "model.layers.0.self_attn.q_proj"
+    assert before[q]["outlier_columns"] == 0 and after[q]["outlier_columns"] == 1 and after[q]["columns"] == 32
+    assert after[q]["max_over_median"] > 20 > before[q]["max_over_median"]
+    assert after[q]["wanda_equals_magnitude"] < before[q]["wanda_equals_magnitude"]

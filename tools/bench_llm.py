@@ -128,7 +128,7 @@ from fxcompress.report import count_nonzero_params, count_params
 
 
 __all__ = ["METHODS", "Method", "ModelSettings", "STRUCTURED", "ACCEPTANCE", "Check", "RecoveredWithin", "acceptance",
-           "load_or_train", "ngram_counts", "ngram_perplexity", "run", "main"]
+           "load_or_train", "input_statistics", "ngram_counts", "ngram_perplexity", "run", "main"]
 
 #: A method: (dense model, calibration input_ids (n, seq_len) int64) -> compressed model, called as
 #: ``model(input_ids)`` and returning logits (a tensor or an object with ``.logits``). The dense model is the
@@ -551,6 +551,54 @@ def baseline_rows(corpus, sequences: torch.Tensor, valid: torch.Tensor) -> list[
 # ---------------------------------------------------------------------------- the table
 
 
+#: A column of a linear layer's input is an outlier feature when its norm over the calibration tokens exceeds
+#: this multiple of the median column's (LLM.int8()'s magnitude-6 threshold, applied to the column norms).
+OUTLIER_MULTIPLE = 6.0
+
+
+def input_statistics(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> list[dict]:
+    """Per decoder linear layer, what Wanda and SmoothQuant rely on: how uneven its input columns are.
+
+    Wanda scores weight ``W[i, j]`` by ``|W[i, j]| * ||X_j||`` (``X_j``: input column ``j`` over the
+    calibration tokens); it differs from magnitude only where the column norms differ, and it pays off where
+    a few columns carry outlier features hundreds of times the median (large LLMs). Each row gives the
+    largest column norm over the median, the number of outlier columns (:data:`OUTLIER_MULTIPLE`), and the
+    share of weights on which Wanda's 50 % mask (per output row) equals magnitude's.
+    """
+    from fnmatch import fnmatchcase
+
+    squares: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, inputs):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            squares[name] = squares.get(name, 0) + x.square().sum(0)
+        return hook
+
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and any(fnmatchcase(name, p) for p in DECODER_LINEARS)}
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches(calibration, batch_size):
+                model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for name, layer in layers.items():
+        norms = squares[name].sqrt()
+        median = norms.median()
+        weight = layer.weight.detach().abs()
+        kept = weight.shape[1] // 2
+        masks = [torch.zeros_like(weight, dtype=torch.bool).scatter_(1, score.argsort(1)[:, :kept], True)
+                 for score in (weight, weight * norms)]
+        rows.append({"layer": name, "max_over_median": float(norms.max() / median),
+                     "outlier_columns": int((norms > OUTLIER_MULTIPLE * median).sum()), "columns": len(norms),
+                     "wanda_equals_magnitude": float((masks[0] == masks[1]).float().mean())})
+    return rows
+
+
 def run(methods: list[str], model: nn.Module, sequences: torch.Tensor, calibration: torch.Tensor,
         batch_size: int = 8, log=print, recovery: P.Recovery | None = None, train_tokens: torch.Tensor | None = None,
         recover_batch: int = 8) -> list[dict]:
@@ -638,6 +686,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"distillation temperature (default {P.Recovery.temperature:g})")
     parser.add_argument("--recover-ce", type=float, default=P.Recovery.ce_weight,
                         help=f"weight of next-token cross-entropy beside the distillation (default {P.Recovery.ce_weight:g})")
+    parser.add_argument("--input-statistics", action="store_true",
+                        help="print each decoder layer's input-column statistics (what Wanda and SmoothQuant rely "
+                             "on) on the calibration sequences, instead of the methods' table")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the settings, training figures and rows as JSON")
     args = parser.parse_args(argv)
@@ -659,6 +710,13 @@ def main(argv=None) -> dict:
     corpus = stdlib_corpus()
     sequences = eval_sequences(args.n_eval, args.seq_len, args.eval_split, corpus)
     calibration = calibration_sequences(args.calibration, args.seq_len, seed=args.seed, corpus=corpus)
+    if args.input_statistics:
+        rows = input_statistics(model, calibration, args.batch_size)
+        print(tabulate([[r["layer"], f"{r['max_over_median']:.1f}", f"{r['outlier_columns']} / {r['columns']}",
+                         f"{r['wanda_equals_magnitude']:.3f}"] for r in rows],
+                       headers=["layer", "max / median column norm", f"columns > {OUTLIER_MULTIPLE:g}x median",
+                                "Wanda 50% mask = magnitude's"], disable_numparse=True))
+        return {"settings": vars(args), "input_statistics": rows}
     baselines = baseline_rows(corpus, sequences, eval_sequences(min(args.n_eval, 64), args.seq_len, "valid", corpus))
     methods = args.methods.split(",")
     methods = methods if "dense" in methods else ["dense", *methods]  # every Δ is against it
