@@ -27,6 +27,24 @@ def test_quantizers_sit_after_activations_and_pools_share_the_grid():
     ]
 
 
+def test_gelu_is_quantized_after_a_linear_layer_but_not_after_a_conv():
+    """A linear layer's GELU is fused (ONNX Runtime's QGemm hands it a float output, Inductor's qlinear takes it
+    as a post-op): one quantizer after it. ONNX Runtime's int8 conv needs its output quantized: one before it."""
+
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(36, 8)
+            self.conv_act, self.fc_act = torch.nn.GELU(), torch.nn.GELU()
+
+        def forward(self, x):
+            return self.fc_act(self.fc(self.conv_act(self.conv(x)).flatten(1)))
+
+    gm = fxcompress.compile(Both().eval(), torch.randn(2, 3, 5, 5), [InsertObservers(config())])
+    modules = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert modules == ["x_aq", "conv", "conv_aq", "conv_act", "flatten_aq", "fc", "fc_act", "fc_act_aq"]
+
+
 def test_weights_get_per_channel_quantizers():
     gm = _compiled()
     for name in ("conv1", "conv2", "fc1", "fc2"):

@@ -4,7 +4,9 @@ ONNX Runtime runs a block in int8 only when every input of an int8 op comes
 from a DequantizeLinear and its output goes straight into a QuantizeLinear.
 So every float tensor that enters a quantized op is quantized, and so is every
 quantized op's output — after the activation functions that follow it
-(``conv -> relu -> Q`` is one fused int8 kernel). Ops that only move values
+(``conv -> relu -> Q`` is one fused int8 kernel). GELU follows linear layers
+only: ONNX Runtime's QGemm hands it a float output and Inductor's qlinear
+takes it as a post-op, but ONNX Runtime's int8 conv must end in a quantize. Ops that only move values
 (max-pool, reshape, flatten) reuse their input's grid, which costs nothing:
 their outputs already lie on it.
 
@@ -35,6 +37,9 @@ __all__ = ["OpRole", "OP_ROLES", "QuantPlan", "plan_activations", "op_role", "is
 class OpRole(enum.Enum):
     QUANTIZED = "quantized"  # inputs and output on an int8 grid (conv, linear, add, matmul, avg-pool, cat)
     FOLLOWER = "follower"  # fused into the producer: the producer's output is quantized after it (relu, bn)
+    # fused into a linear producer only (gelu): ONNX Runtime's QGemm can hand a float output to it and
+    # Inductor's qlinear takes it as a post-op, while ONNX Runtime's int8 conv needs its output quantized
+    LINEAR_FOLLOWER = "linear-follower"
     SHARE = "share"  # moves values only: output reuses the input's grid (max-pool, reshape, flatten)
 
 
@@ -49,6 +54,7 @@ OP_ROLES: dict[object, OpRole] = {
     nn.ReLU: OpRole.FOLLOWER, torch.relu: OpRole.FOLLOWER, F.relu: OpRole.FOLLOWER, ".relu": OpRole.FOLLOWER,
     nn.ReLU6: OpRole.FOLLOWER, F.relu6: OpRole.FOLLOWER,
     nn.BatchNorm1d: OpRole.FOLLOWER, nn.BatchNorm2d: OpRole.FOLLOWER, nn.BatchNorm3d: OpRole.FOLLOWER,
+    nn.GELU: OpRole.LINEAR_FOLLOWER, F.gelu: OpRole.LINEAR_FOLLOWER, torch.ops.aten.gelu.default: OpRole.LINEAR_FOLLOWER,
     nn.MaxPool1d: OpRole.SHARE, nn.MaxPool2d: OpRole.SHARE, F.max_pool2d: OpRole.SHARE,
     torch.flatten: OpRole.SHARE, ".flatten": OpRole.SHARE, nn.Flatten: OpRole.SHARE,
     torch.reshape: OpRole.SHARE, ".reshape": OpRole.SHARE, ".view": OpRole.SHARE,
@@ -87,11 +93,17 @@ class QuantPlan:
     shares: dict[fx.Node, fx.Node]  # SHARE node -> the node whose quantizer it reuses
 
 
+def _is_linear_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and issubclass(type_before_parametrizations(gm.get_submodule(node.target)),
+                                                   nn.Linear)
+
+
 def _anchor(gm: fx.GraphModule, node: fx.Node, config: QConfig) -> fx.Node:
     """Follow single-user activation functions: their output is where the op's result is quantized."""
+    followers = (OpRole.FOLLOWER, OpRole.LINEAR_FOLLOWER) if _is_linear_layer(gm, node) else (OpRole.FOLLOWER,)
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if op_role(gm, user, config) is not OpRole.FOLLOWER or user.args[:1] != (node,):
+        if op_role(gm, user, config) not in followers or user.args[:1] != (node,):
             break
         node = user
     return node
