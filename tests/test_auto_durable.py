@@ -67,6 +67,7 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # ~10 s: a real worker process killed mid-trial; the default run keeps under 5 minutes
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_a_worker_killed_mid_trial_loses_only_its_trial(tmp_path):
     (tmp_path / "model.py").write_text(MODEL_FILE, encoding="utf-8")

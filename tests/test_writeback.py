@@ -275,6 +275,7 @@ def test_a_config_left_at_the_old_heads_is_caught(monkeypatch):
         write_back(model, graph)
 
 
+@pytest.mark.slow  # ~5 s; the default run keeps under 5 minutes
 def test_a_tied_embedding_excluded_by_its_own_name_keeps_the_hidden_size():
     """Gemma ties ``lm_head`` to the embedding and the captured graph reads the tensor as ``lm_head.weight``:
     excluding ``model.embed_tokens`` still keeps the residual width; without the exclusion the hidden size
