@@ -556,45 +556,35 @@ def baseline_rows(corpus, sequences: torch.Tensor, valid: torch.Tensor) -> list[
 OUTLIER_MULTIPLE = 6.0
 
 
-def input_statistics(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> list[dict]:
+def input_statistics(model: nn.Module, calibration: torch.Tensor) -> list[dict]:
     """Per decoder linear layer, what Wanda and SmoothQuant rely on: how uneven its input columns are.
 
     Wanda scores weight ``W[i, j]`` by ``|W[i, j]| * ||X_j||`` (``X_j``: input column ``j`` over the
     calibration tokens); it differs from magnitude only where the column norms differ, and it pays off where
     a few columns carry outlier features hundreds of times the median (large LLMs). Each row gives the
     largest column norm over the median, the number of outlier columns (:data:`OUTLIER_MULTIPLE`), and the
-    share of weights on which Wanda's 50 % mask (per output row) equals magnitude's.
+    share of weights on which Wanda's 50 % mask (per output row) equals magnitude's. The norms are measured
+    as the data-aware pruners measure them (``linear_input_norms`` on the captured graph).
     """
-    from fnmatch import fnmatchcase
+    from fxcompress.oneshot.engine import selected_linear_sites
+    from fxcompress.prune.data_aware import linear_input_norms
 
-    squares: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(module, inputs):
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            squares[name] = squares.get(name, 0) + x.square().sum(0)
-        return hook
-
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and any(fnmatchcase(name, p) for p in DECODER_LINEARS)}
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches(calibration, batch_size):
-                model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the capture's notes on constant batch sizes and the causal mask's ops
+        gm = fxcompress.trace(model, _example(calibration))
+    targets = [site.target for site in selected_linear_sites(gm, (nn.Module,), DECODER_LINEARS, ())]
+    evaluator = _calibration_evaluator(calibration)
+    norms = linear_input_norms(gm, evaluator, set(targets), len(evaluator.data))
     rows = []
-    for name, layer in layers.items():
-        norms = squares[name].sqrt()
-        median = norms.median()
-        weight = layer.weight.detach().abs()
+    for target in targets:
+        columns = norms[target]
+        median = columns.median()
+        weight = model.get_parameter(target).detach().abs().double()
         kept = weight.shape[1] // 2
         masks = [torch.zeros_like(weight, dtype=torch.bool).scatter_(1, score.argsort(1)[:, :kept], True)
-                 for score in (weight, weight * norms)]
-        rows.append({"layer": name, "max_over_median": float(norms.max() / median),
-                     "outlier_columns": int((norms > OUTLIER_MULTIPLE * median).sum()), "columns": len(norms),
+                 for score in (weight, weight * columns)]
+        rows.append({"layer": target.removesuffix(".weight"), "max_over_median": float(columns.max() / median),
+                     "outlier_columns": int((columns > OUTLIER_MULTIPLE * median).sum()), "columns": len(columns),
                      "wanda_equals_magnitude": float((masks[0] == masks[1]).float().mean())})
     return rows
 
@@ -711,7 +701,7 @@ def main(argv=None) -> dict:
     sequences = eval_sequences(args.n_eval, args.seq_len, args.eval_split, corpus)
     calibration = calibration_sequences(args.calibration, args.seq_len, seed=args.seed, corpus=corpus)
     if args.input_statistics:
-        rows = input_statistics(model, calibration, args.batch_size)
+        rows = input_statistics(model, calibration)
         print(tabulate([[r["layer"], f"{r['max_over_median']:.1f}", f"{r['outlier_columns']} / {r['columns']}",
                          f"{r['wanda_equals_magnitude']:.3f}"] for r in rows],
                        headers=["layer", "max / median column norm", f"columns > {OUTLIER_MULTIPLE:g}x median",

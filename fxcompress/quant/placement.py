@@ -6,9 +6,9 @@ So every float tensor that enters a quantized op is quantized, and so is every
 quantized op's output — after the activation functions that follow it
 (``conv -> relu -> Q`` is one fused int8 kernel). GELU follows linear layers
 only: ONNX Runtime's QGemm hands it a float output and Inductor's qlinear
-takes it as a post-op, but ONNX Runtime's int8 conv must end in a quantize. Ops that only move values
-(max-pool, reshape, flatten) reuse their input's grid, which costs nothing:
-their outputs already lie on it.
+takes it as a post-op, but ONNX Runtime's int8 conv must end in a quantize.
+Ops that only move values (max-pool, reshape, flatten) reuse their input's
+grid, which costs nothing: their outputs already lie on it.
 
 Keys of :data:`OP_ROLES` are spelled as every op table's are
 (:mod:`fxcompress.ops`): ``nn.Module`` types, Python callables, or
@@ -27,7 +27,8 @@ from torch import fx, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from fxcompress import meta
-from fxcompress.ops import lookup
+from fxcompress.oneshot.engine import LINEAR_OPS
+from fxcompress.ops import lookup, runs_one_of
 from fxcompress.quant.config import WEIGHTED_TYPES, QConfig
 from fxcompress.quant.quantizers import Quantizer
 
@@ -93,14 +94,9 @@ class QuantPlan:
     shares: dict[fx.Node, fx.Node]  # SHARE node -> the node whose quantizer it reuses
 
 
-def _is_linear_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and issubclass(type_before_parametrizations(gm.get_submodule(node.target)),
-                                                   nn.Linear)
-
-
 def _anchor(gm: fx.GraphModule, node: fx.Node, config: QConfig) -> fx.Node:
     """Follow single-user activation functions: their output is where the op's result is quantized."""
-    followers = (OpRole.FOLLOWER, OpRole.LINEAR_FOLLOWER) if _is_linear_layer(gm, node) else (OpRole.FOLLOWER,)
+    followers = (OpRole.FOLLOWER, OpRole.LINEAR_FOLLOWER) if runs_one_of(LINEAR_OPS, gm, node) else (OpRole.FOLLOWER,)
     while len(node.users) == 1:
         user = next(iter(node.users))
         if op_role(gm, user, config) not in followers or user.args[:1] != (node,):
