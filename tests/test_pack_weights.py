@@ -380,3 +380,13 @@ def test_pack_linears_packs_an_eager_model_in_place():
     assert isinstance(model[0], Int4WeightLinear) and isinstance(model[2], nn.Linear)
     assert 0 < relative_error(model(x), reference) < 0.2
     assert pack_linears(nn.Sequential(nn.Linear(64, 8)), bits=8) == {"0": "int8"}
+
+
+def test_bench_kernels_times_every_kernel_against_fp32(helpers, capsys):
+    rows = helpers.load_tool("bench_kernels").main(["--layers", "2", "--out", "32", "--in", "256", "--rounds", "1",
+                                                    "--threads", "1"])
+    names = [row[0] for row in rows]
+    assert names[0] == "fp32" and names[-1] == "int4 g128" and "int8 int8pack" in names
+    assert ("int8 onednn" in names) == (not kernels._onednn_missing())
+    assert rows[0][3] == "1.00" and all(float(row[1]) > 0 and float(row[3]) > 0 for row in rows)
+    assert "weight GB/s" in capsys.readouterr().out
