@@ -41,18 +41,15 @@ The kernels (CPU):
   Grids of 2 or 3 bits fit the same container (their integers are below 16):
   they run at int4 speed, exactly.
 
-Speed, measured on an AVX-512 VNNI Xeon, 2 threads, torch 2.14, on a
-5632 x 2048 layer at batch 1 with its weights not in cache: fp32
-``F.linear`` 1.65 ms, ``_weight_int8pack_mm`` (bf16 activations) 0.87-0.90
-ms, oneDNN's int8 GEMM 0.58 ms for one row and the same for two: decoding is
-memory bound, so the digit rows cost nothing. A 6-layer TinyLlama-shaped
-Hugging Face Llama decode step took 25.0 ms with the oneDNN kernel against
-28.2 ms with ``_weight_int8pack_mm`` (fp32 dense: 52.2 ms); against the exact
-dequantized layer, a two-digit prototype's relative error was 2.9e-4 and
-``_weight_int8pack_mm``'s with bf16 activations 2.8e-3. Neither int8 kernel
-streams its weights as fast as fp32 ``F.linear`` streams its own (about 20 and
-13 GB/s against 28 GB/s, 24 such layers cycled), which is why int8 decoding
-gains about 1.8x, not 4x, over fp32 (``tools/bench_llm_speed.py``). The oneDNN kernel is
+Speed: ``python tools/bench_kernels.py`` times each kernel's module on 24
+cycled 5632 x 2048 layers (too many for the caches) at one activation row.
+On an AVX-512 VNNI Xeon, 2 threads, torch 2.14: fp32 ``F.linear`` streams
+its weights at 30 GB/s, the oneDNN int8 layer at 15 GB/s (2.0x fp32, the
+activation split included), the ``_weight_int8pack_mm`` layer at 13 GB/s
+(1.8x) and the int4 layer its half-byte weights at 12 GB/s (3.1x). Decoding is
+memory bound, so the digit rows cost the GEMM nothing. Against the exact
+dequantized layer the oneDNN layer is within float32 rounding for fp32 input
+(three digits) and finer than bf16 for bf16 input (two), as the tests check. The oneDNN kernel is
 fast with fp32 or bf16 activations; ``_weight_int8pack_mm`` and the int4
 kernel only with bf16 (fp32 activations take a slow path there, several times
 slower than a dense fp32 layer), so run those in bf16 (``model.to(torch.bfloat16)``
