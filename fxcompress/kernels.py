@@ -10,8 +10,14 @@ dequantize on the fly.
 
 The kernels (CPU):
 
-* ``torch.ops.onednn.qlinear_pointwise`` (:class:`Int8WeightLinear`'s default
-  where it can run) is oneDNN's int8 GEMM, the one Inductor lowers int8
+* ``native`` (:class:`Int8WeightLinear`'s default where it can run) is
+  fxcompress's own int8 matrix-vector kernel (:func:`fxcompress.native.gemv_int8`,
+  C with AVX-512 VNNI, built on first use with the system C compiler). It
+  writes each activation row as two (bf16) or three (fp32) bytes of fixed
+  point, multiplies them by the int8 weight exactly with ``vpdpbusd`` and
+  holds the weight on huge pages; it serves up to four rows (decoding), and
+  more rows (a prompt) go to ``_weight_int8pack_mm``'s GEMM on the same matrix.
+* ``torch.ops.onednn.qlinear_pointwise`` (``"onednn"``) is oneDNN's int8 GEMM, the one Inductor lowers int8
   models to. It takes only int8 activations, so the layer keeps weight-only
   numerics by writing each activation row as int8 *digits*
   (:func:`split_int8`): with ``step = max|row| / 127``, ``row = step * (d0 +
@@ -44,9 +50,10 @@ The kernels (CPU):
 Speed: ``python tools/bench_kernels.py`` times each kernel's module on 24
 cycled 5632 x 2048 layers (too many for the caches) at one activation row.
 On an AVX-512 VNNI Xeon, 2 threads, torch 2.14: fp32 ``F.linear`` streams
-its weights at 30 GB/s, the oneDNN int8 layer at 15 GB/s (2.0x fp32, the
-activation split included), the ``_weight_int8pack_mm`` layer at 13 GB/s
-(1.8x) and the int4 layer its half-byte weights at 12 GB/s (3.1x). Decoding is
+its weights at 30 GB/s, the native int8 layer at 21 GB/s (2.8x fp32), the
+oneDNN int8 layer at 15 GB/s (1.95x, the activation split included), the
+``_weight_int8pack_mm`` layer at 13 GB/s (1.75x) and the int4 layer its
+half-byte weights at 12 GB/s (3.2x). Decoding is
 memory bound, so the digit rows cost the GEMM nothing. Against the exact
 dequantized layer the oneDNN layer is within float32 rounding for fp32 input
 (three digits) and finer than bf16 for bf16 input (two), as the tests check. The oneDNN kernel is
@@ -80,6 +87,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from fxcompress import native
 from fxcompress.errors import ConfigError
 from fxcompress.oneshot.engine import Layer
 from fxcompress.oneshot.grid import WeightGrid
@@ -95,9 +103,11 @@ __all__ = [
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _INT4_ROWS = 16  # the int4 packing works on blocks of 16 output rows
 _INNER_K_TILES = 2  # the packing's tile argument; the CPU layout is [out, in / 2] whatever it is
-#: :class:`Int8WeightLinear`'s kernels: oneDNN's int8 GEMM on activations split into int8 digits, or
-#: ``aten._weight_int8pack_mm`` (see the module docstring).
-INT8_KERNELS = ("onednn", "int8pack")
+#: :class:`Int8WeightLinear`'s kernels, in the default's order of preference: fxcompress's own VNNI matrix-vector
+#: kernel for decode rows, oneDNN's int8 GEMM on activations split into int8 digits, ``aten._weight_int8pack_mm``
+#: (see the module docstring).
+INT8_KERNELS = ("native", "onednn", "int8pack")
+_NATIVE_ROWS = 4  # the native kernel streams the weight once per row: more rows (a prompt) go to int8pack's GEMM
 _DIGIT_BASE = 254  # each digit counts 1/254 of the one before: a remainder in [-1/2, 1/2] becomes [-127, 127]
 _LARGEST_PRODUCT = 127 * 128  # |digit x weight|: oneDNN sums in int32, so in_features * this must stay below 2**31
 
@@ -118,17 +128,28 @@ def _onednn_missing() -> str:
     return ""
 
 
+def _int8_kernel_missing(kernel: str, in_features: int) -> str:
+    """Why ``kernel`` cannot run a layer of ``in_features`` inputs in this process, or ``""`` when it can."""
+    if kernel == "int8pack":
+        return ""
+    missing = native.gemv_int8_missing() if kernel == "native" else _onednn_missing()
+    largest = native.GEMV_MAX_INPUTS if kernel == "native" else (2**31 - 1) // _LARGEST_PRODUCT
+    if not missing and in_features > largest:
+        missing = f"{in_features} inputs could overflow its int32 sums (at most {largest})"
+    return missing
+
+
 def _int8_kernel(kernel: str | None, in_features: int) -> str:
-    """``kernel`` once checked to run here, or for None the default: oneDNN where it can run, else
-    ``_weight_int8pack_mm``."""
+    """``kernel`` once checked to run here, or for None the default: the first of :data:`INT8_KERNELS` that
+    runs here."""
     if kernel is not None and kernel not in INT8_KERNELS:
         raise ConfigError(f"Int8WeightLinear: kernel must be one of {', '.join(INT8_KERNELS)} or None, got {kernel!r}")
-    missing = _onednn_missing()
-    if not missing and in_features * _LARGEST_PRODUCT >= 2**31:
-        missing = f"{in_features} inputs could overflow its int32 sums"
-    if kernel == "onednn" and missing:
-        raise ConfigError(f"Int8WeightLinear: the onednn kernel cannot run here: {missing}")
-    return kernel or ("int8pack" if missing else "onednn")
+    if kernel is None:
+        return next(k for k in INT8_KERNELS if not _int8_kernel_missing(k, in_features))
+    missing = _int8_kernel_missing(kernel, in_features)
+    if missing:
+        raise ConfigError(f"Int8WeightLinear: the {kernel} kernel cannot run here: {missing}")
+    return kernel
 
 
 def split_int8(x: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,10 +176,16 @@ def split_int8(x: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(parts).to(torch.int8), largest / 127
 
 
+def _digits(dtype: torch.dtype) -> int:
+    """Digits per activation for the digit-splitting kernels: three for float32 inputs (outputs to float32
+    rounding), two for bf16 and fp16 (finer than they are)."""
+    return 3 if torch.finfo(dtype).bits >= 32 else 2
+
+
 def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ (q * scales[:, None]).T`` in float32 for oneDNN's prepacked ``q``, through :func:`split_int8`:
     three digits for float32 ``x`` (outputs to float32 rounding), two for bf16 and fp16 (finer than they are)."""
-    digits = 3 if torch.finfo(x.dtype).bits >= 32 else 2  # (never one: a single row runs ~70x slower in oneDNN)
+    digits = _digits(x.dtype)  # (never one: a single row runs ~70x slower in oneDNN)
     q, step = split_int8(x, digits)
     zero_points = torch.zeros(len(scales), dtype=torch.long)
     y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales.float(), zero_points, None, 1.0, 0,
@@ -169,13 +196,30 @@ def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) 
     return total * step
 
 
+def _int8pack_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``aten._weight_int8pack_mm``. bf16 rows whose width is not a multiple of 16 go in float32: there torch
+    2.14's bf16 kernel crashes (widths such as 100 or 255) or returns wrong sums (8, 24)."""
+    if x.dtype == torch.bfloat16 and x.shape[-1] % 16:
+        x = x.float()
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scales.to(x.dtype))
+
+
+def _native_linear(x: torch.Tensor, weight: torch.Tensor, row_sums: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight * scales[:, None]).T`` by :func:`fxcompress.native.gemv_int8`, with :func:`_digits`' digits."""
+    return native.gemv_int8(x, weight, row_sums, scales, _digits(x.dtype))
+
+
+_CPU_SPECIFIC = ("native", "onednn")  # kernels an exported program must not hold
+
+
 class _InferenceOnly(torch.autograd.Function):
-    """:func:`_onednn_linear`, whose backward raises as ``_weight_int8pack_mm``'s does. Left to autograd, the
-    int8 digits would carry no gradient and a wrong one would flow through ``step`` alone."""
+    """A digit-splitting kernel ``run(x, *weights)`` whose backward raises as ``_weight_int8pack_mm``'s does.
+    Left to autograd, the digits would carry no gradient and a wrong one would flow through ``step`` alone (or,
+    for the native kernel, none at all)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return _onednn_linear(x, packed, scales)
+    def forward(run, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        return run(x, *weights)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -267,10 +311,11 @@ class PackedLinear(nn.Module):
 
 class Int8WeightLinear(PackedLinear):
     """``y = x @ ((q - z) * scale).T + bias`` with ``int8`` ``q - offset`` (``out x in``), through ``kernel``:
-    ``"onednn"`` or ``"int8pack"`` (see the module docstring); None, the default, picks oneDNN where it runs.
+    one of :data:`INT8_KERNELS` (see the module docstring); None, the default, picks the first that runs here.
 
     The weight is held once, as ``weight_packed`` in the form the kernel reads (oneDNN's prepacked, opaque
-    tensor, or the int8 matrix itself). ``weight_int8`` reads it back as the ``out x in`` int8 matrix; that
+    tensor, or the int8 matrix itself; the native kernel also keeps each row's int32 total, ``row_sums``).
+    ``weight_int8`` reads it back as the ``out x in`` int8 matrix; that
     is what ``state_dict``, pickling and ``copy.deepcopy`` carry (an opaque tensor has no storage to save or
     copy), packed again when loaded. Inference only: the backward raises.
     """
@@ -290,21 +335,32 @@ class Int8WeightLinear(PackedLinear):
 
     def _hold(self, weight_int8: torch.Tensor, kernel: str) -> None:
         self.kernel = kernel
-        held = weight_int8.contiguous()
+        held = native.huge_page_copy(weight_int8) if kernel == "native" else weight_int8.contiguous()
         if kernel == "onednn":
             # the layout for the (at least) two digit rows a decode step sends
             held = torch.ops.onednn.qlinear_prepack(held, [2, self.in_features])
         self.register_buffer("weight_packed", held, persistent=False)
+        self.register_buffer("row_sums", held.sum(1, dtype=torch.int32) if kernel == "native" else None,
+                             persistent=False)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "onednn":  # (autograd.Function's apply costs about 10 us a call: only where needed)
-            run = _InferenceOnly.apply if torch.is_grad_enabled() and x.requires_grad else _onednn_linear
-            y = run(x, self.weight_packed, self.scales)
+        if self.kernel == "onednn":
+            y = self._digit_kernel(_onednn_linear, x, self.weight_packed, self.scales)
+        elif self.kernel == "native" and len(x) <= _NATIVE_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+            y = self._digit_kernel(_native_linear, x, self.weight_packed, self.row_sums, self.scales.to(x.dtype))
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.weight_packed, self.scales.to(x.dtype))
+            y = _int8pack_linear(x, self.weight_packed, self.scales)
         if self.correction is not None:
             y = y - x.sum(-1, keepdim=True, dtype=y.dtype) * self.correction.to(y.dtype)
         return y.to(x.dtype)
+
+    @staticmethod
+    def _digit_kernel(run, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        """``run(x, *weights)``, through :class:`_InferenceOnly` where autograd records (its ``apply`` costs about
+        10 us a call: only where needed)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _InferenceOnly.apply(run, x, *weights)
+        return run(x, *weights)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -335,9 +391,9 @@ class Int8WeightLinear(PackedLinear):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        # a module pickled where oneDNN ran takes this machine's default kernel
-        self._hold(self.weight_packed, _int8_kernel(None if self.kernel == "onednn" else self.kernel,
-                                                    self.in_features))
+        # a module pickled where its kernel ran, loaded where it cannot, takes this machine's default kernel
+        kernel = None if _int8_kernel_missing(self.kernel, self.in_features) else self.kernel
+        self._hold(self.weight_packed, _int8_kernel(kernel, self.in_features))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel}"
@@ -345,22 +401,24 @@ class Int8WeightLinear(PackedLinear):
 
 @contextlib.contextmanager
 def portable_kernels(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s oneDNN int8 layers on ``_weight_int8pack_mm`` inside the block (then switch them back).
+    """Run ``model``'s native and oneDNN int8 layers on ``_weight_int8pack_mm`` inside the block (then switch
+    them back).
 
     oneDNN's prepacked weight is an opaque tensor that ``torch.export``'s
-    serializer cannot write; ``_weight_int8pack_mm`` is an ordinary aten op
-    on the plain int8 matrix, with the same weights and scales (outputs agree
-    to float32 rounding). :func:`fxcompress.save` exports inside this block.
+    serializer cannot write, and the native kernel is a C call that
+    ``torch.export`` cannot trace; ``_weight_int8pack_mm`` is an ordinary aten
+    op on the plain int8 matrix, with the same weights and scales (outputs
+    agree to float32 rounding). :func:`fxcompress.save` exports inside this block.
     """
     modules = model.modules() if isinstance(model, nn.Module) else ()  # (an ExportedProgram has none)
-    switched = [m for m in modules if isinstance(m, Int8WeightLinear) and m.kernel == "onednn"]
+    switched = {m: m.kernel for m in modules if isinstance(m, Int8WeightLinear) and m.kernel in _CPU_SPECIFIC}
     for module in switched:
         module._hold(module.weight_int8, "int8pack")
     try:
         yield
     finally:
-        for module in switched:
-            module._hold(module.weight_packed, "onednn")
+        for module, kernel in switched.items():
+            module._hold(module.weight_packed, kernel)
 
 
 class Int4WeightLinear(PackedLinear):

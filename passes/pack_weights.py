@@ -40,7 +40,7 @@ from torch import fx, nn
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError
-from fxcompress.kernels import packing_of, pack_linear, rtn_grid
+from fxcompress.kernels import INT8_KERNELS, packing_of, pack_linear, rtn_grid
 from fxcompress.masks import forward_value, public_name, split_target
 from fxcompress.oneshot import LinearSite, linear_sites
 from fxcompress.oneshot.engine import current_value
@@ -58,11 +58,14 @@ class PackWeights(Pass):
     ``bits`` 0 (default) packs only layers with a grid; 8 or 4 also quantizes
     the other selected layers (round to nearest, ``group_size`` columns per
     int4 scale). ``op_types``/``op_names``/``exclude`` select layers as
-    one-shot algorithms do.
+    one-shot algorithms do. ``int8_kernel`` forces the int8 layers' kernel
+    (one of :data:`fxcompress.kernels.INT8_KERNELS`; None: the first that runs
+    here).
     """
 
     bits: int = 0
     group_size: int = 128
+    int8_kernel: str | None = None
     op_types: tuple[type[nn.Module], ...] = (nn.Linear,)
     op_names: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -74,6 +77,9 @@ class PackWeights(Pass):
             raise ConfigError(f"pack-weights: bits must be 0 (only layers already quantized), 4 or 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ConfigError(f"pack-weights: group_size must be a positive integer, got {self.group_size!r}")
+        if self.int8_kernel is not None and self.int8_kernel not in INT8_KERNELS:
+            raise ConfigError(f"pack-weights: int8_kernel must be one of {', '.join(INT8_KERNELS)} or None, got "
+                              f"{self.int8_kernel!r}")
         normalize_selection(self)
 
     @property
@@ -82,7 +88,7 @@ class PackWeights(Pass):
         return self.bits == 0
 
     def run(self, gm: fx.GraphModule) -> bool:
-        packer = LayerPacker(gm, self.bits, self.group_size)
+        packer = LayerPacker(gm, self.bits, self.group_size, self.int8_kernel)
         for site in linear_sites(gm, self):  # a weight the graph reads twice is left alone, with its own warning
             packer(site)
         return packer.finish(stacklevel=5)
@@ -95,13 +101,14 @@ class LayerPacker:
     :class:`PackWeights` runs it over every selected layer; ``OneShot(...,
     pack=True)`` calls it on each layer as soon as the one-shot engine is done
     with it, so the dense quantized weights never all exist at once (a
-    1.1B-parameter model's would be a second fp32 model). ``bits`` and
-    ``group_size`` are :class:`PackWeights`' options.
+    1.1B-parameter model's would be a second fp32 model). ``bits``,
+    ``group_size`` and ``int8_kernel`` are :class:`PackWeights`' options.
     """
 
     gm: fx.GraphModule
     bits: int = 0
     group_size: int = 128
+    int8_kernel: str | None = None
     left: list[str] = dataclasses.field(default_factory=list)
     changed: bool = False
 
@@ -112,7 +119,7 @@ class LayerPacker:
         """Pack ``site``'s layer if it lies on a grid a kernel takes; return the node that replaced the site's
         node (an exported ``linear`` call becomes a ``call_module``), else None."""
         grids = self.gm.meta.get(meta.WEIGHT_GRIDS, {})  # read now: a one-shot run records them as it goes
-        why, node = _pack_site(self.gm, site, grids.get(site.target), self.bits, self.group_size, self.reads)
+        why, node = _pack_site(self.gm, site, grids.get(site.target), self)
         if why is None:
             grids.pop(site.target, None)  # the float parameter it described is gone
             self.changed = True
@@ -131,18 +138,17 @@ class LayerPacker:
         return self.changed
 
 
-def _pack_site(gm: fx.GraphModule, site: LinearSite, grid, bits: int, group_size: int,
-               reads: Counter) -> tuple[str | None, fx.Node | None]:
-    """Pack one layer: ``(None, new node or None)`` when done, ``("", None)`` when there is nothing to pack,
-    else ``(why it stays in float, None)``."""
+def _pack_site(gm: fx.GraphModule, site: LinearSite, grid, packer: LayerPacker) -> tuple[str | None, fx.Node | None]:
+    """Pack one layer with ``packer``'s options: ``(None, new node or None)`` when done, ``("", None)`` when there
+    is nothing to pack, else ``(why it stays in float, None)``."""
     owner = split_target(site.target)[0]
     weight = current_value(gm, site.target).detach()
     if grid is None:
-        if not bits:
+        if not packer.bits:
             return "", None
         if weight.dim() != 2:
             return f"a {weight.dim()}-d weight", None
-        grid = rtn_grid(weight, bits, min(group_size, weight.shape[1]))
+        grid = rtn_grid(weight, packer.bits, min(packer.group_size, weight.shape[1]))
         weight = grid.dequantize(grid.integers(weight)).to(weight.dtype)
     elif not grid.holds(weight):
         return "its weight no longer lies on its recorded grid (changed after quantization): quantize it again", None
@@ -151,13 +157,14 @@ def _pack_site(gm: fx.GraphModule, site: LinearSite, grid, bits: int, group_size
         return packing.reason, None
     if site.node.op == "call_module":
         module = gm.get_submodule(site.node.target)
-        _replace_module(gm, site.node.target, pack_linear(weight, forward_value(module, "bias"), grid, owner))
+        _replace_module(gm, site.node.target, pack_linear(weight, forward_value(module, "bias"), grid, owner,
+                                                          int8_kernel=packer.int8_kernel))
         return None, None
-    return _pack_call(gm, site, weight, grid, reads)
+    return _pack_call(gm, site, weight, grid, packer)
 
 
 def _pack_call(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, grid,
-               reads: Counter) -> tuple[str | None, fx.Node | None]:
+               packer: LayerPacker) -> tuple[str | None, fx.Node | None]:
     """``linear(x, get_attr W, get_attr b)`` -> ``call_module(packed)(x)``, the packed module replacing W's owner."""
     node = site.node
     weight_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -166,7 +173,7 @@ def _pack_call(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, grid,
         return "a bias computed by the graph", None
     owner, _ = split_target(site.target)
     attrs = [weight_node] + ([bias_node] if bias_node is not None else [])
-    if not owner or any(split_target(n.target)[0] != owner or len(n.users) > 1 or reads[n.target] > 1
+    if not owner or any(split_target(n.target)[0] != owner or len(n.users) > 1 or packer.reads[n.target] > 1
                         for n in attrs):
         return "its weight or bias is not held by a module of its own", None
     state = {public_name(name) for name, _ in gm.get_submodule(owner).named_parameters(recurse=False)}
@@ -175,7 +182,7 @@ def _pack_call(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, grid,
     if state - {split_target(n.target)[1] for n in attrs} or any(True for _ in gm.get_submodule(owner).children()):
         return f"its owner {owner} holds other state", None
     bias = None if bias_node is None else current_value(gm, bias_node.target).detach()
-    packed = pack_linear(weight, bias, grid, owner)
+    packed = pack_linear(weight, bias, grid, owner, int8_kernel=packer.int8_kernel)
     with gm.graph.inserting_before(node):
         call = gm.graph.call_module(owner, (node.args[0] if node.args else node.kwargs["input"],))
     call.meta.update(node.meta)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress import kernels, meta
+from fxcompress import kernels, meta, native
 from fxcompress.errors import ConfigError
 from fxcompress.kernels import (
     INT8_KERNELS,
@@ -85,9 +85,12 @@ def test_grids_no_kernel_takes_say_why(grid, shape, reason):
     assert reason in packing_of(grid(torch.randn(32, 64)), shape).reason
 
 
-# ---------------------------------------------------------------------------- the int8 kernels: oneDNN and int8pack
+# ---------------------------------------------------------------------------- the int8 kernels: native, oneDNN, int8pack
 
 needs_onednn = pytest.mark.skipif(bool(kernels._onednn_missing()), reason=kernels._onednn_missing() or "")
+#: The int8 kernels that run here (int8pack always does), and the CPU-specific ones among them.
+RUNNABLE = [k for k in INT8_KERNELS if not kernels._int8_kernel_missing(k, 256)]
+CPU_SPECIFIC = [k for k in RUNNABLE if k != "int8pack"]
 
 
 @pytest.mark.parametrize("digits", [2, 3])
@@ -103,54 +106,70 @@ def test_split_int8_writes_each_row_as_int8_digits_to_the_stated_precision(digit
     assert not back[2].any()
 
 
-@needs_onednn
 @pytest.mark.parametrize("symmetric, awq", [(True, False), (False, False), (False, True)],
                          ids=["symmetric", "zero-point", "zero-point-awq"])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_both_int8_kernels_compute_the_dequantized_linear_on_an_outlier_activation(symmetric, awq, dtype, tolerance):
-    """fp32 inputs take three digits (float32 rounding); bf16 ones two, finer than bf16 itself."""
-    weight, bias = torch.randn(48, 256), torch.randn(48)
-    grid = WeightGrid.fit(weight_scheme(8, symmetric), weight, 256, input_scale=torch.rand(256) + 0.5 if awq else None)
+@pytest.mark.parametrize("shape", [(1, 3, 255), (2, 3, 255)], ids=["decode-rows", "prompt-rows"])
+def test_every_int8_kernel_computes_the_dequantized_linear_on_an_outlier_activation(symmetric, awq, dtype, tolerance,
+                                                                                    shape):
+    """fp32 inputs take three digits (float32 rounding); bf16 ones two, finer than bf16 itself. Three rows run
+    the native kernel, six its GEMM fallback; 255 inputs leave a partial 64-column block."""
+    weight, bias = torch.randn(48, 255), torch.randn(48)
+    grid = WeightGrid.fit(weight_scheme(8, symmetric), weight, 255, input_scale=torch.rand(255) + 0.5 if awq else None)
     dequantized = grid.dequantize(grid.integers(weight))
-    x = torch.randn(2, 3, 256)
+    x = torch.randn(shape)
     x[0, 1, 17] = 300.0  # a massive activation, as LLMs have: the split's step is set by it
     want = F.linear(x.to(dtype).float(), dequantized, bias)
-    outputs = {}
-    for kernel in INT8_KERNELS:
+    for kernel in RUNNABLE:
         packed = pack_linear(dequantized, bias, grid, "layer", int8_kernel=kernel).to(dtype)
         assert packed.kernel == kernel and (packed.correction is None) == symmetric
         assert (packed.input_divisor is None) != awq
-        outputs[kernel] = packed(x.to(dtype))
-        assert outputs[kernel].dtype == dtype and outputs[kernel].shape == (2, 3, 48)
-        assert relative_error(outputs[kernel].float(), want) < tolerance
-    assert relative_error(outputs["onednn"].float(), outputs["int8pack"].float()) < tolerance
+        output = packed(x.to(dtype))
+        assert output.dtype == dtype and output.shape == (*shape[:2], 48)
+        assert relative_error(output.float(), want) < tolerance, kernel
 
 
-@needs_onednn
-def test_fp32_packing_keeps_compile_verification_with_an_outlier_activation():
+@pytest.mark.parametrize("columns", [24, 100])
+def test_the_int8pack_kernel_is_right_on_bf16_rows_of_any_width(columns):
+    """torch's bf16 _weight_int8pack_mm returns wrong sums on 24 columns and crashes on 100: such rows go in fp32."""
+    weight = torch.randn(32, columns)
+    grid = WeightGrid.fit(weight_scheme(8, True), weight, columns)
+    dequantized = grid.dequantize(grid.integers(weight))
+    packed = pack_linear(dequantized.bfloat16(), None, grid, "layer", int8_kernel="int8pack")
+    x = torch.randn(3, columns).bfloat16()
+    assert relative_error(packed(x).float(), F.linear(x.float(), dequantized)) < 2e-2
+
+
+@pytest.mark.parametrize("kernel", CPU_SPECIFIC)
+def test_fp32_packing_keeps_compile_verification_with_an_outlier_activation(kernel):
     """Two digits (about 15 bits) would move this output by ~7e-4 of its element, over verification's 1e-4."""
     model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 16)).eval()
     x = torch.randn(4, 512)
     x[:, 7] = 60.0
     packed = fxcompress.compile(model, x, [OneShot(RTN(bits=8, group_size=0), [torch.randn(8, 512)], progress=False),
-                                           PackWeights()])  # verify=True: raises if outputs moved
-    assert packed.get_submodule("0").kernel == "onednn"
+                                           PackWeights(int8_kernel=kernel)])  # verify=True: raises if outputs moved
+    assert packed.get_submodule("0").kernel == kernel
 
 
-def test_the_default_int8_kernel_is_onednn_where_it_runs(monkeypatch):
+def test_the_default_int8_kernel_is_the_first_that_runs_here(monkeypatch):
     weight, scales = torch.randint(-128, 128, (16, 64), dtype=torch.int8), torch.rand(16)
-    expected = "int8pack" if kernels._onednn_missing() else "onednn"
-    assert Int8WeightLinear(weight, scales, None).kernel == expected
+    assert Int8WeightLinear(weight, scales, None).kernel == RUNNABLE[0]
     assert Int8WeightLinear(weight, scales, None, kernel="int8pack").kernel == "int8pack"
     assert pack_linears(nn.Sequential(nn.Linear(64, 16)), bits=8, int8_kernel="int8pack") == {"0": "int8"}
-    with pytest.raises(ConfigError, match="kernel must be one of onednn, int8pack"):
+    with pytest.raises(ConfigError, match="kernel must be one of native, onednn, int8pack"):
         Int8WeightLinear(weight, scales, None, kernel="fbgemm")
-    wide = torch.zeros(1, 2**31 // (127 * 128) + 1, dtype=torch.int8)  # its int32 sums could overflow
-    assert Int8WeightLinear(wide, torch.ones(1), None).kernel == "int8pack"
+    with pytest.raises(ConfigError, match="int8_kernel must be one of"):
+        PackWeights(bits=8, int8_kernel="fbgemm")
+    wide = torch.zeros(1, 2**31 // (127 * 128) + 1, dtype=torch.int8)  # oneDNN's int32 sums could overflow
+    assert Int8WeightLinear(wide, torch.ones(1), None).kernel == ("native" if "native" in RUNNABLE else "int8pack")
+    wider = torch.zeros(1, native.GEMV_MAX_INPUTS + 1, dtype=torch.int8)  # so could the native kernel's lanes
+    assert Int8WeightLinear(wider, torch.ones(1), None).kernel == "int8pack"
+    monkeypatch.setattr(native, "gemv_int8_missing", lambda: "no VNNI here")
     monkeypatch.setattr(kernels, "_onednn_missing", lambda: "no oneDNN here")
     assert Int8WeightLinear(weight, scales, None).kernel == "int8pack"
-    with pytest.raises(ConfigError, match="onednn kernel cannot run here: no oneDNN here"):
-        Int8WeightLinear(weight, scales, None, kernel="onednn")
+    for kernel, why in [("native", "no VNNI here"), ("onednn", "no oneDNN here")]:
+        with pytest.raises(ConfigError, match=f"{kernel} kernel cannot run here: {why}"):
+            Int8WeightLinear(weight, scales, None, kernel=kernel)
 
 
 def int8_bytes(module: nn.Module) -> int:
@@ -165,7 +184,7 @@ def test_the_onednn_layer_holds_its_weight_once_and_survives_state_dict_pickling
     weight, bias = torch.randn(48, 256), torch.randn(48)
     grid = WeightGrid.fit(weight_scheme(8, False), weight, 256)
     dequantized = grid.dequantize(grid.integers(weight))
-    packed = pack_linear(dequantized, bias, grid, "layer")
+    packed = pack_linear(dequantized, bias, grid, "layer", int8_kernel="onednn")
     x = torch.randn(3, 256)
     want = packed(x)
     assert packed.weight_packed.layout == torch._mkldnn and int8_bytes(packed) == 48 * 256  # prepacked, only
@@ -173,7 +192,7 @@ def test_the_onednn_layer_holds_its_weight_once_and_survives_state_dict_pickling
 
     state = packed.state_dict()
     assert set(state) == {"bias", "scales", "correction", "weight_int8"} and state["weight_int8"].shape == (48, 256)
-    for kernel in INT8_KERNELS:  # a state dict does not depend on the kernel that wrote it
+    for kernel in RUNNABLE:  # a state dict does not depend on the kernel that wrote it
         fresh = Int8WeightLinear(torch.zeros(48, 256, dtype=torch.int8), torch.ones(48), torch.zeros(48),
                                  torch.zeros(48), kernel=kernel)
         fresh.load_state_dict(state)
@@ -189,9 +208,9 @@ def test_the_onednn_layer_holds_its_weight_once_and_survives_state_dict_pickling
     assert torch.equal(twin(x), want)
 
     model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
-    assert pack_linears(model, bits=8) == {"0": "int8", "2": "int8"}
+    assert pack_linears(model, bits=8, int8_kernel="onednn") == {"0": "int8", "2": "int8"}
     gm = fxcompress.trace(nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 16)).eval(), x)
-    PackWeights(bits=8)(gm)
+    PackWeights(bits=8, int8_kernel="onednn")(gm)
     for whole in (model, gm):
         buffer = io.BytesIO()
         torch.save(whole, buffer)
@@ -199,30 +218,29 @@ def test_the_onednn_layer_holds_its_weight_once_and_survives_state_dict_pickling
         loaded = torch.load(buffer, weights_only=False)
         assert loaded.get_submodule("0").kernel == "onednn" and torch.equal(loaded(x), whole(x))
         assert torch.equal(copy.deepcopy(whole)(x), whole(x))
-    monkeypatch.setattr(kernels, "_onednn_missing", lambda: "no oneDNN here")  # loaded where oneDNN cannot run
+    monkeypatch.setattr(native, "gemv_int8_missing", lambda: "no VNNI here")  # loaded where neither can run
+    monkeypatch.setattr(kernels, "_onednn_missing", lambda: "no oneDNN here")
     assert copy.deepcopy(model).get_submodule("0").kernel == "int8pack"
 
 
-@needs_onednn
-def test_fxcompress_save_writes_onednn_int8_layers_on_the_portable_kernel(tmp_path):
-    """oneDNN's prepacked weight cannot be serialized: save exports those layers on _weight_int8pack_mm (same
-    weights and scales) and leaves the live model on oneDNN."""
+@pytest.mark.parametrize("kernel", CPU_SPECIFIC)
+def test_fxcompress_save_writes_cpu_specific_int8_layers_on_the_portable_kernel(tmp_path, kernel):
+    """oneDNN's prepacked weight cannot be serialized, nor a C call exported: save exports those layers on
+    _weight_int8pack_mm (same weights and scales) and leaves the live model on its kernel."""
     x = torch.randn(3, 256)
     model = fxcompress.compile(nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 16)).eval(), x,
-                               [PackWeights(bits=8)])
-    assert model.get_submodule("0").kernel == "onednn"
+                               [PackWeights(bits=8, int8_kernel=kernel)])
+    held = model.get_submodule("0").weight_packed
     fxcompress.save(model, tmp_path / "int8.fxc")
     loaded = fxcompress.load(tmp_path / "int8.fxc")
     targets = {str(n.target) for n in loaded.graph.nodes if n.op == "call_function"}
     assert "aten._weight_int8pack_mm.default" in targets and not any("onednn" in t for t in targets)
     assert relative_error(loaded(x), model(x)) < 1e-5
-    assert model.get_submodule("0").kernel == "onednn" and model.get_submodule("0").weight_packed.layout == torch._mkldnn
+    assert model.get_submodule("0").kernel == kernel and model.get_submodule("0").weight_packed.layout == held.layout
 
 
-@pytest.mark.parametrize("kernel", INT8_KERNELS)
+@pytest.mark.parametrize("kernel", RUNNABLE)
 def test_the_int8_layer_runs_under_autograd_and_its_backward_raises(kernel):
-    if kernel == "onednn" and kernels._onednn_missing():
-        pytest.skip(kernels._onednn_missing())
     weight = torch.randn(16, 64)
     grid = WeightGrid.fit(weight_scheme(8, True), weight, 64)
     packed = pack_linear(grid.dequantize(grid.integers(weight)), None, grid, "layer", int8_kernel=kernel)

@@ -8,8 +8,9 @@ kernel, and prints milliseconds per layer, the weight bytes streamed per
 second and the speed-up over fp32 ``F.linear``:
 
 - ``fp32``: ``F.linear`` on fp32 weights and input;
-- ``int8 oneDNN`` / ``int8 int8pack``: :class:`fxcompress.kernels.Int8WeightLinear`
-  with each kernel (bf16 input: two int8 digits per activation for oneDNN);
+- ``int8 native`` / ``int8 onednn`` / ``int8 int8pack``:
+  :class:`fxcompress.kernels.Int8WeightLinear` with each kernel (bf16 input:
+  two digits per activation for the native and oneDNN kernels);
 - ``int4 g128``: :class:`fxcompress.kernels.Int4WeightLinear` (bf16 input).
 
 The packed rows time the modules' whole forward (the activation split
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from fxcompress.errors import ConfigError
-from fxcompress.kernels import pack_linear, rtn_grid
+from fxcompress.kernels import INT8_KERNELS, pack_linear, rtn_grid
 
 
 def kernels(weights: list[torch.Tensor]) -> dict[str, tuple[list, torch.dtype, int]]:
@@ -40,10 +41,10 @@ def kernels(weights: list[torch.Tensor]) -> dict[str, tuple[list, torch.dtype, i
     out, cols = weights[0].shape
     found = {"fp32": ([lambda x, w=w: F.linear(x, w) for w in weights], torch.float32, out * cols * 4)}
     int8 = [rtn_grid(w, 8, 0) for w in weights]
-    for kernel in ("onednn", "int8pack"):
+    for kernel in INT8_KERNELS:
         try:
             layers = [pack_linear(w.bfloat16(), None, g, "layer", int8_kernel=kernel) for w, g in zip(weights, int8)]
-        except ConfigError as error:  # oneDNN's kernel where it cannot run: say why, time the others
+        except ConfigError as error:  # a CPU-specific kernel where it cannot run: say why, time the others
             print(f"int8 {kernel} skipped: {error}", file=sys.stderr)
             continue
         found[f"int8 {kernel}"] = (layers, torch.bfloat16, out * cols)

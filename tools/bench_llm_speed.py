@@ -12,14 +12,16 @@ sampling logic. Steps are timed one by one with ``time.perf_counter`` after
 ``--warmup`` untimed steps; tokens/s is ``1 / median``.
 
 The variants are copies of one model: ``fp32``; ``bf16`` (``model.to(bf16)``);
-``fxcompress-int8``, ``-int8pack`` and ``-int4`` = the bf16 model with every
-``nn.Linear`` (``lm_head`` included) quantized round-to-nearest and packed in
-place by ``fxcompress.kernels.pack_linears``, so ``generate()`` and the cache
-are the model's own. int8 is symmetric per output row, run by
-``Int8WeightLinear``'s default kernel (oneDNN's int8 GEMM on activations split
-into two int8 digits, where torch has oneDNN and the CPU AVX-512 VNNI; else
-``aten._weight_int8pack_mm``); ``int8pack`` forces ``_weight_int8pack_mm``, so
-one run compares the two; int4 is asymmetric in groups of ``--group-size``
+``fxcompress-int8``, ``-int8-onednn``, ``-int8pack`` and ``-int4`` = the bf16
+model with every ``nn.Linear`` (``lm_head`` included) quantized
+round-to-nearest and packed in place by ``fxcompress.kernels.pack_linears``,
+so ``generate()`` and the cache are the model's own. int8 is symmetric per
+output row, run by ``Int8WeightLinear``'s default kernel (fxcompress's native
+VNNI matrix-vector kernel on activations written as two fixed-point bytes,
+where the CPU has AVX-512 VNNI and a C compiler is found; else the next of
+``fxcompress.kernels.INT8_KERNELS`` that runs); ``-int8-onednn`` and
+``-int8pack`` force oneDNN's int8 GEMM and ``_weight_int8pack_mm``, so one run
+compares the three; int4 is asymmetric in groups of ``--group-size``
 through ``aten._weight_int4pack_mm_for_cpu``. ``torchao`` rows apply
 ``quantize_`` with its configs to the same bf16 model. Packed variants run
 bf16 activations because ``_weight_int8pack_mm`` and the int4 kernel are fast
@@ -53,10 +55,11 @@ import torch
 from proc_memory import reset_peak, status_bytes
 from tabulate import tabulate
 
-VARIANTS = ("fp32", "bf16", "fxcompress-int8", "fxcompress-int8pack", "fxcompress-int4", "torchao-int8",
-            "torchao-int4")
+VARIANTS = ("fp32", "bf16", "fxcompress-int8", "fxcompress-int8-onednn", "fxcompress-int8pack", "fxcompress-int4",
+            "torchao-int8", "torchao-int4")
 #: ``pack_linears``' bits and int8 kernel (None: the default) of each fxcompress variant
-PACKED = {"fxcompress-int8": (8, None), "fxcompress-int8pack": (8, "int8pack"), "fxcompress-int4": (4, None)}
+PACKED = {"fxcompress-int8": (8, None), "fxcompress-int8-onednn": (8, "onednn"), "fxcompress-int8pack": (8, "int8pack"),
+          "fxcompress-int4": (4, None)}
 
 
 def build(layers: int, seed: int = 0):
