@@ -1,4 +1,4 @@
-"""Linear layers whose weights are stored packed in int8 or int4 and multiplied by PyTorch's own CPU kernels.
+"""Linear layers whose weights are stored packed in int8 or int4 and multiplied by packed CPU kernels.
 
 Why: decoding one token at batch 1 reads every weight once and does two flops
 per weight read, so its speed is set by how many bytes of weight cross the
@@ -46,15 +46,21 @@ The kernels (CPU):
   32, 64, 128 or 256 contiguous input columns, and ``out`` a multiple of 16.
   Grids of 2 or 3 bits fit the same container (their integers are below 16):
   they run at int4 speed, exactly.
+* ``native`` int4 (:class:`Int4NativeLinear`, the default where it can run:
+  inputs a multiple of 128, groups of 64, 128 or 256) is fxcompress's own
+  (:func:`fxcompress.native.gemv_int4`): the codes ``q - qmin`` two per byte
+  in its own layout, each weight ``q * scale + bias`` per group, multiplied
+  as the native int8 kernel does, with signed activation digits. Up to four
+  rows; more rows dequantize the weight in torch and call ``F.linear``.
 
 Speed: ``python tools/bench_kernels.py`` times each kernel's module on 24
 cycled 5632 x 2048 layers (too many for the caches) at one activation row.
 On an AVX-512 VNNI Xeon, 2 threads, torch 2.14: fp32 ``F.linear`` streams
-its weights at 30 GB/s, the native int8 layer at 21 GB/s (2.8x fp32), the
-oneDNN int8 layer at 15 GB/s (1.95x, the activation split included), the
-``_weight_int8pack_mm`` layer at 13 GB/s (1.75x) and the int4 layer its
-half-byte weights at 12 GB/s (3.2x). Decoding is
-memory bound, so the digit rows cost the GEMM nothing. Against the exact
+its weights at 29 GB/s, the native int8 layer at 20 GB/s (2.8x fp32), the
+oneDNN int8 layer at 14 GB/s (1.9x, the activation split included), the
+``_weight_int8pack_mm`` layer at 13.5 GB/s (1.85x); the native int4 layer
+its half-byte weights at 16 GB/s (4.3x), ``_weight_int4pack_mm_for_cpu`` at
+12 GB/s (3.2x). Decoding is memory bound, so the digit rows cost little. Against the exact
 dequantized layer the oneDNN layer is within float32 rounding for fp32 input
 (three digits) and finer than bf16 for bf16 input (two), as the tests check. The oneDNN kernel is
 fast with fp32 or bf16 activations; ``_weight_int8pack_mm`` and the int4
@@ -96,7 +102,7 @@ from fxcompress.oneshot.quantize import RTN
 __all__ = [
     "INT4_GROUP_SIZES", "Packing", "packing_of", "PackedLinear", "Int8WeightLinear", "Int4WeightLinear",
     "pack_linear", "rtn_grid", "pack_linears", "kernels_available", "INT8_KERNELS", "split_int8",
-    "portable_kernels",
+    "portable_kernels", "INT4_KERNELS", "Int4NativeLinear",
 ]
 
 #: The group sizes ``_weight_int4pack_mm_for_cpu`` accepts.
@@ -107,7 +113,11 @@ _INNER_K_TILES = 2  # the packing's tile argument; the CPU layout is [out, in / 
 #: kernel for decode rows, oneDNN's int8 GEMM on activations split into int8 digits, ``aten._weight_int8pack_mm``
 #: (see the module docstring).
 INT8_KERNELS = ("native", "onednn", "int8pack")
-_NATIVE_ROWS = 4  # the native kernel streams the weight once per row: more rows (a prompt) go to int8pack's GEMM
+#: The int4 layers' kernels, in the default's order of preference: fxcompress's own VNNI matrix-vector kernel
+#: (:class:`Int4NativeLinear`) and ``aten._weight_int4pack_mm_for_cpu`` (:class:`Int4WeightLinear`).
+INT4_KERNELS = ("native", "int4pack")
+_NATIVE_ROWS = 4  # the native kernels stream the weight once per row: more rows (a prompt) go to a GEMM
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _DIGIT_BASE = 254  # each digit counts 1/254 of the one before: a remainder in [-1/2, 1/2] becomes [-127, 127]
 _LARGEST_PRODUCT = 127 * 128  # |digit x weight|: oneDNN sums in int32, so in_features * this must stay below 2**31
 
@@ -132,24 +142,40 @@ def _int8_kernel_missing(kernel: str, in_features: int) -> str:
     """Why ``kernel`` cannot run a layer of ``in_features`` inputs in this process, or ``""`` when it can."""
     if kernel == "int8pack":
         return ""
-    missing = native.gemv_int8_missing() if kernel == "native" else _onednn_missing()
+    missing = native.gemv_missing() if kernel == "native" else _onednn_missing()
     largest = native.GEMV_MAX_INPUTS if kernel == "native" else (2**31 - 1) // _LARGEST_PRODUCT
     if not missing and in_features > largest:
         missing = f"{in_features} inputs could overflow its int32 sums (at most {largest})"
     return missing
 
 
+def _int4_kernel_missing(kernel: str, in_features: int, group_size: int) -> str:
+    """Why ``kernel`` cannot run an int4 layer of ``in_features`` inputs in groups of ``group_size`` here, or ``""``."""
+    if kernel == "int4pack":
+        return ""
+    chunk = native.INT4_CHUNK
+    if in_features % chunk or group_size % (chunk // 2):
+        return f"it takes inputs in multiples of {chunk} and groups in multiples of {chunk // 2}"
+    return native.gemv_missing()
+
+
+def _chosen_kernel(kernel: str | None, kernels: tuple[str, ...], missing, what: str) -> str:
+    """``kernel`` once ``missing(kernel)`` says it runs here (else a ConfigError), or for None the first of
+    ``kernels`` that runs."""
+    if kernel is not None and kernel not in kernels:
+        raise ConfigError(f"{what}: kernel must be one of {', '.join(kernels)} or None, got {kernel!r}")
+    if kernel is None:
+        return next(k for k in kernels if not missing(k))
+    why = missing(kernel)
+    if why:
+        raise ConfigError(f"{what}: the {kernel} kernel cannot run here: {why}")
+    return kernel
+
+
 def _int8_kernel(kernel: str | None, in_features: int) -> str:
     """``kernel`` once checked to run here, or for None the default: the first of :data:`INT8_KERNELS` that
     runs here."""
-    if kernel is not None and kernel not in INT8_KERNELS:
-        raise ConfigError(f"Int8WeightLinear: kernel must be one of {', '.join(INT8_KERNELS)} or None, got {kernel!r}")
-    if kernel is None:
-        return next(k for k in INT8_KERNELS if not _int8_kernel_missing(k, in_features))
-    missing = _int8_kernel_missing(kernel, in_features)
-    if missing:
-        raise ConfigError(f"Int8WeightLinear: the {kernel} kernel cannot run here: {missing}")
-    return kernel
+    return _chosen_kernel(kernel, INT8_KERNELS, lambda k: _int8_kernel_missing(k, in_features), "Int8WeightLinear")
 
 
 def split_int8(x: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +307,12 @@ def _int4_packing(grid: WeightGrid, rows: int, columns: int) -> Packing:
     return Packing("int4")
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, skipped when it is one already (a no-op ``to`` costs about 1 us, and a decode step
+    calls a packed layer per linear layer)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class PackedLinear(nn.Module):
     """What both packed layers share: ``in_features``/``out_features``, an optional ``bias`` and an optional
     ``input_divisor`` (AWQ's per-input scale: the input is divided by it before the kernel)."""
@@ -299,11 +331,19 @@ class PackedLinear(nn.Module):
             flat = flat / self.input_divisor.to(flat.dtype)
         y = self.matmul(flat.contiguous())
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y = y + _as(self.bias, y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def _digit_kernel(run, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        """``run(x, *weights)``, through :class:`_InferenceOnly` where autograd records (its ``apply`` costs about
+        10 us a call: only where needed)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _InferenceOnly.apply(run, x, *weights)
+        return run(x, *weights)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -346,21 +386,13 @@ class Int8WeightLinear(PackedLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "onednn":
             y = self._digit_kernel(_onednn_linear, x, self.weight_packed, self.scales)
-        elif self.kernel == "native" and len(x) <= _NATIVE_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-            y = self._digit_kernel(_native_linear, x, self.weight_packed, self.row_sums, self.scales.to(x.dtype))
+        elif self.kernel == "native" and len(x) <= _NATIVE_ROWS and x.dtype in _NATIVE_DTYPES:
+            y = self._digit_kernel(_native_linear, x, self.weight_packed, self.row_sums, _as(self.scales, x.dtype))
         else:
             y = _int8pack_linear(x, self.weight_packed, self.scales)
         if self.correction is not None:
             y = y - x.sum(-1, keepdim=True, dtype=y.dtype) * self.correction.to(y.dtype)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def _digit_kernel(run, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        """``run(x, *weights)``, through :class:`_InferenceOnly` where autograd records (its ``apply`` costs about
-        10 us a call: only where needed)."""
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _InferenceOnly.apply(run, x, *weights)
-        return run(x, *weights)
+        return _as(y, x.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -405,20 +437,27 @@ def portable_kernels(model: nn.Module) -> Iterator[None]:
     them back).
 
     oneDNN's prepacked weight is an opaque tensor that ``torch.export``'s
-    serializer cannot write, and the native kernel is a C call that
+    serializer cannot write, and the native kernels are C calls that
     ``torch.export`` cannot trace; ``_weight_int8pack_mm`` is an ordinary aten
     op on the plain int8 matrix, with the same weights and scales (outputs
-    agree to float32 rounding). :func:`fxcompress.save` exports inside this block.
+    agree to float32 rounding), and the native int4 layers dequantize their
+    weight with ordinary ops. :func:`fxcompress.save` exports inside this block.
     """
     modules = model.modules() if isinstance(model, nn.Module) else ()  # (an ExportedProgram has none)
+    modules = list(modules)
     switched = {m: m.kernel for m in modules if isinstance(m, Int8WeightLinear) and m.kernel in _CPU_SPECIFIC}
+    dequantizing = [m for m in modules if isinstance(m, Int4NativeLinear) and m.kernel == "native"]
     for module in switched:
         module._hold(module.weight_int8, "int8pack")
+    for module in dequantizing:
+        module.kernel = "dequantize"
     try:
         yield
     finally:
         for module, kernel in switched.items():
             module._hold(module.weight_packed, kernel)
+        for module in dequantizing:
+            module.kernel = "native"
 
 
 class Int4WeightLinear(PackedLinear):
@@ -439,17 +478,60 @@ class Int4WeightLinear(PackedLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
+class Int4NativeLinear(PackedLinear):
+    """``y = x @ W.T + bias``, ``W = q * scales + biases`` per group of ``group_size`` columns (``q`` in 0..15),
+    through :func:`fxcompress.native.gemv_int4` for up to four rows (decoding). More rows (a prompt), and a
+    process where the native kernel cannot run, dequantize ``W`` with ordinary torch ops and call ``F.linear``
+    (``kernel`` is then ``"dequantize"`` in effect; :func:`portable_kernels` sets it for export).
+
+    ``weight_codes`` holds ``q`` in the kernel's layout (:func:`fxcompress.native.int4_codes`: half a byte per
+    weight, on huge pages); ``scales`` and ``biases`` are ``out x in / group_size`` in the model's dtype.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, group_size: int,
+                 in_features: int, bias: torch.Tensor | None = None, input_divisor: torch.Tensor | None = None):
+        super().__init__(in_features, scales.shape[0], bias, input_divisor)
+        self.group_size = group_size
+        self.kernel = "native"
+        self.register_buffer("weight_codes", native.huge_page_copy(codes))
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("biases", biases.contiguous())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.kernel == "native" and len(x) <= _NATIVE_ROWS and x.dtype in _NATIVE_DTYPES
+                and not native.gemv_missing()):
+            return self._digit_kernel(_native_int4_linear, x, self.weight_codes, _as(self.scales, x.dtype),
+                                      _as(self.biases, x.dtype), self.group_size)
+        return torch.nn.functional.linear(x, self.dequantized(x.dtype))
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """``W`` (``out x in``) in ``dtype``."""
+        chunks = self.weight_codes.view(self.out_features, -1, 1, native.INT4_CHUNK // 2)
+        q = torch.cat([chunks & 15, chunks >> 4], 2).view(self.out_features, -1, self.group_size).to(dtype)
+        return (q * self.scales.to(dtype)[..., None] + self.biases.to(dtype)[..., None]).view(self.out_features, -1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"
+
+
+def _native_int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """:func:`fxcompress.native.gemv_int4` with :func:`_digits`' digits."""
+    return native.gemv_int4(x, codes, scales, biases, group_size, _digits(x.dtype))
+
+
 def _float_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.is_floating_point() else torch.float32
 
 
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, grid: WeightGrid, where: str, *,
-                int8_kernel: str | None = None) -> PackedLinear:
+                int8_kernel: str | None = None, int4_kernel: str | None = None) -> PackedLinear:
     """The packed module computing ``F.linear(x, grid.dequantize(grid.integers(weight)), bias)``.
 
     Scales take ``weight``'s dtype (a bf16 model gets bf16 scales, as its
     activations are); ``int8_kernel`` is :class:`Int8WeightLinear`'s ``kernel``
-    (None: the default). Raises :class:`~fxcompress.errors.ConfigError` naming
+    and ``int4_kernel`` one of :data:`INT4_KERNELS` (None: the first that runs
+    here for this layer). Raises :class:`~fxcompress.errors.ConfigError` naming
     ``where`` when the grid does not fit a kernel (see :func:`packing_of`) or the
     weight is not on the CPU.
     """
@@ -465,6 +547,12 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, grid: WeightGri
     zero = grid.zero_point.to(device=weight.device, dtype=torch.float32)
     divisor = None if grid.input_scale is None else grid.input_scale.to(device=weight.device, dtype=dtype)
     if packing.kind == "int4":
+        kernel = _chosen_kernel(int4_kernel, INT4_KERNELS,
+                                lambda k: _int4_kernel_missing(k, weight.shape[1], grid.group_size), "int4 layer")
+        if kernel == "native":  # (q - z) s = (q - qmin) s + (qmin - z) s
+            return Int4NativeLinear(native.int4_codes(q - grid.scheme.qmin), scale.to(dtype),
+                                    ((grid.scheme.qmin - zero) * scale).to(dtype), grid.group_size, weight.shape[1],
+                                    bias, divisor)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q - grid.scheme.qmin).contiguous(),
                                                                     _INNER_K_TILES)
         offsets = (8 + grid.scheme.qmin - zero) * scale  # (q - z) s = (q - qmin - 8) s + (8 + qmin - z) s
@@ -492,10 +580,10 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def pack_linears(model: nn.Module, bits: int, group_size: int = 128, exclude: tuple[str, ...] = (),
-                 int8_kernel: str | None = None) -> dict[str, str]:
+                 int8_kernel: str | None = None, int4_kernel: str | None = None) -> dict[str, str]:
     """Quantize (round to nearest, :func:`rtn_grid`) and pack every ``nn.Linear`` of ``model`` in place, except
     paths matching an ``exclude`` glob; return ``{path: "int8" | "int4"}`` of the packed layers. ``int8_kernel``
-    forces :class:`Int8WeightLinear`'s kernel (None: the default).
+    and ``int4_kernel`` force the kernels (None: the defaults; see :func:`pack_linear`).
 
     For ordinary eager models (a Hugging Face ``LlamaForCausalLM`` keeps
     ``generate()`` and its KV cache); graphs go through the ``pack-weights``
@@ -512,7 +600,8 @@ def pack_linears(model: nn.Module, bits: int, group_size: int = 128, exclude: tu
         if not packing.fits:
             skipped.append(f"{path} ({packing.reason})")
             continue
-        _set_module(model, path, pack_linear(module.weight.detach(), module.bias, grid, path, int8_kernel=int8_kernel))
+        _set_module(model, path, pack_linear(module.weight.detach(), module.bias, grid, path, int8_kernel=int8_kernel,
+                                             int4_kernel=int4_kernel))
         packed[path] = packing.kind
     if skipped:
         warnings.warn(f"pack_linears: {len(skipped)} linear layer(s) left in float: {'; '.join(skipped)}",

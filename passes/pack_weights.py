@@ -40,7 +40,7 @@ from torch import fx, nn
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError
-from fxcompress.kernels import INT8_KERNELS, packing_of, pack_linear, rtn_grid
+from fxcompress.kernels import INT4_KERNELS, INT8_KERNELS, packing_of, pack_linear, rtn_grid
 from fxcompress.masks import forward_value, public_name, split_target
 from fxcompress.oneshot import LinearSite, linear_sites
 from fxcompress.oneshot.engine import current_value
@@ -58,14 +58,15 @@ class PackWeights(Pass):
     ``bits`` 0 (default) packs only layers with a grid; 8 or 4 also quantizes
     the other selected layers (round to nearest, ``group_size`` columns per
     int4 scale). ``op_types``/``op_names``/``exclude`` select layers as
-    one-shot algorithms do. ``int8_kernel`` forces the int8 layers' kernel
-    (one of :data:`fxcompress.kernels.INT8_KERNELS`; None: the first that runs
-    here).
+    one-shot algorithms do. ``int8_kernel`` and ``int4_kernel`` force the
+    layers' kernels (one of :data:`fxcompress.kernels.INT8_KERNELS` /
+    :data:`~fxcompress.kernels.INT4_KERNELS`; None: the first that runs here).
     """
 
     bits: int = 0
     group_size: int = 128
     int8_kernel: str | None = None
+    int4_kernel: str | None = None
     op_types: tuple[type[nn.Module], ...] = (nn.Linear,)
     op_names: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -77,9 +78,10 @@ class PackWeights(Pass):
             raise ConfigError(f"pack-weights: bits must be 0 (only layers already quantized), 4 or 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ConfigError(f"pack-weights: group_size must be a positive integer, got {self.group_size!r}")
-        if self.int8_kernel is not None and self.int8_kernel not in INT8_KERNELS:
-            raise ConfigError(f"pack-weights: int8_kernel must be one of {', '.join(INT8_KERNELS)} or None, got "
-                              f"{self.int8_kernel!r}")
+        for option, kernels in (("int8_kernel", INT8_KERNELS), ("int4_kernel", INT4_KERNELS)):
+            if getattr(self, option) is not None and getattr(self, option) not in kernels:
+                raise ConfigError(f"pack-weights: {option} must be one of {', '.join(kernels)} or None, got "
+                                  f"{getattr(self, option)!r}")
         normalize_selection(self)
 
     @property
@@ -88,7 +90,7 @@ class PackWeights(Pass):
         return self.bits == 0
 
     def run(self, gm: fx.GraphModule) -> bool:
-        packer = LayerPacker(gm, self.bits, self.group_size, self.int8_kernel)
+        packer = LayerPacker(gm, self.bits, self.group_size, self.int8_kernel, self.int4_kernel)
         for site in linear_sites(gm, self):  # a weight the graph reads twice is left alone, with its own warning
             packer(site)
         return packer.finish(stacklevel=5)
@@ -102,13 +104,14 @@ class LayerPacker:
     pack=True)`` calls it on each layer as soon as the one-shot engine is done
     with it, so the dense quantized weights never all exist at once (a
     1.1B-parameter model's would be a second fp32 model). ``bits``,
-    ``group_size`` and ``int8_kernel`` are :class:`PackWeights`' options.
+    ``group_size``, ``int8_kernel`` and ``int4_kernel`` are :class:`PackWeights`' options.
     """
 
     gm: fx.GraphModule
     bits: int = 0
     group_size: int = 128
     int8_kernel: str | None = None
+    int4_kernel: str | None = None
     left: list[str] = dataclasses.field(default_factory=list)
     changed: bool = False
 
@@ -158,7 +161,8 @@ def _pack_site(gm: fx.GraphModule, site: LinearSite, grid, packer: LayerPacker) 
     if site.node.op == "call_module":
         module = gm.get_submodule(site.node.target)
         _replace_module(gm, site.node.target, pack_linear(weight, forward_value(module, "bias"), grid, owner,
-                                                          int8_kernel=packer.int8_kernel))
+                                                          int8_kernel=packer.int8_kernel,
+                                                          int4_kernel=packer.int4_kernel))
         return None, None
     return _pack_call(gm, site, weight, grid, packer)
 
@@ -182,7 +186,7 @@ def _pack_call(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, grid,
     if state - {split_target(n.target)[1] for n in attrs} or any(True for _ in gm.get_submodule(owner).children()):
         return f"its owner {owner} holds other state", None
     bias = None if bias_node is None else current_value(gm, bias_node.target).detach()
-    packed = pack_linear(weight, bias, grid, owner, int8_kernel=packer.int8_kernel)
+    packed = pack_linear(weight, bias, grid, owner, int8_kernel=packer.int8_kernel, int4_kernel=packer.int4_kernel)
     with gm.graph.inserting_before(node):
         call = gm.graph.call_module(owner, (node.args[0] if node.args else node.kwargs["input"],))
     call.meta.update(node.meta)

@@ -10,7 +10,7 @@ import torch
 
 from fxcompress import native
 
-needs_native = pytest.mark.skipif(bool(native.gemv_int8_missing()), reason=native.gemv_int8_missing() or "")
+needs_native = pytest.mark.skipif(bool(native.gemv_missing()), reason=native.gemv_missing() or "")
 
 
 @needs_native
@@ -51,7 +51,7 @@ def test_a_compiler_that_fails_is_named_with_its_message(tmp_path, monkeypatch):
     compiler.write_text("#!/bin/sh\necho 'cc: error: no such flag' >&2\nexit 1\n")
     compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
     library, why = native._load(str(compiler))
-    assert library is None and str(compiler) in why and "gemv_int8.c" in why
+    assert library is None and str(compiler) in why and "gemv.c" in why
     assert native._load(None)[1] == "no C compiler found (set CC, or install gcc)"
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left to load
 

@@ -17,12 +17,14 @@ from fxcompress import kernels, meta, native
 from fxcompress.errors import ConfigError
 from fxcompress.kernels import (
     INT8_KERNELS,
+    Int4NativeLinear,
     Int4WeightLinear,
     Int8WeightLinear,
     kernels_available,
     pack_linear,
     pack_linears,
     packing_of,
+    portable_kernels,
     split_int8,
 )
 from fxcompress.oneshot import AWQ, GPTQ, RTN, WeightGrid
@@ -47,14 +49,39 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     (8, True, 256, Int8WeightLinear), (8, False, 256, Int8WeightLinear), (6, False, 256, Int8WeightLinear),
 ], ids=lambda v: str(getattr(v, "__name__", v)))
 def test_the_packed_module_computes_the_dequantized_linear(bits, symmetric, group_size, kind):
+    """Through torch's int4 kernel here; the native one has a test of its own."""
     weight, bias, x = torch.randn(48, 256), torch.randn(48), torch.randn(2, 5, 256)
     grid = WeightGrid.fit(weight_scheme(bits, symmetric), weight, group_size)
     dequantized = grid.dequantize(grid.integers(weight))
-    packed = pack_linear(dequantized, bias, grid, "layer")
+    packed = pack_linear(dequantized, bias, grid, "layer", int4_kernel="int4pack")
     assert type(packed) is kind
     assert relative_error(packed(x), F.linear(x, dequantized, bias)) < 1e-5
     stored = packed.weight_int4 if kind is Int4WeightLinear else packed.weight_int8
     assert stored.element_size() * stored.numel() == 48 * 256 // (2 if kind is Int4WeightLinear else 1)
+
+
+@pytest.mark.skipif(bool(native.gemv_missing()), reason=native.gemv_missing() or "")
+@pytest.mark.parametrize("bits, symmetric, group_size", [(4, False, 64), (4, True, 128), (4, False, 256),
+                                                          (3, False, 128), (2, True, 64)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_the_native_int4_layer_computes_the_dequantized_linear(bits, symmetric, group_size, dtype, tolerance):
+    """Three rows run the native kernel, ten dequantize; groups of 32 (and inputs not a multiple of 128) are
+    left to torch's kernel, which the default then picks."""
+    weight, bias = torch.randn(48, 256), torch.randn(48)
+    grid = WeightGrid.fit(weight_scheme(bits, symmetric), weight, group_size)
+    dequantized = grid.dequantize(grid.integers(weight))
+    packed = pack_linear(dequantized.to(dtype), bias, grid, "layer")
+    assert type(packed) is Int4NativeLinear and packed.weight_codes.numel() == 48 * 256 // 2
+    for x in (torch.randn(3, 256), torch.randn(2, 5, 256)):
+        want = F.linear(x.to(dtype).float(), dequantized, bias)
+        assert relative_error(packed(x.to(dtype)).float(), want) < tolerance
+    with portable_kernels(packed):
+        assert packed.kernel == "dequantize" and relative_error(packed(x.to(dtype)).float(), want) < tolerance
+    assert packed.kernel == "native"
+    grouped_32 = WeightGrid.fit(weight_scheme(4, False), weight, 32)
+    assert type(pack_linear(weight, bias, grouped_32, "layer")) is Int4WeightLinear
+    with pytest.raises(ConfigError, match="the native kernel cannot run here: it takes inputs in multiples of 128"):
+        pack_linear(weight, bias, grouped_32, "layer", int4_kernel="native")
 
 
 def test_an_awq_input_scale_divides_the_input_before_the_kernel():
@@ -160,11 +187,13 @@ def test_the_default_int8_kernel_is_the_first_that_runs_here(monkeypatch):
         Int8WeightLinear(weight, scales, None, kernel="fbgemm")
     with pytest.raises(ConfigError, match="int8_kernel must be one of"):
         PackWeights(bits=8, int8_kernel="fbgemm")
+    with pytest.raises(ConfigError, match="int4_kernel must be one of native, int4pack"):
+        PackWeights(bits=4, int4_kernel="marlin")
     wide = torch.zeros(1, 2**31 // (127 * 128) + 1, dtype=torch.int8)  # oneDNN's int32 sums could overflow
     assert Int8WeightLinear(wide, torch.ones(1), None).kernel == ("native" if "native" in RUNNABLE else "int8pack")
     wider = torch.zeros(1, native.GEMV_MAX_INPUTS + 1, dtype=torch.int8)  # so could the native kernel's lanes
     assert Int8WeightLinear(wider, torch.ones(1), None).kernel == "int8pack"
-    monkeypatch.setattr(native, "gemv_int8_missing", lambda: "no VNNI here")
+    monkeypatch.setattr(native, "gemv_missing", lambda: "no VNNI here")
     monkeypatch.setattr(kernels, "_onednn_missing", lambda: "no oneDNN here")
     assert Int8WeightLinear(weight, scales, None).kernel == "int8pack"
     for kernel, why in [("native", "no VNNI here"), ("onednn", "no oneDNN here")]:
@@ -218,7 +247,7 @@ def test_the_onednn_layer_holds_its_weight_once_and_survives_state_dict_pickling
         loaded = torch.load(buffer, weights_only=False)
         assert loaded.get_submodule("0").kernel == "onednn" and torch.equal(loaded(x), whole(x))
         assert torch.equal(copy.deepcopy(whole)(x), whole(x))
-    monkeypatch.setattr(native, "gemv_int8_missing", lambda: "no VNNI here")  # loaded where neither can run
+    monkeypatch.setattr(native, "gemv_missing", lambda: "no VNNI here")  # loaded where neither can run
     monkeypatch.setattr(kernels, "_onednn_missing", lambda: "no oneDNN here")
     assert copy.deepcopy(model).get_submodule("0").kernel == "int8pack"
 
@@ -237,6 +266,19 @@ def test_fxcompress_save_writes_cpu_specific_int8_layers_on_the_portable_kernel(
     assert "aten._weight_int8pack_mm.default" in targets and not any("onednn" in t for t in targets)
     assert relative_error(loaded(x), model(x)) < 1e-5
     assert model.get_submodule("0").kernel == kernel and model.get_submodule("0").weight_packed.layout == held.layout
+
+
+@pytest.mark.skipif(bool(native.gemv_missing()), reason=native.gemv_missing() or "")
+def test_fxcompress_save_writes_native_int4_layers_as_ordinary_ops(tmp_path):
+    """A C call cannot be exported: save writes the native int4 layers' dequantization in aten ops, which loads
+    anywhere, and leaves the live model on its kernel."""
+    x = torch.randn(3, 256)
+    model = fxcompress.compile(nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 16)).eval(), x,
+                               [PackWeights(bits=4, group_size=128, int4_kernel="native")])
+    assert model.get_submodule("0").kernel == "native"
+    fxcompress.save(model, tmp_path / "int4.fxc")
+    loaded = fxcompress.load(tmp_path / "int4.fxc")
+    assert relative_error(loaded(x), model(x)) < 1e-5 and model.get_submodule("0").kernel == "native"
 
 
 @pytest.mark.parametrize("kernel", RUNNABLE)
@@ -404,7 +446,7 @@ def test_bench_kernels_times_every_kernel_against_fp32(helpers, capsys):
     rows = helpers.load_tool("bench_kernels").main(["--layers", "2", "--out", "32", "--in", "256", "--rounds", "1",
                                                     "--threads", "1"])
     names = [row[0] for row in rows]
-    assert names[0] == "fp32" and names[-1] == "int4 g128" and "int8 int8pack" in names
+    assert names[0] == "fp32" and names[-1] == "int4 int4pack" and "int8 int8pack" in names
     assert ("int8 onednn" in names) == (not kernels._onednn_missing())
     assert rows[0][3] == "1.00" and all(float(row[1]) > 0 and float(row[3]) > 0 for row in rows)
     assert "weight GB/s" in capsys.readouterr().out

@@ -11,7 +11,9 @@ second and the speed-up over fp32 ``F.linear``:
 - ``int8 native`` / ``int8 onednn`` / ``int8 int8pack``:
   :class:`fxcompress.kernels.Int8WeightLinear` with each kernel (bf16 input:
   two digits per activation for the native and oneDNN kernels);
-- ``int4 g128``: :class:`fxcompress.kernels.Int4WeightLinear` (bf16 input).
+- ``int4 native`` / ``int4 int4pack`` (groups of 128):
+  :class:`fxcompress.kernels.Int4NativeLinear` and
+  :class:`~fxcompress.kernels.Int4WeightLinear` (bf16 input).
 
 The packed rows time the modules' whole forward (the activation split
 included), as a model runs them. Every round times every kernel once, over all
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from fxcompress.errors import ConfigError
-from fxcompress.kernels import INT8_KERNELS, pack_linear, rtn_grid
+from fxcompress.kernels import INT4_KERNELS, INT8_KERNELS, pack_linear, rtn_grid
 
 
 def kernels(weights: list[torch.Tensor]) -> dict[str, tuple[list, torch.dtype, int]]:
@@ -48,8 +50,14 @@ def kernels(weights: list[torch.Tensor]) -> dict[str, tuple[list, torch.dtype, i
             print(f"int8 {kernel} skipped: {error}", file=sys.stderr)
             continue
         found[f"int8 {kernel}"] = (layers, torch.bfloat16, out * cols)
-    int4 = [pack_linear(w.bfloat16(), None, rtn_grid(w, 4, 128), "layer") for w in weights]
-    found["int4 g128"] = (int4, torch.bfloat16, out * cols // 2)
+    int4 = [rtn_grid(w, 4, 128) for w in weights]
+    for kernel in INT4_KERNELS:
+        try:
+            layers = [pack_linear(w.bfloat16(), None, g, "layer", int4_kernel=kernel) for w, g in zip(weights, int4)]
+        except ConfigError as error:
+            print(f"int4 {kernel} skipped: {error}", file=sys.stderr)
+            continue
+        found[f"int4 {kernel}"] = (layers, torch.bfloat16, out * cols // 2)
     return found
 
 

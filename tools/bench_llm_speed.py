@@ -12,7 +12,7 @@ sampling logic. Steps are timed one by one with ``time.perf_counter`` after
 ``--warmup`` untimed steps; tokens/s is ``1 / median``.
 
 The variants are copies of one model: ``fp32``; ``bf16`` (``model.to(bf16)``);
-``fxcompress-int8``, ``-int8-onednn``, ``-int8pack`` and ``-int4`` = the bf16
+``fxcompress-int8``, ``-int8-onednn``, ``-int8pack``, ``-int4`` and ``-int4pack`` = the bf16
 model with every ``nn.Linear`` (``lm_head`` included) quantized
 round-to-nearest and packed in place by ``fxcompress.kernels.pack_linears``,
 so ``generate()`` and the cache are the model's own. int8 is symmetric per
@@ -21,8 +21,9 @@ VNNI matrix-vector kernel on activations written as two fixed-point bytes,
 where the CPU has AVX-512 VNNI and a C compiler is found; else the next of
 ``fxcompress.kernels.INT8_KERNELS`` that runs); ``-int8-onednn`` and
 ``-int8pack`` force oneDNN's int8 GEMM and ``_weight_int8pack_mm``, so one run
-compares the three; int4 is asymmetric in groups of ``--group-size``
-through ``aten._weight_int4pack_mm_for_cpu``. ``torchao`` rows apply
+compares the three; int4 is asymmetric in groups of ``--group-size``, run by
+fxcompress's native int4 kernel where it runs (else, and in ``-int4pack``,
+``aten._weight_int4pack_mm_for_cpu``). ``torchao`` rows apply
 ``quantize_`` with its configs to the same bf16 model. Packed variants run
 bf16 activations because ``_weight_int8pack_mm`` and the int4 kernel are fast
 only there (fp32 activations take a slow path, several times slower than
@@ -56,10 +57,10 @@ from proc_memory import reset_peak, status_bytes
 from tabulate import tabulate
 
 VARIANTS = ("fp32", "bf16", "fxcompress-int8", "fxcompress-int8-onednn", "fxcompress-int8pack", "fxcompress-int4",
-            "torchao-int8", "torchao-int4")
-#: ``pack_linears``' bits and int8 kernel (None: the default) of each fxcompress variant
+            "fxcompress-int4pack", "torchao-int8", "torchao-int4")
+#: ``pack_linears``' bits and kernel for those bits (None: the default) of each fxcompress variant
 PACKED = {"fxcompress-int8": (8, None), "fxcompress-int8-onednn": (8, "onednn"), "fxcompress-int8pack": (8, "int8pack"),
-          "fxcompress-int4": (4, None)}
+          "fxcompress-int4": (4, None), "fxcompress-int4pack": (4, "int4pack")}
 
 
 def build(layers: int, seed: int = 0):
@@ -82,7 +83,7 @@ def convert(model, variant: str, group_size: int):
         from fxcompress.kernels import pack_linears
 
         bits, kernel = PACKED[variant]
-        pack_linears(model, bits=bits, group_size=group_size, int8_kernel=kernel)
+        pack_linears(model, bits=bits, group_size=group_size, **{f"int{bits}_kernel": kernel})
     elif variant.startswith("torchao"):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
