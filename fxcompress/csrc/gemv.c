@@ -45,17 +45,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Weight rows sharing each load of the activation digits. A thread walks a block of rows in lockstep, column
+ * chunk by column chunk, and prefetches the same chunk PREFETCH_BLOCKS blocks ahead: each row is too short (a few
+ * KiB) for the hardware's stream prefetcher to learn, and a block ahead is far enough to hide memory's latency. */
 #ifndef ROWS
-#define ROWS 4        /* weight rows sharing each load of the activation digits */
-#endif
-#ifndef PREFETCH
-#define PREFETCH 512  /* bytes ahead of each weight row's stream */
+#define ROWS 4
 #endif
 #ifndef INT4_ROWS
-#define INT4_ROWS 8        /* the same for int4 (more work per byte: more rows in flight) */
+#define INT4_ROWS 8
 #endif
-#ifndef INT4_PREFETCH
-#define INT4_PREFETCH 256  /* its rows are half as long */
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 1
 #endif
 #define MAX_DIGITS 3
 
@@ -156,7 +156,7 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *digits
         for (int d = 0; d < D; d++) digit[d] = _mm512_loadu_si512(digits + d * stride + k);
         for (int r = 0; r < rows; r++) {
             const int8_t *row = w + (n + r) * K + k;
-            _mm_prefetch((const char *)(row + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + PREFETCH_BLOCKS * ROWS * K), _MM_HINT_T0);
             const __m512i weights = _mm512_maskz_loadu_epi8(mask, row);
             for (int d = 0; d < D; d++) acc[r][d] = _mm512_dpbusd_epi32(acc[r][d], digit[d], weights);
         }
@@ -197,10 +197,11 @@ int fxc_gemv_int8(const void *x, long M, long K, const int8_t *w, const int32_t 
     return 0;
 }
 
-/* Rows [n, n + rows) of one output row of fxc_gemv_int4 (rows <= INT4_ROWS). */
+/* Rows [n, n + rows) of one output row of fxc_gemv_int4 (rows <= INT4_ROWS). Inlined with D, dtype and rows as
+ * constants where the caller can, so that the loops over them unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void int4_rows(
         const int8_t *digits, const int D, long K, const uint8_t *w, const void *scales, const void *biases,
-        long group, const float *group_sums, float step, void *out, long n, int rows, int dtype) {
+        long group, const float *group_sums, float step, void *out, long n, const int rows, const int dtype) {
     const long groups = K / group;
     const int size = dtype == F32 ? 4 : 2;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -215,21 +216,31 @@ static inline __attribute__((always_inline)) void int4_rows(
         const long low_group = c * 128 / group, high_group = (c * 128 + 64) / group;
         for (int r = 0; r < rows; r++) {
             const uint8_t *row = w + (n + r) * (K / 2) + c * 64;
-            _mm_prefetch((const char *)(row + INT4_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + PREFETCH_BLOCKS * INT4_ROWS * (K / 2)), _MM_HINT_T0);
             const __m512i packed = _mm512_loadu_si512(row);
             const __m512i low = _mm512_and_si512(packed, nibble);
             const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
-            __m512i low_sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, low_digits[D - 1]);
-            __m512i high_sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), high, high_digits[D - 1]);
-            for (int d = D - 2; d >= 0; d--) { /* Horner over the digits, most significant first */
-                low_sum = _mm512_dpbusd_epi32(_mm512_slli_epi32(low_sum, 8), low, low_digits[d]);
-                high_sum = _mm512_dpbusd_epi32(_mm512_slli_epi32(high_sum, 8), high, high_digits[d]);
-            }
             const void *row_scales = (const char *)scales + (n + r) * groups * size;
-            if (low_group == high_group) { /* one group: add first (below 2^30), convert once */
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(low_sum, high_sum)),
+            if (low_group == high_group) {
+                /* one group: both halves in one Horner chain over the digits, most significant first (its
+                 * lanes stay below 8 * 15 * 2^23 = 2^30) */
+                __m512i sum = _mm512_setzero_si512();
+                for (int d = D - 1; d >= 0; d--) {
+                    if (d < D - 1) sum = _mm512_slli_epi32(sum, 8);
+                    sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, low, low_digits[d]), high, high_digits[d]);
+                }
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
                                          _mm512_set1_ps(load_value(row_scales, low_group, dtype)), acc[r]);
             } else {
+                __m512i low_sum = _mm512_setzero_si512(), high_sum = _mm512_setzero_si512();
+                for (int d = D - 1; d >= 0; d--) {
+                    if (d < D - 1) {
+                        low_sum = _mm512_slli_epi32(low_sum, 8);
+                        high_sum = _mm512_slli_epi32(high_sum, 8);
+                    }
+                    low_sum = _mm512_dpbusd_epi32(low_sum, low, low_digits[d]);
+                    high_sum = _mm512_dpbusd_epi32(high_sum, high, high_digits[d]);
+                }
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low_sum),
                                          _mm512_set1_ps(load_value(row_scales, low_group, dtype)), acc[r]);
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high_sum),
@@ -248,6 +259,12 @@ static inline __attribute__((always_inline)) void int4_rows(
         store_value(out, n + r, (_mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(offsets)) * step, dtype);
     }
 }
+
+/* int4_rows with D (2 or 3) and dtype as constants, and rows too for a whole block. */
+#define INT4_ROWS_AS_CONSTANTS(D_, DTYPE_)                                                                           \
+    (rows == INT4_ROWS                                                                                              \
+         ? int4_rows(digits, D_, K, w, scales, biases, group, group_sums, step, out, n, INT4_ROWS, DTYPE_)          \
+         : int4_rows(digits, D_, K, w, scales, biases, group, group_sums, step, out, n, rows, DTYPE_))
 
 /* y (M x N) = x (M x K) @ W.T for int4 W[n, k] = q[n, k] * scales[n, g] + biases[n, g] (g = k / group), q stored
  * as described at the top (N x K/2 bytes). K is a multiple of 128, group a multiple of 64 dividing K; x, scales,
@@ -270,10 +287,10 @@ int fxc_gemv_int4(const void *x, long M, long K, const uint8_t *w, const void *s
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (long n = 0; n < N; n += INT4_ROWS) {
             const int rows = N - n < INT4_ROWS ? (int)(N - n) : INT4_ROWS;
-            if (D == 2)  /* D as a constant: the digit loops unroll */
-                int4_rows(digits, 2, K, w, scales, biases, group, group_sums, step, out, n, rows, dtype);
+            if (D == 2)
+                dtype == BF16 ? INT4_ROWS_AS_CONSTANTS(2, BF16) : INT4_ROWS_AS_CONSTANTS(2, F32);
             else
-                int4_rows(digits, 3, K, w, scales, biases, group, group_sums, step, out, n, rows, dtype);
+                dtype == BF16 ? INT4_ROWS_AS_CONSTANTS(3, BF16) : INT4_ROWS_AS_CONSTANTS(3, F32);
         }
     }
     free(digits);
