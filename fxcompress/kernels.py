@@ -118,6 +118,7 @@ INT8_KERNELS = ("native", "onednn", "int8pack")
 INT4_KERNELS = ("native", "int4pack")
 _NATIVE_ROWS = 4  # the native kernels stream the weight once per row: more rows (a prompt) go to a GEMM
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+_DEQUANTIZED_ROWS = 1024  # output rows an int4 layer dequantizes at a time for a prompt
 _DIGIT_BASE = 254  # each digit counts 1/254 of the one before: a remainder in [-1/2, 1/2] becomes [-127, 127]
 _LARGEST_PRODUCT = 127 * 128  # |digit x weight|: oneDNN sums in int32, so in_features * this must stay below 2**31
 
@@ -502,13 +503,18 @@ class Int4NativeLinear(PackedLinear):
                 and not native.gemv_missing()):
             return self._digit_kernel(_native_int4_linear, x, self.weight_codes, _as(self.scales, x.dtype),
                                       _as(self.biases, x.dtype), self.group_size)
-        return torch.nn.functional.linear(x, self.dequantized(x.dtype))
+        # a block of output rows at a time: the whole dequantized weight (lm_head's: 130 MB in bf16) never exists
+        blocks = range(0, self.out_features, _DEQUANTIZED_ROWS)
+        return torch.cat([torch.nn.functional.linear(x, self.dequantized(x.dtype, slice(start, start + _DEQUANTIZED_ROWS)))
+                          for start in blocks], dim=-1)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """``W`` (``out x in``) in ``dtype``."""
-        chunks = self.weight_codes.view(self.out_features, -1, 1, native.INT4_CHUNK // 2)
-        q = torch.cat([chunks & 15, chunks >> 4], 2).view(self.out_features, -1, self.group_size).to(dtype)
-        return (q * self.scales.to(dtype)[..., None] + self.biases.to(dtype)[..., None]).view(self.out_features, -1)
+    def dequantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """Rows ``rows`` of ``W`` (``out x in``) in ``dtype``."""
+        codes = self.weight_codes[rows]
+        chunks = codes.view(len(codes), -1, 1, native.INT4_CHUNK // 2)
+        q = torch.cat([chunks & 15, chunks >> 4], 2).view(len(codes), -1, self.group_size).to(dtype)
+        return q.mul_(_as(self.scales[rows], dtype)[..., None]).add_(_as(self.biases[rows], dtype)[..., None]).view(
+            len(codes), -1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel}"

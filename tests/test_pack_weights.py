@@ -64,9 +64,11 @@ def test_the_packed_module_computes_the_dequantized_linear(bits, symmetric, grou
 @pytest.mark.parametrize("bits, symmetric, group_size", [(4, False, 64), (4, True, 128), (4, False, 256),
                                                           (3, False, 128), (2, True, 64)])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_the_native_int4_layer_computes_the_dequantized_linear(bits, symmetric, group_size, dtype, tolerance):
-    """Three rows run the native kernel, ten dequantize; groups of 32 (and inputs not a multiple of 128) are
-    left to torch's kernel, which the default then picks."""
+def test_the_native_int4_layer_computes_the_dequantized_linear(bits, symmetric, group_size, dtype, tolerance,
+                                                               monkeypatch):
+    """Three rows run the native kernel, ten dequantize (in blocks of 16 output rows here); groups of 32 (and
+    inputs not a multiple of 128) are left to torch's kernel, which the default then picks."""
+    monkeypatch.setattr(kernels, "_DEQUANTIZED_ROWS", 16)
     weight, bias = torch.randn(48, 256), torch.randn(48)
     grid = WeightGrid.fit(weight_scheme(bits, symmetric), weight, group_size)
     dequantized = grid.dequantize(grid.integers(weight))
