@@ -51,7 +51,8 @@ The kernels (CPU):
   (:func:`fxcompress.native.gemv_int4`): the codes ``q - qmin`` two per byte
   in its own layout, each weight ``q * scale + bias`` per group, multiplied
   as the native int8 kernel does, with signed activation digits. Up to four
-  rows; more rows dequantize the weight in torch and call ``F.linear``.
+  rows; more rows dequantize the weight in torch, 1024 output rows at a time,
+  and call ``F.linear``.
 
 Speed: ``python tools/bench_kernels.py`` times each kernel's module on 24
 cycled 5632 x 2048 layers (too many for the caches) at one activation row.

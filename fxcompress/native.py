@@ -1,8 +1,9 @@
 """fxcompress's own CPU kernels (C, in ``fxcompress/csrc``): built on first use with the system C compiler.
 
-Why: decoding a token with int8 weights is bound by how fast the weights
-stream from memory, and no kernel in torch streams them at the memory's rate
-for one activation row (``python tools/bench_kernels.py`` measures each). The
+Why: decoding a token with int8 or int4 weights is bound by how fast the
+weights stream from memory, and no kernel in torch streams them at the
+memory's rate for one activation row (``python tools/bench_kernels.py``
+times each against these). The
 kernels here are small C files, compiled once per source, compiler and flags
 into ``$FXCOMPRESS_CACHE`` (default ``~/.cache/fxcompress``) and loaded with
 :mod:`ctypes`; they take raw tensor pointers, so they run with no Python
@@ -16,8 +17,7 @@ OpenMP thread pool.
 
 :func:`huge_page_copy` holds a weight on 2 MiB pages where Linux allows it:
 a kernel streaming hundreds of megabytes takes a TLB miss every 4 KiB on
-ordinary pages, and ``tools/bench_kernels.py`` shows the difference in its
-``int8 native`` row.
+ordinary pages, one every 2 MiB on huge ones.
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 #: The most inputs a row may have: each of the kernel's 16 int32 lanes sums a 16th of the products, each below
 #: 255 * 128.
 GEMV_MAX_INPUTS = 16 * ((2**31 - 1) // (255 * 128))
-
-
 _HUGE_PAGE = 2 << 20
 
 
