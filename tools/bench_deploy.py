@@ -10,7 +10,10 @@ median over rounds of the per-round medians. Rows (``--rows``):
   ``pruned-compile``: the shrunk model under ``torch.compile``;
 - ``int8-ort``, ``int8-compile``: fxcompress PTQ (fold-batch-norm, MinMax-calibrated per-channel int8 weights,
   uint8 activations; ``tools/bench_quant.py``'s recipe) folded to QDQ for ONNX Runtime, or to the PT2E form for
-  ``fxcompress.quant.inductor.compile`` (oneDNN int8 kernels);
+  ``fxcompress.quant.inductor.compile`` (oneDNN int8 kernels). Each runtime gets its placement: ONNX Runtime's
+  quantizes the activations around adds, matmuls, pools and ``cat`` too (``QConfig.functional=True``, its
+  int8 kernels for those keep blocks in int8); Inductor's only the weighted layers' (``functional=False``:
+  its int8 convs and linears take float post-ops, and it runs attention's matmuls in float);
 - ``ort-quantize-static``: ONNX Runtime's own ``quantize_static`` on the float ONNX model, same calibration data,
   the fastest of :data:`ORT_SETTINGS` here;
 - ``pruned-int8-ort``, ``pruned-int8-compile``: both, on the shrunk model;
@@ -215,6 +218,11 @@ class Row:
         return {k: getattr(self, k) for k in keys}
 
 
+def _reference(pruned: bool, form: str) -> str:
+    """The name of the fake-quantized model an int8 row of ``form`` ("onnx" or "pt2e") was folded from."""
+    return f"{'pruned ' if pruned else ''}fake-quant{' (inductor)' if form == 'pt2e' else ''}"
+
+
 def _eager(model: nn.Module) -> Callable:
     def run(x):
         with torch.no_grad():
@@ -264,21 +272,24 @@ class Builder:
     def shrunk(self) -> nn.Module:
         return self._once("shrunk", lambda: self._compile(self.model, standard_pruning(L1Norm(self.args.sparsity))))
 
-    def simulated(self, pruned: bool) -> nn.Module:
-        """The fake-quantized dense or shrunk model (one calibration each), registered as a reference."""
+    def simulated(self, pruned: bool, form: str) -> nn.Module:
+        """The fake-quantized dense or shrunk model for ``form``'s runtime (one calibration each), registered as
+        a reference: ONNX Runtime's placement quantizes adds, matmuls, pools and ``cat`` too (its int8 kernels
+        for them keep whole blocks in int8); Inductor's (``functional=False``) only the weighted layers, whose
+        int8 kernels take float post-ops, as torchao's ``X86InductorQuantizer`` does."""
         def make():
             source = self.shrunk() if pruned else self.model
-            gm = fxcompress_simulated(source, self.batches, frontend=self.case.frontend)
+            gm = fxcompress_simulated(source, self.batches, functional=form != "pt2e", frontend=self.case.frontend)
             if not any(isinstance(m, Quantizer) for m in gm.modules()):
                 raise ConfigError(f"fxcompress placed no quantizer: the {self.case.frontend} frontend's graph calls "
                                   "linear layers as functions, and QConfig quantizes nn.Linear/Conv modules")
-            self.references["pruned fake-quant" if pruned else "fake-quant"] = gm
+            self.references[_reference(pruned, form)] = gm
             return gm
 
-        return self._once(f"simulated-{pruned}", make)
+        return self._once(f"simulated-{pruned}-{form}", make)
 
     def folded(self, pruned: bool, form: str) -> nn.Module:
-        sim = self.simulated(pruned)
+        sim = self.simulated(pruned, form)
         return self._once(f"folded-{pruned}-{form}", lambda: fxcompress.compile(sim, self.x, [FoldQDQ(form=form)],
                                                                                  verify=False))
 
@@ -313,15 +324,13 @@ class Builder:
         path = str(self.workdir / f"int8-{pruned}.onnx")
         result = to_onnx(self.folded(pruned, "onnx"), self.x, path)
         key = "pruned-int8-ort" if pruned else "int8-ort"
-        reference = "pruned fake-quant" if pruned else "fake-quant"
-        return Row(key, _ort(path, self.args.threads), self.shrunk() if pruned else self.model, reference,
+        return Row(key, _ort(path, self.args.threads), self.shrunk() if pruned else self.model, _reference(pruned, "onnx"),
                    "pruned" if pruned else "dense", note=f"QDQ, to_onnx error {result.max_error:.1e}")
 
     def _int8_compile(self, pruned: bool) -> Row:
         gm = self.folded(pruned, "pt2e")
         key = "pruned-int8-compile" if pruned else "int8-compile"
-        reference = "pruned fake-quant" if pruned else "fake-quant"
-        return Row(key, inductor.compile(gm), self.shrunk() if pruned else self.model, reference,
+        return Row(key, inductor.compile(gm), self.shrunk() if pruned else self.model, _reference(pruned, "pt2e"),
                    "pruned" if pruned else "dense", count_kernels=True)
 
     def int8_ort(self) -> Row:

@@ -96,12 +96,14 @@ def _calibration(shape, n: int) -> list[torch.Tensor]:
     return [torch.randn(*shape, generator=g) for _ in range(n)]
 
 
-def fxcompress_simulated(model: nn.Module, batches: list[torch.Tensor], **options):
+def fxcompress_simulated(model: nn.Module, batches: list[torch.Tensor], functional: bool = True, **options):
     """The fake-quantized model (BN folded, MinMax-calibrated on ``batches``): what every folded form computes.
 
-    ``options`` go to ``fxcompress.compile`` (e.g. ``frontend="export"``). The result is in eval mode: its
-    quantizers come out of ``compile`` in training mode, where every forward moves their grids."""
-    config = QConfig.int8(activation_observer=MinMaxObserver())
+    ``functional`` is :class:`QConfig`'s (False: only the weighted layers' inputs and outputs are quantized, the
+    placement Inductor runs fastest). ``options`` go to ``fxcompress.compile`` (e.g. ``frontend="export"``). The
+    result is in eval mode: its quantizers come out of ``compile`` in training mode, where every forward moves
+    their grids."""
+    config = QConfig.int8(activation_observer=MinMaxObserver(), functional=functional)
     passes = [FoldBatchNorm(), InsertObservers(config), Calibrate(tuple(batches), progress=False), FakeQuantize()]
     return fxcompress.compile(model, batches[0], passes, **{"verify": False, **options}).eval()
 

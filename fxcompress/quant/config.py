@@ -75,6 +75,11 @@ class QConfig:
     entering and leaving quantized ops; ``None`` quantizes weights only.
     ``functional``: also quantize the activations around ``+``, ``matmul``,
     pooling and ``cat`` (what ONNX Runtime needs to keep whole blocks in int8).
+    ``functional=False`` quantizes only the weighted layers' inputs and
+    outputs: the placement ``torch.compile`` runs fastest after
+    ``FoldQDQ(form="pt2e")`` (Inductor's int8 convs and linears take float
+    post-ops, and attention's matmuls stay in float, as torchao's
+    ``X86InductorQuantizer`` leaves them; ``tools/bench_deploy.py``).
     """
 
     weight: QuantSpec | None = None
