@@ -45,6 +45,28 @@ def test_gelu_is_quantized_after_a_linear_layer_but_not_after_a_conv():
     assert modules == ["x_aq", "conv", "conv_aq", "conv_act", "flatten_aq", "fc", "fc_act", "fc_act_aq"]
 
 
+def test_hardswish_is_fused_into_its_conv_in_inductors_placement_only():
+    """functional=False (Inductor: oneDNN's int8 conv takes hardswish as a post-op) quantizes after it; the
+    ONNX Runtime placement quantizes the conv's output, before it; adds stay float in Inductor's placement."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Hardswish(), torch.nn.Linear(36, 8)
+
+        def forward(self, x):
+            y = self.act(self.conv(x))
+            return self.fc((y + y).flatten(1))
+
+    def modules(functional: bool) -> list:
+        gm = fxcompress.compile(Block().eval(), torch.randn(2, 3, 5, 5),
+                                [InsertObservers(config(functional=functional))])
+        return [n.target for n in gm.graph.nodes if n.op == "call_module"]
+
+    assert modules(False) == ["x_aq", "conv", "act", "act_aq", "flatten_aq", "fc", "fc_aq"]
+    assert modules(True) == ["x_aq", "conv", "conv_aq", "act", "act_aq", "add_aq", "add_aq", "fc", "fc_aq"]  # flatten shares
+
+
 def test_weights_get_per_channel_quantizers():
     gm = _compiled()
     for name in ("conv1", "conv2", "fc1", "fc2"):

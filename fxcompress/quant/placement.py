@@ -7,6 +7,8 @@ quantized op's output — after the activation functions that follow it
 (``conv -> relu -> Q`` is one fused int8 kernel). GELU follows linear layers
 only: ONNX Runtime's QGemm hands it a float output and Inductor's qlinear
 takes it as a post-op, but ONNX Runtime's int8 conv must end in a quantize.
+Hardswish follows its producer only in Inductor's placement
+(``QConfig(functional=False)``), where oneDNN's int8 conv takes it as a post-op.
 Ops that only move values (max-pool, reshape, flatten) reuse their input's
 grid, which costs nothing: their outputs already lie on it.
 
@@ -41,6 +43,9 @@ class OpRole(enum.Enum):
     # fused into a linear producer only (gelu): ONNX Runtime's QGemm can hand a float output to it and
     # Inductor's qlinear takes it as a post-op, while ONNX Runtime's int8 conv needs its output quantized
     LINEAR_FOLLOWER = "linear-follower"
+    # fused into the producer in Inductor's placement only (QConfig(functional=False), hardswish): oneDNN's int8
+    # conv and linear take it as a post-op; ONNX Runtime's int8 conv must end in a quantize
+    POST_OP = "post-op"
     SHARE = "share"  # moves values only: output reuses the input's grid (max-pool, reshape, flatten)
 
 
@@ -56,6 +61,7 @@ OP_ROLES: dict[object, OpRole] = {
     nn.ReLU6: OpRole.FOLLOWER, F.relu6: OpRole.FOLLOWER,
     nn.BatchNorm1d: OpRole.FOLLOWER, nn.BatchNorm2d: OpRole.FOLLOWER, nn.BatchNorm3d: OpRole.FOLLOWER,
     nn.GELU: OpRole.LINEAR_FOLLOWER, F.gelu: OpRole.LINEAR_FOLLOWER, torch.ops.aten.gelu.default: OpRole.LINEAR_FOLLOWER,
+    nn.Hardswish: OpRole.POST_OP, F.hardswish: OpRole.POST_OP, torch.ops.aten.hardswish.default: OpRole.POST_OP,
     nn.MaxPool1d: OpRole.SHARE, nn.MaxPool2d: OpRole.SHARE, F.max_pool2d: OpRole.SHARE,
     torch.flatten: OpRole.SHARE, ".flatten": OpRole.SHARE, nn.Flatten: OpRole.SHARE,
     torch.reshape: OpRole.SHARE, ".reshape": OpRole.SHARE, ".view": OpRole.SHARE,
@@ -96,7 +102,11 @@ class QuantPlan:
 
 def _anchor(gm: fx.GraphModule, node: fx.Node, config: QConfig) -> fx.Node:
     """Follow single-user activation functions: their output is where the op's result is quantized."""
-    followers = (OpRole.FOLLOWER, OpRole.LINEAR_FOLLOWER) if runs_one_of(LINEAR_OPS, gm, node) else (OpRole.FOLLOWER,)
+    followers = {OpRole.FOLLOWER}
+    if runs_one_of(LINEAR_OPS, gm, node):
+        followers.add(OpRole.LINEAR_FOLLOWER)
+    if not config.functional:
+        followers.add(OpRole.POST_OP)
     while len(node.users) == 1:
         user = next(iter(node.users))
         if op_role(gm, user, config) not in followers or user.args[:1] != (node,):
