@@ -13,6 +13,16 @@ stored as int32 on the grid ``input_scale * weight_scale``, as ONNX Runtime's
 int8 kernels require, which moves outputs by at most half that step per
 layer; this pass therefore does not claim to preserve outputs exactly.
 
+Besides the quantizers of ``insert-observers``, the pass folds W8A8 as the
+one-shot passes leave it (:func:`fxcompress.passes.w8a8_passes`, SmoothQuant or
+plain): linear weights on a recorded signed 8-bit grid with one scale per row
+(:data:`fxcompress.meta.WEIGHT_GRIDS`; the grid's entry goes, its integers are
+stored) and the static activation rounding of ``quantize-activations``, whose
+signed grid is written as ``uint8`` with zero point 128 (the same values, in
+the u8 x s8 form int8 kernels take). Other grids (int4 groups, AWQ) stay in
+float for ``pack-weights`` and ``MatMulNBits``; per-token dynamic rounding has
+no QDQ form and is refused by name.
+
 The rewrites are the table :data:`REWRITES`, applied in order, each to every
 node it matches.
 
@@ -45,10 +55,15 @@ from torch.nn.utils import parametrize
 
 from fxcompress import meta
 from fxcompress.errors import ConfigError
+from fxcompress.masks import forward_value, mask_of, split_target
+from fxcompress.oneshot.engine import LinearSite, current_value, linear_site
+from fxcompress.oneshot.grid import WeightGrid
+from fxcompress.oneshot.smoothquant import FakeQuantActivation
 from fxcompress.pipeline import Pass, Requires, Rewrite, apply_rewrites, register_pass
 from fxcompress.quant import inductor
 from fxcompress.quant.ops import DEQUANTIZE, QUANTIZE
 from fxcompress.quant.quantizers import Quantizer, all_frozen
+from fxcompress.quant.scheme import QScheme
 from fxcompress.trace import describe_node, propagate_shapes
 
 __all__ = ["FoldQDQ", "REWRITES", "PT2E_REWRITES", "FORMS", "LAYER_FUNCTIONS"]
@@ -93,7 +108,19 @@ def _drop(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def _is_activation_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (Quantizer, QParams))
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                   (Quantizer, QParams, FakeQuantActivation))
+
+
+def _w8a8_qparams(gm: fx.GraphModule, node: fx.Node, module: FakeQuantActivation) -> QParams:
+    """The grid of W8A8's static activation rounding (``quantize-activations``), written as ``uint8`` with zero
+    point 128: the same values and the same ties as its signed ``[-128, 127]`` grid, in the u8 x s8 form that
+    ONNX Runtime's and oneDNN's int8 kernels take."""
+    if module.scale is None or module.bits != 8:
+        why = "rounds each token on the fly (dynamic)" if module.scale is None else f"has {module.bits} bits"
+        raise ConfigError(f"cannot fold the activation quantizer of {describe_node(gm, node)}: it {why}; QDQ needs "
+                          "one static 8-bit scale: use ActivationQuant('tensor') (quantize-activations' default)")
+    return QParams(module.scale, torch.tensor(128, dtype=torch.uint8))
 
 
 def _qparams_module(gm: fx.GraphModule, node: fx.Node) -> QParams:
@@ -101,6 +128,11 @@ def _qparams_module(gm: fx.GraphModule, node: fx.Node) -> QParams:
     module = gm.get_submodule(node.target)
     if isinstance(module, QParams):
         return module
+    if isinstance(module, FakeQuantActivation):
+        stored = _w8a8_qparams(gm, node, module)
+        gm.delete_submodule(node.target)
+        gm.add_submodule(node.target, stored)
+        return stored
     scheme = module.scheme
     if not module.enabled or not module.exportable or scheme.bits != 8:
         why = "is not enabled (run fake-quantize)" if not module.enabled else "is not an 8-bit affine rounding"
@@ -140,12 +172,93 @@ def _collapse(gm: fx.GraphModule, node: fx.Node) -> None:
 # ---------------------------------------------------------------------------- weights
 
 
+@dataclasses.dataclass
+class _Folding:
+    """One weighted layer about to become its functional op on stored integers.
+
+    Its weight lies on ``(q - zero_point) * scale`` per output channel (or per
+    tensor) of ``scheme``: a weight quantizer's grid, or a one-shot weight grid
+    (:data:`fxcompress.meta.WEIGHT_GRIDS`). The :class:`QuantizedWeights` go to
+    ``path``; ``released`` are the float parameters no node reads afterwards.
+    """
+
+    node: fx.Node
+    function: Callable
+    settings: tuple
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    scheme: QScheme
+    bias: torch.Tensor | None
+    path: str
+    released: tuple[str, ...] = ()
+
+
 def _is_quantized_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A conv/linear module whose weight reads through a quantizer (``insert-observers``)."""
     if node.op != "call_module":
         return False
     module = gm.get_submodule(node.target)
     kind = parametrize.type_before_parametrizations(module)
     return kind in LAYER_FUNCTIONS and parametrize.is_parametrized(module, "weight")
+
+
+def _int8_grid(gm: fx.GraphModule, node: fx.Node) -> tuple[LinearSite, WeightGrid] | None:
+    """The linear ``node``'s one-shot weight grid when it is int8 storage as ONNX and oneDNN take it: signed
+    8-bit, one scale per output row, no AWQ input scale. Other grids (int4 groups, ...) stay for
+    ``pack-weights`` and ``MatMulNBits``."""
+    site = linear_site(gm, node)
+    grid = None if site is None else (gm.meta.get(meta.WEIGHT_GRIDS) or {}).get(site.target)
+    if grid is None or grid.bits != 8 or not grid.scheme.signed or grid.scale.shape[1] != 1 or \
+            grid.input_scale is not None:
+        return None
+    if node.op == "call_module" and parametrize.is_parametrized(gm.get_submodule(node.target)):
+        return None
+    return site, grid
+
+
+def _is_weighted_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return _is_quantized_layer(gm, node) or _int8_grid(gm, node) is not None
+
+
+def _folding(gm: fx.GraphModule, node: fx.Node) -> _Folding:
+    if _is_quantized_layer(gm, node):
+        module = gm.get_submodule(node.target)
+        quantizer = _weight_quantizer(module)
+        if not quantizer.enabled:
+            raise ConfigError(f"cannot fold {describe_node(gm, node)}: its weight quantizer is not enabled "
+                              "(run fake-quantize)")
+        function, settings = _layer_function(gm, node)
+        scale, zero_point = (t.detach() for t in quantizer.qparams())
+        bias = None if module.bias is None else module.bias.detach()
+        return _Folding(node, function, settings, module.weight.detach(), scale, zero_point, quantizer.scheme, bias,
+                        node.target)
+    site, grid = _int8_grid(gm, node)
+    gm.meta[meta.WEIGHT_GRIDS].pop(site.target)  # the integers are stored now; no packing step reads the grid
+    weight = current_value(gm, site.target).detach()
+    scale, zero_point = grid.scale[:, 0], grid.zero_point[:, 0]
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        bias = None if module.bias is None else forward_value(module, "bias").detach()
+        return _Folding(node, F.linear, (), weight, scale, zero_point, grid.scheme, bias, node.target)
+    bias_read = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if isinstance(bias_read, fx.Node) and bias_read.op != "get_attr":
+        raise ConfigError(f"cannot fold {describe_node(gm, node)}: its bias is computed by the graph")
+    reads = [site.target] + ([bias_read.target] if isinstance(bias_read, fx.Node) else [])
+    bias = current_value(gm, reads[1]).detach() if len(reads) > 1 else None
+    owner = split_target(site.target)[0]
+    path = _free_path(gm, f"{owner}_int8" if owner else f"{site.target}_int8")
+    return _Folding(node, F.linear, (), weight, scale, zero_point, grid.scheme, bias, path, tuple(reads))
+
+
+def _free_path(gm: fx.GraphModule, base: str) -> str:
+    path, k = base, 1
+    while True:
+        try:
+            gm.get_submodule(path)
+        except AttributeError:
+            return path
+        path, k = f"{base}_{k}", k + 1
 
 
 def _integers(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, dtype, where: str):
@@ -159,7 +272,8 @@ def _integers(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
         raise ConfigError(f"{where}: the quantized weight does not fit {dtype}")
     back = (q - zero_point.reshape(shape)) * scale.reshape(shape)
     if not torch.allclose(back, values, rtol=1e-5, atol=1e-6 * float(values.abs().max() or 1.0)):
-        raise ConfigError(f"{where}: the weight quantizer's output is not on the grid its qparams() describe")
+        raise ConfigError(f"{where}: the weight is not on the grid its quantizer (or recorded one-shot grid) "
+                          "describes; was it trained after quantizing? Quantize again before fold-qdq")
     return q.to(dtype)
 
 
@@ -175,22 +289,35 @@ def _weight_quantizer(module: nn.Module) -> Quantizer:
     return next(q for q in module.parametrizations.weight if isinstance(q, Quantizer))
 
 
-def _pack_layer(gm: fx.GraphModule, node: fx.Node) -> QuantizedWeights:
-    module = gm.get_submodule(node.target)
-    quantizer = _weight_quantizer(module)
-    if not quantizer.enabled:
-        raise ConfigError(f"cannot fold {describe_node(gm, node)}: its weight quantizer is not enabled (run fake-quantize)")
-    axis = quantizer.scheme.ch_axis
+def _install(gm: fx.GraphModule, folding: _Folding) -> QuantizedWeights:
+    """Store ``folding``'s integer weight (and float bias) as a :class:`QuantizedWeights` at its path, in place of
+    the layer module or beside the parameters it releases."""
     with torch.no_grad():
-        weight = module.weight.detach()
-        scale, zero_point = (t.detach() for t in quantizer.qparams())
         packed = QuantizedWeights()
-        packed.register_buffer("weight", _integers(weight, scale, zero_point, axis, torch.int8, f"layer '{node.target}'"))
-        packed.register_buffer("weight_scale", scale.float().clone())
-        packed.register_buffer("weight_zero_point", zero_point.to(torch.int8).clone())
-        if module.bias is not None:
-            packed.register_buffer("bias_float", module.bias.detach().clone())
+        where = f"layer '{folding.path}'"
+        packed.register_buffer("weight", _integers(folding.weight, folding.scale, folding.zero_point,
+                                                   folding.scheme.ch_axis, torch.int8, where))
+        packed.register_buffer("weight_scale", folding.scale.float().clone())
+        packed.register_buffer("weight_zero_point", folding.zero_point.to(torch.int8).clone())
+        if folding.bias is not None:
+            packed.register_buffer("bias_float", folding.bias.clone())
+    if folding.node.op == "call_module":
+        gm.delete_submodule(folding.path)
+    gm.add_submodule(folding.path, packed)
     return packed
+
+
+def _release(gm: fx.GraphModule, folding: _Folding) -> None:
+    """Drop the float parameters of a folded function-form linear that no node reads any more (unmasked ones:
+    a masked parameter's mask belongs to its owner and goes with it)."""
+    reads = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in folding.released and not n.users]:
+        gm.graph.erase_node(node)
+    for target in folding.released:
+        owner, name = split_target(target)
+        module = gm.get_submodule(owner)
+        if target not in reads and name in module._parameters and mask_of(module, name) is None:
+            delattr(module, name)
 
 
 def _pack_bias(gm: fx.GraphModule, packed: QuantizedWeights, input_scale: fx.Node) -> None:
@@ -214,15 +341,12 @@ def _layer_function(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple]
 
 
 def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> None:
-    function, settings = _layer_function(gm, node)
-    packed = _pack_layer(gm, node)
+    folding = _folding(gm, node)
+    packed = _install(gm, folding)
     input_scale = _input_scale(node)
-    target = node.target
-    gm.delete_submodule(target)
-    gm.add_submodule(target, packed)
     graph = gm.graph
     with graph.inserting_before(node):
-        attr = lambda name: graph.get_attr(f"{target}.{name}")  # noqa: E731
+        attr = lambda name: graph.get_attr(f"{folding.path}.{name}")  # noqa: E731
         axis = 0
         weight = graph.call_function(DEQUANTIZE, (attr("weight"), attr("weight_scale"), attr("weight_zero_point"), axis))
         bias = None
@@ -231,9 +355,10 @@ def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> None:
             bias = graph.call_function(DEQUANTIZE, (attr("bias"), attr("bias_scale"), attr("bias_zero_point"), 0))
         elif hasattr(packed, "bias_float"):
             bias = attr("bias_float")
-        call = graph.call_function(function, (node.args[0], weight, bias, *settings))
+        call = graph.call_function(folding.function, (node.args[0], weight, bias, *folding.settings))
     node.replace_all_uses_with(call)
     graph.erase_node(node)
+    _release(gm, folding)
 
 
 # ---------------------------------------------------------------------------- the PT2E form
@@ -264,9 +389,9 @@ def _is_pt2e_requantize(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _pt2e_layer(gm: fx.GraphModule, node: fx.Node) -> None:
-    function, settings = _layer_function(gm, node)
-    scheme = _weight_quantizer(gm.get_submodule(node.target)).scheme
-    packed = _pack_layer(gm, node)
+    folding = _folding(gm, node)
+    scheme = folding.scheme
+    packed = _install(gm, folding)
     axis = scheme.ch_axis if scheme.per_channel else 0  # a per-tensor scale is repeated along the output channels
     channels = packed.weight.shape[axis]
     packed.weight_scale = packed.weight_scale.reshape(-1).expand(channels).clone()
@@ -274,21 +399,19 @@ def _pt2e_layer(gm: fx.GraphModule, node: fx.Node) -> None:
     if hasattr(packed, "bias_float"):
         packed.register_buffer("bias", packed.bias_float)
         del packed.bias_float
-    target = node.target
-    gm.delete_submodule(target)
-    gm.add_submodule(target, packed)
     ops = inductor.decomposed_ops()
     graph = gm.graph
     with graph.inserting_before(node):
-        attr = lambda name: graph.get_attr(f"{target}.{name}")  # noqa: E731
+        attr = lambda name: graph.get_attr(f"{folding.path}.{name}")  # noqa: E731
         weight = graph.call_function(
             ops.dequantize_per_channel.default,
             (attr("weight"), attr("weight_scale"), attr("weight_zero_point"), axis, scheme.qmin, scheme.qmax, torch.int8),
         )
         bias = attr("bias") if hasattr(packed, "bias") else None
-        call = graph.call_function(function, (node.args[0], weight, bias, *settings))
+        call = graph.call_function(folding.function, (node.args[0], weight, bias, *folding.settings))
     node.replace_all_uses_with(call)
     graph.erase_node(node)
+    _release(gm, folding)
 
 
 def _is_unlowered_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -347,7 +470,7 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite("drop-identity", _is_identity, _drop),  # identity(x) / dropout(x) -> x
     Rewrite("quantizer-to-qdq", _is_activation_quantizer, _to_qdq),  # fq(x) -> dq(q(x))
     Rewrite("collapse-requantize", _is_requantize, _collapse),  # q(dq(q(x, s, z), s, z), s, z) -> q(x, s, z)
-    Rewrite("layer-to-integer", _is_quantized_layer, _functional_layer),  # conv(x; fq(w), b) -> conv(x, dq(w_i8), dq(b_i32))
+    Rewrite("layer-to-integer", _is_weighted_layer, _functional_layer),  # conv(x; fq(w), b) -> conv(x, dq(w_i8), dq(b_i32))
 )
 
 #: The rewrites of ``form="pt2e"``, in the order they are applied (dq/q: ``quantized_decomposed``'s per-tensor ops).
@@ -355,7 +478,7 @@ PT2E_REWRITES: tuple[Rewrite, ...] = (
     Rewrite("drop-identity", _is_identity, _drop),  # identity(x) / dropout(x) -> x
     Rewrite("quantizer-to-qdq", _is_activation_quantizer, _to_pt2e_qdq),  # fq(x) -> dq(q(x, s, z, lo, hi, t), s, z, ...)
     Rewrite("collapse-requantize", _is_pt2e_requantize, _collapse),  # q(dq(q(x, g), g), g) -> q(x, g)
-    Rewrite("layer-to-integer", _is_quantized_layer, _pt2e_layer),  # conv(x; fq(w), b) -> conv(x, dq_per_channel(w_i8), b)
+    Rewrite("layer-to-integer", _is_weighted_layer, _pt2e_layer),  # conv(x; fq(w), b) -> conv(x, dq_per_channel(w_i8), b)
     # conv(x, dq_per_channel(w), b) -> conv(x, dequantize(w), b) where Inductor has no (correct) int8 kernel for it
     Rewrite("unlowered-to-float", _is_unlowered_layer, _float_weights),
     Rewrite("dequantize-per-user", _is_shared_pt2e_dequantize, _dequantize_per_user),  # dq(q(x)) -> one dq per user

@@ -79,6 +79,12 @@ def compile(model: torch.nn.Module, example_inputs=None, rtol: float | None = No
     the returned function sets it around each call rather than passing it in
     ``torch.compile``'s options. ``options`` are further Inductor config entries.
 
+    Tensor arguments reach the compiled code as copies: Inductor fuses a
+    residual ``add`` into oneDNN's int8 linear as a ``sum`` post-op that
+    accumulates into the other operand's buffer in place, and when that operand
+    is a graph input (a block whose input feeds its residual), torch 2.14 writes
+    the result into the caller's tensor.
+
     With ``example_inputs`` (a tensor or a tuple), the model is compiled at once
     and its outputs compared with ``model``'s, each on its own scale:
     :class:`~fxcompress.errors.VerificationError` beyond ``rtol`` (default
@@ -90,6 +96,7 @@ def compile(model: torch.nn.Module, example_inputs=None, rtol: float | None = No
 
     @functools.wraps(model.forward)
     def run(*args, **kwargs):
+        args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (args, kwargs))
         with torch._inductor.config.patch(freezing=True), torch.no_grad():
             return compiled(*args, **kwargs)
 
