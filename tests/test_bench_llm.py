@@ -142,6 +142,9 @@ def test_one_shot_rows_compress_every_decoder_linear_and_the_acceptance_checks_a
         weight = fetch_attr(quantized, target).detach()
         assert grid.bits == 4 and grid.group_size == min(128, weight.shape[1]) and grid.holds(weight), target
     assert torch.equal(fetch_attr(quantized, "lm_head.weight"), model.lm_head.weight)
+    folded = bench.METHODS["smoothquant-w8a8-a0.5-qdq"](model, calibration)
+    stored = [m for m in folded.modules() if type(m).__name__ == "QuantizedWeights"]
+    assert len(stored) == 14 and all(m.weight.dtype == torch.int8 for m in stored)  # lm_head stays in float
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the dense model is untouched
 
     rows = [{"method": name, "delta": delta} for name, delta in (

@@ -20,7 +20,7 @@ training files) into a compressed model; the table gives its held-out
 perplexity over ``--n-eval`` test sequences of 256 tokens (evenly spread
 windows; ``n x 255`` tokens scored), the change against dense, the method's
 wall seconds (compression only, not evaluation), and the parameters and
-nonzero parameters of the result.
+nonzero parameters of the result (weights ``fold-qdq`` stored as integers count).
 
 Every method compresses each linear layer of the decoder (the attention's
 q/k/v/o and the FFN's gate/up/down projections, ``DECODER_LINEARS``) and
@@ -32,7 +32,9 @@ default 128 x 256): 50 % unstructured and 2:4 sparsity by magnitude, Wanda and
 SparseGPT; RTN and GPTQ (act-order, static groups) at 4 and 3 bits, AWQ at 4
 bits, all asymmetric with groups of 128 input columns; simulated W8A8
 (per-channel symmetric int8 weights by round to nearest, per-tensor static
-int8 activations) plain and after SmoothQuant smoothing (alpha 0.5). A
+int8 activations) plain and after SmoothQuant smoothing (alpha 0.5), and the
+smoothed one folded into int8 QDQ form (``-qdq``: int8 weights, int32 biases,
+what ONNX Runtime runs in int8). A
 compiled row's seconds include capturing the model with ``torch.export``
 (the same few seconds for every row) and the pass's checks. Under the table
 the tool prints issue 18's acceptance checks computed from the rows
@@ -123,7 +125,8 @@ from fxcompress.examples_llm import (
     train_lm,
 )
 from fxcompress.oneshot import AWQ, GPTQ, RTN, SparseGPT, Wanda
-from fxcompress.passes import OneShot, standard_pruning, w8a8_passes
+from fxcompress.passes import FoldQDQ, OneShot, standard_pruning, w8a8_passes
+from fxcompress.passes.fold_qdq import QuantizedWeights
 from fxcompress.report import count_nonzero_params, count_params
 
 
@@ -200,11 +203,14 @@ def one_shot(algorithm_class, **options) -> Method:
     return method
 
 
-def w8a8(alpha: float | None) -> Method:
+def w8a8(alpha: float | None, fold: bool = False) -> Method:
     """Simulated W8A8 of every linear layer but ``lm_head`` (the decoder's): per-channel int8 weights, per-tensor
-    static int8 inputs; with ``alpha``, SmoothQuant's smoothing first (None: the plain W8A8 baseline)."""
+    static int8 inputs; with ``alpha``, SmoothQuant's smoothing first (None: the plain W8A8 baseline). With
+    ``fold``, ``fold-qdq`` then stores the int8 weights and int32 biases and rounds activations with
+    quantize/dequantize ops: the graph ``to_onnx`` hands ONNX Runtime's int8 kernels, evaluated in PyTorch."""
     def method(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
-        return _compile(model, calibration, w8a8_passes(calibration_batches(calibration), alpha, exclude=("lm_head",)))
+        passes = w8a8_passes(calibration_batches(calibration), alpha, exclude=("lm_head",))
+        return _compile(model, calibration, passes + [FoldQDQ()] if fold else passes)
     return method
 
 
@@ -351,6 +357,7 @@ METHODS: dict[str, Method] = {
     "awq-w4g128": one_shot(AWQ, bits=4, group_size=128),
     "w8a8": w8a8(alpha=None),
     "smoothquant-w8a8-a0.5": w8a8(alpha=0.5),
+    "smoothquant-w8a8-a0.5-qdq": w8a8(alpha=0.5, fold=True),
     # -- structured pruning (issue 17): width by L1 and by activations, depth by Block Influence
     "l1-width-25%": width_pruning(0.25),
     "l1-width-50%": width_pruning(0.50),
@@ -589,6 +596,12 @@ def input_statistics(model: nn.Module, calibration: torch.Tensor) -> list[dict]:
     return rows
 
 
+def _stored_integers(model: nn.Module) -> int:
+    """Weight and bias elements ``fold-qdq`` stored as integer buffers (no longer parameters, still weights)."""
+    return sum(t.numel() for m in model.modules() if isinstance(m, QuantizedWeights)
+               for name, t in m.named_buffers(recurse=False) if name in ("weight", "bias", "bias_float"))
+
+
 def run(methods: list[str], model: nn.Module, sequences: torch.Tensor, calibration: torch.Tensor,
         batch_size: int = 8, log=print, recovery: P.Recovery | None = None, train_tokens: torch.Tensor | None = None,
         recover_batch: int = 8) -> list[dict]:
@@ -608,7 +621,8 @@ def run(methods: list[str], model: nn.Module, sequences: torch.Tensor, calibrati
         if name == "dense":
             dense_ppl = ppl
         row = {"method": name, "perplexity": ppl, "delta": None if dense_ppl is None else ppl - dense_ppl,
-               "seconds": seconds, "params": count_params(compressed), "nonzero": count_nonzero_params(compressed),
+               "seconds": seconds, "params": count_params(compressed) + _stored_integers(compressed),
+               "nonzero": count_nonzero_params(compressed) + _stored_integers(compressed),
                "recovered": None, "recovered_delta": None, "recover_seconds": None, "recover_steps": None,
                "recover_trainable": None}
         if recovery is not None and name in STRUCTURED:
